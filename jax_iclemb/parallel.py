@@ -49,7 +49,8 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot fill mesh {dict(zip(MESH_AXES, shape))}")
+            layout = dict(zip(MESH_AXES, shape))
+            raise ValueError(f"{len(devices)} devices cannot fill mesh {layout}")
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
         raise ValueError(

@@ -1,0 +1,274 @@
+"""The configuration schema: defaults, `configs/*.py` loading, command-line overrides, validation.
+
+A config file defines `get_config() -> ConfigDict`, usually `default_config()` with a few fields
+changed. Overrides look like `--config.train.steps=20`; values are parsed as Python literals and
+must have the type of the default. Every key that does not exist, and every value outside its
+allowed set, stops with a message that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+MISTRAL_7B_ARCH: dict[str, Any] = {
+    "model_type": "mistral",
+    "architectures": ["MistralForCausalLM"],
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+# Keys whose values must come from a fixed set.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "data.on_bad_record": ("error", "skip"),
+    "model.dtype": ("bfloat16", "float32", "float16"),
+    "model.param_dtype": ("bfloat16", "float32", "float16"),
+    "model.attention": ("causal", "bidirectional"),
+    "model.pooling": ("last_token", "mean"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.init": ("normal", "fan_in"),
+    "optim.decay": ("linear", "cosine", "constant"),
+}
+
+# Keys that must be positive (> 0) or non-negative (>= 0).
+POSITIVE = (
+    "data.query_max_len", "data.passage_max_len", "data.example_query_max_len",
+    "data.example_passage_max_len", "data.train_group_size", "data.batch_size",
+    "data.max_segments_per_row", "lora.rank", "loss.temperature", "optim.accumulate_steps",
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+)
+NON_NEGATIVE = (
+    "data.max_examples", "data.pack_len", "lora.dropout", "loss.distill_weight", "optim.lr",
+    "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.steps", "eval.every",
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the project reads, with the paper's recipe (DESIGN §4) as the default values."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hf_path = ""  # HF folder or hub id; "" = random init from model.arch
+    c.model.arch = ml_collections.ConfigDict(MISTRAL_7B_ARCH)
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "bfloat16"
+    c.model.attention = "causal"
+    c.model.pooling = "last_token"
+    c.model.remat = "full"
+    c.model.init = "normal"
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 64
+    c.lora.alpha = 32.0
+    c.lora.dropout = 0.1
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = "builtin"
+    c.data.tfds_dir = ""
+    c.data.on_bad_record = "error"
+    c.data.tokenizer = "mistral-7b-v0.1"
+    c.data.query_max_len = 2048
+    c.data.passage_max_len = 512
+    c.data.example_query_max_len = 256
+    c.data.example_passage_max_len = 256
+    c.data.train_group_size = 8
+    c.data.max_examples = 5
+    c.data.batch_size = 512
+    c.data.batch_size_overrides = ml_collections.ConfigDict()
+    c.data.default_prompt = (
+        "Given a web search query, retrieve relevant passages that answer the query."
+    )
+    c.data.pack_len = 0
+    c.data.max_segments_per_row = 32
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.temperature = 0.02
+    c.loss.distill_weight = 0.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 100
+    c.optim.decay = "linear"
+    c.optim.end_lr_ratio = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0
+    c.optim.accumulate_steps = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 0  # 0 = one epoch of the data
+    c.train.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+    c.train.log_every = 1
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.export_at_end = ""  # "", "merged" or "peft": export into <workdir>/export at the end
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0
+    c.eval.data = ""
+    c.eval.instruction = ""
+    c.eval.examples = ""
+    return c
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flat_keys(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(f"--config.{key}={text!r}: not a Python literal ({e})") from None
+    if isinstance(default, bool) != isinstance(value, bool):
+        raise ConfigError(f"--config.{key}: expected {type(default).__name__}, got {text!r}")
+    if isinstance(default, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(default, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if default is not None and not isinstance(value, type(default)):
+        raise ConfigError(
+            f"--config.{key}: expected {type(default).__name__}, "
+            f"got {type(value).__name__} {text!r}"
+        )
+    return value
+
+
+def _literal_or_text(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Apply `--config.a.b=value` (or `a.b=value`) overrides in place."""
+    for raw in overrides:
+        item = raw.removeprefix("--").removeprefix("config.")
+        if "=" not in item:
+            raise ConfigError(f"override {raw!r} must look like --config.KEY=VALUE")
+        key, text = item.split("=", 1)
+        parent_key, _, leaf = key.rpartition(".")
+        parent = config
+        for part in parent_key.split(".") if parent_key else ():
+            if part not in parent or not isinstance(parent[part], ml_collections.ConfigDict):
+                raise ConfigError(f"unknown config key {key!r}: no section {part!r}")
+            parent = parent[part]
+        if leaf not in parent:
+            # Free-form sections (per-dataset batch sizes, HF architecture fields) accept new keys.
+            if parent_key in ("data.batch_size_overrides", "model.arch"):
+                parent[leaf] = _literal_or_text(text)
+                continue
+            allowed = ", ".join(sorted(parent.keys()))
+            raise ConfigError(f"unknown config key {key!r}; keys here: {allowed}")
+        parent[leaf] = _parse_value(key, text, parent[leaf])
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check the whole config against the schema of `default_config()`."""
+    schema = _flat_keys(default_config())
+    values = _flat_keys(config)
+    for key, value in values.items():
+        free = key.startswith(("model.arch.", "data.batch_size_overrides."))
+        if key not in schema and not free:
+            raise ConfigError(f"unknown config key {key!r}")
+        default = schema.get(key)
+        if free or default is None or isinstance(value, type(default)):
+            continue
+        if not (isinstance(default, float) and isinstance(value, int)):
+            raise ConfigError(f"config key {key!r} must be {type(default).__name__}, got {value!r}")
+    for key, allowed in CHOICES.items():
+        if values[key] not in allowed:
+            raise ConfigError(f"config key {key!r} is {values[key]!r}; allowed: {allowed}")
+    for key in POSITIVE:
+        if not values[key] > 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {values[key]!r}")
+    for key in NON_NEGATIVE:
+        if not values[key] >= 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {values[key]!r}")
+    if len(config.train.mesh) != 3:
+        raise ConfigError(f"train.mesh must be (data, fsdp, tensor), got {config.train.mesh}")
+    for name, size in config.data.batch_size_overrides.items():
+        if not isinstance(size, int) or size <= 0:
+            raise ConfigError(f"data.batch_size_overrides[{name!r}] must be a positive int")
+    if config.data.passage_max_len > config.data.query_max_len:
+        raise ConfigError("data.passage_max_len must not exceed data.query_max_len")
+    if config.train.export_at_end not in ("", "merged", "peft"):
+        raise ConfigError(
+            f"train.export_at_end is {config.train.export_at_end!r}; allowed: '', 'merged', 'peft'"
+        )
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load `get_config()` from a Python file, apply overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_jax_iclemb_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    config = module.get_config()
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def paper_recipe(hf_path: str, tokenizer: str) -> ml_collections.ConfigDict:
+    """The bge-en-icl recipe (DESIGN §4) for a Hugging Face base model.
+
+    LoRA rank 64 / alpha 32 / dropout 0.1 on all projections; τ = 0.02; group size 8; 0–5
+    in-context examples; query 2048 / passage 512 / example 256+256 tokens; lr 1e-4 with 100
+    warm-up steps and linear decay; AdamW without weight decay; clip 1.0; one epoch; batch 512 for
+    retrieval datasets and 256 for the others. Parameters are sharded over all devices (FSDP).
+    """
+    c = default_config()
+    c.model.hf_path = hf_path
+    c.data.tokenizer = tokenizer
+    c.data.path = "data/bge-icl-train"  # a directory of reference-format JSONL datasets
+    c.data.batch_size = 256
+    c.data.batch_size_overrides = {"retrieval*": 512, "*msmarco*": 512}
+    c.train.mesh = (1, -1, 1)
+    c.train.log_every = 10
+    c.train.checkpoint_every = 200
+    return c

@@ -1,0 +1,92 @@
+"""What a run reports: metrics.jsonl, TensorBoard events, a progress bar, and the FLOP model.
+
+FLOP model (per real token, documented in docs/training.md): a frozen base with LoRA needs the
+forward (2·N) and the backward with respect to activations only (2·N), no weight gradients:
+4·N_base. LoRA parameters take the usual 6·N_lora. Attention adds 12·layers·heads·head_dim·c, where
+c is the mean number of keys a token attends to (forward 4·h·d·c, backward twice that). Recomputed
+forwards (rematerialisation) are not counted: this is MFU, not hardware utilisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+
+# Dense bf16 peak FLOP/s per device, by `device_kind` prefix.
+PEAK_FLOPS = {
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float:
+    """The device's peak bf16 FLOP/s, or 0 when unknown (CPU): MFU is then not reported."""
+    kind = getattr(device, "device_kind", "")
+    return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), 0.0)
+
+
+def flops_per_token(model_config: Any, lora: Any, mean_context: float = 512.0) -> float:
+    """Training FLOPs per real token of a frozen-base LoRA model (see the module docstring)."""
+    c = model_config
+    d, f, n = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_layer = d * (2 * q_dim + 2 * kv_dim) + 3 * d * f
+    base = n * per_layer
+    shapes = {
+        "q_proj": (d, q_dim), "k_proj": (d, kv_dim), "v_proj": (d, kv_dim), "o_proj": (q_dim, d),
+        "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+    }
+    lora_params = 0 if lora is None else n * sum(
+        lora.rank * (i + o) for name, (i, o) in shapes.items() if name in lora.targets
+    )
+    attention = 12 * n * q_dim * mean_context
+    return 4 * base + 6 * lora_params + attention
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard + a tqdm bar; all no-ops off process 0."""
+
+    def __init__(self, workdir: Path, *, enabled: bool, total: int, initial: int):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+
+        self._file = open(Path(workdir) / "metrics.jsonl", "a")  # noqa: SIM115
+        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        self._bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in record.items():
+            if isinstance(value, int | float) and key != "step":
+                self._tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def advance(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._bar.set_postfix(
+            loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False
+        )
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._bar.close()
+        self._tb.close()
+        self._file.close()

@@ -1,0 +1,356 @@
+"""`python -m jax_iclemb.train --config configs/tiny.py [--workdir DIR] [--config.KEY=VALUE ...]`
+
+The whole job: build the mesh, tokenizer, datasets, pipeline and model; restore the latest
+checkpoint if there is one; then for every step turn the step number into a packed batch, run one
+jitted update over the global batch, log, and checkpoint. Everything a step needs is a function of
+(config, step), which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from jax_iclemb import checkpoint, parallel
+from jax_iclemb import config as config_lib
+from jax_iclemb.data.batch import PackedBatch
+from jax_iclemb.data.pipeline import TrainPipeline
+from jax_iclemb.data.records import open_datasets
+from jax_iclemb.data.tokenizer import load_tokenizer
+from jax_iclemb.loss import contrastive_loss
+from jax_iclemb.model import (
+    LoraConfig,
+    ModelConfig,
+    create_model,
+    l2_normalize,
+    last_token_pool,
+    load_pretrained,
+    mean_pool,
+)
+from jax_iclemb.observe import MetricsWriter, flops_per_token, peak_flops
+from jax_iclemb.optim import make_optimizer
+
+log = logging.getLogger("jax_iclemb.train")
+
+TrainState = dict[str, Any]  # {"step": int32[], "lora": pure dict, "opt": optax state}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    m = config.model
+    return {
+        "dtype": m.dtype,
+        "param_dtype": m.param_dtype,
+        "attention": m.attention,
+        "remat": m.remat,
+        "init": m.init,
+    }
+
+
+def lora_config(config: ml_collections.ConfigDict) -> LoraConfig:
+    c = config.lora
+    return LoraConfig(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets))
+
+
+def build_model(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size: int
+) -> tuple[nnx.Module, ModelConfig]:
+    """The decoder with fresh LoRA adapters, its parameters created directly into their shards."""
+    if config.model.hf_path:
+        return load_pretrained(
+            config.model.hf_path,
+            lora=lora_config(config),
+            mesh=mesh,
+            vocab_size=vocab_size,
+            seed=config.seed,
+            **model_options(config),
+        )
+    arch = dict(config.model.arch.to_dict())
+    arch["vocab_size"] = max(int(arch["vocab_size"]), vocab_size)
+    model_config = ModelConfig.from_hf(arch, **model_options(config))
+    model = create_model(model_config, lora_config(config), seed=config.seed, mesh=mesh)
+    return model, model_config
+
+
+def embed_packed(
+    model: nnx.Module, batch: dict[str, jax.Array], pooling: str = "last_token"
+) -> jax.Array:
+    """Normalised embeddings of every segment slot of a packed batch: [R * S, D]."""
+    hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    if pooling == "mean":
+        pooled = mean_pool(hidden, batch["segment_ids"], batch["last_index"].shape[1])
+    else:
+        pooled = last_token_pool(hidden, batch["last_index"])
+    pooled = l2_normalize(pooled)
+    return pooled.reshape(-1, pooled.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+) -> Callable:
+    """Pure (state, frozen, batch) -> (state, metrics): one update on the global batch."""
+    temperature = float(config.loss.temperature)
+    distill_weight = float(config.loss.distill_weight)
+    pooling = config.model.pooling
+    dropout_root = jax.random.key(config.seed + 1)
+
+    def loss_fn(lora: dict, frozen: nnx.State, batch: dict, step: jax.Array):
+        model = nnx.merge(graphdef, frozen, nnx.State(lora))
+        # Dropout masks are a function of (seed, step): nothing random lives in the checkpoint.
+        nnx.reseed(model, dropout=jax.random.fold_in(dropout_root, step))
+        emb = embed_packed(model, batch, pooling)
+        q = emb[batch["query_slot"]]
+        p = emb[batch["passage_slot"]]
+        return contrastive_loss(
+            q,
+            p,
+            batch["passage_mask"],
+            batch["in_batch_negatives"],
+            temperature=temperature,
+            teacher_scores=batch["teacher_scores"] if distill_weight else None,
+            has_teacher=batch["has_teacher"] if distill_weight else None,
+            distill_weight=distill_weight,
+        )
+
+    def train_step(state: TrainState, frozen: nnx.State, batch: dict):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(state["lora"], frozen, batch, state["step"])
+        updates, opt = tx.update(grads, state["opt"], state["lora"])
+        lora = optax.apply_updates(state["lora"], updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics["lr"] = schedule(state["step"] // max(1, config.optim.accumulate_steps))
+        return {"step": state["step"] + 1, "lora": lora, "opt": opt}, metrics
+
+    return train_step
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, nnx.State]:
+    """(graphdef, trainable LoRA parameters as a plain dict, everything frozen)."""
+    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    return graphdef, lora.to_pure_dict(), frozen
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches onto the mesh
+# ---------------------------------------------------------------------------------------------
+
+ROW_ARRAYS = ("tokens", "segment_ids", "positions", "last_index")
+
+
+def batch_shardings(mesh: jax.sharding.Mesh, batch: PackedBatch) -> dict[str, Any]:
+    """Rows are split over the data axes; the small per-query index arrays are replicated."""
+    out = {}
+    for name, value in batch.arrays().items():
+        first = "batch" if name in ROW_ARRAYS else None
+        axes = (first,) + (None,) * (value.ndim - 1) if value.ndim else ()
+        out[name] = parallel.named_sharding(mesh, axes, value.shape)
+    return out
+
+
+def device_batch(mesh: jax.sharding.Mesh, batch: PackedBatch) -> dict[str, jax.Array]:
+    shardings = batch_shardings(mesh, batch)
+    return {k: jax.device_put(v, shardings[k]) for k, v in batch.arrays().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+def total_steps(config: ml_collections.ConfigDict, pipeline: TrainPipeline) -> int:
+    return int(config.train.steps) or int(pipeline.steps_per_epoch)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Train until `train.steps` (resuming from the latest checkpoint); returns a summary."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        (workdir / "config.json").write_text(config_lib.to_json(config))
+
+    mesh = parallel.make_mesh(config.train.mesh)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    datasets = open_datasets(
+        config.data.path,
+        on_bad_record=config.data.on_bad_record,
+        tfds_dir=config.data.tfds_dir or None,
+    )
+    pipeline = TrainPipeline(
+        config.data,
+        tokenizer,
+        datasets,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        row_multiple=parallel.data_parallel_size(mesh),
+    )
+    steps = total_steps(config, pipeline)
+    updates = max(1, math.ceil(steps / config.optim.accumulate_steps))
+
+    with jax.set_mesh(mesh):
+        model, model_config = build_model(config, mesh, vocab_size=len(tokenizer))
+        if is_main:
+            tokenizer.save_pretrained(workdir / "tokenizer")
+            (workdir / "model_config.json").write_text(json.dumps(model_config.to_hf(), indent=2))
+        graphdef, lora, frozen = split_model(model)
+        del model
+        tx, schedule = make_optimizer(config.optim, updates)
+        state: TrainState = {
+            "step": jnp.zeros((), jnp.int32),
+            "lora": lora,
+            "opt": jax.jit(tx.init)(lora),
+        }
+        ckpt = checkpoint.Checkpointer(
+            workdir / "checkpoints",
+            every=config.train.checkpoint_every,
+            keep=config.train.keep_checkpoints,
+        )
+        start = ckpt.latest_step()
+        if start is not None:
+            state, _ = ckpt.restore(start, checkpoint.abstract_like(state))
+            log.info("resumed from step %d", start)
+        start = int(state["step"])
+
+        train_step = jax.jit(
+            make_train_step(graphdef, config, tx, schedule), donate_argnums=(0,)
+        )
+        flops_token = flops_per_token(model_config, lora_config(config))
+        summary = _loop(
+            config, workdir, pipeline, mesh, train_step, state, frozen, ckpt, start, steps,
+            flops_token,
+        )
+        ckpt.close()
+    return summary
+
+
+def _loop(
+    config, workdir, pipeline, mesh, train_step, state, frozen, ckpt, start, steps, flops_token
+) -> dict[str, Any]:
+    is_main = jax.process_index() == 0
+    stop = _StopFlag()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    writer = MetricsWriter(workdir, enabled=is_main, total=steps, initial=start)
+    peak = peak_flops(jax.devices()[0]) * jax.device_count()
+    history: list[float] = []
+    reason = "finished"
+    try:
+        for step in range(start, steps):
+            batch, info = pipeline.batch(step)
+            t0 = time.perf_counter()
+            state, metrics = train_step(state, frozen, device_batch(mesh, batch))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            seconds = time.perf_counter() - t0
+            if not all(math.isfinite(v) for v in metrics.values()):
+                raise TrainingError(
+                    f"non-finite loss or gradient at step {step} ({metrics}); stopping. The last "
+                    f"good checkpoint ({ckpt.latest_step()}) is kept in {workdir / 'checkpoints'}."
+                )
+            history.append(metrics["loss"])
+            tokens_per_s = info["real_tokens"] * jax.process_count() / seconds
+            record = {
+                "step": step + 1,
+                **metrics,
+                "dataset": info["dataset"],
+                "tokens_per_s": tokens_per_s,
+                "utilisation": info["utilisation"],
+                "step_seconds": seconds,
+            }
+            if peak:
+                record["mfu"] = tokens_per_s * flops_token / peak
+            if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
+                writer.write(record)
+            writer.advance(record)
+            ckpt.save(step + 1, state, {"step": step + 1})
+            if stop.signal is not None:
+                reason = f"stopped by signal {stop.signal}"
+                break
+        ckpt.save(int(state["step"]), state, {"step": int(state["step"])}, force=True)
+    finally:
+        ckpt.wait()
+        writer.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return {"reason": reason, "step": int(state["step"]), "losses": history}
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m jax_iclemb.train",
+        description="Train a few-shot (in-context) text embedder.",
+        epilog="Any --config.KEY=VALUE overrides a config field, e.g. --config.train.steps=20.",
+    )
+    parser.add_argument("--config", required=True, help="a configs/*.py file")
+    parser.add_argument("--workdir", default=None, help="default: runs/<config name>")
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognised arguments: {' '.join(bad)}")
+    return args, rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = config_lib.load_config(args.config, overrides)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+    try:
+        summary = run(config, workdir)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    with contextlib.suppress(IndexError):
+        log.info(
+            "%s at step %d; loss %.4f -> %.4f", summary["reason"], summary["step"],
+            summary["losses"][0], summary["losses"][-1],
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

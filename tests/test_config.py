@@ -1,0 +1,64 @@
+"""Config loading, overrides and validation: every mistake names its key and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from jax_iclemb.config import ConfigError, default_config, load_config, validate
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.py")), ids=lambda p: p.stem)
+def test_shipped_configs_validate(path):
+    config = load_config(path)
+    assert config.data.train_group_size >= 2
+
+
+def test_paper_recipe_values():
+    c = load_config(CONFIGS / "bge_en_icl_mistral7b.py")
+    assert (c.lora.rank, c.lora.alpha, c.lora.dropout) == (64, 32.0, 0.1)
+    assert c.loss.temperature == 0.02 and c.data.train_group_size == 8
+    assert (c.data.query_max_len, c.data.passage_max_len) == (2048, 512)
+    assert (c.data.example_query_max_len, c.data.example_passage_max_len) == (256, 256)
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.decay) == (1e-4, 100, "linear")
+    assert (c.optim.weight_decay, c.optim.grad_clip) == (0.0, 1.0)
+    assert c.data.max_examples == 5 and c.model.attention == "causal"
+
+
+def test_overrides_are_typed():
+    c = load_config(
+        CONFIGS / "tiny.py",
+        ["--config.train.steps=7", "--config.optim.lr=1", "--config.train.mesh=(2,-1,1)",
+         "--config.data.path=/x/y", "--config.model.arch.num_hidden_layers=3"],
+    )
+    assert c.train.steps == 7 and c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
+    assert c.train.mesh == (2, -1, 1) and c.data.path == "/x/y"
+    assert c.model.arch.num_hidden_layers == 3
+
+
+def test_unknown_key_names_itself_and_the_alternatives():
+    with pytest.raises(ConfigError, match=r"'train.stepz'.*steps"):
+        load_config(CONFIGS / "tiny.py", ["--config.train.stepz=3"])
+    with pytest.raises(ConfigError, match="no section 'trian'"):
+        load_config(CONFIGS / "tiny.py", ["--config.trian.steps=3"])
+
+
+def test_wrong_type_and_bad_choice():
+    with pytest.raises(ConfigError, match=r"train.steps.*expected int"):
+        load_config(CONFIGS / "tiny.py", ["--config.train.steps=1.5"])
+    with pytest.raises(ConfigError, match=r"model.attention.*allowed: \('causal', 'bidirectional'\)"):
+        load_config(CONFIGS / "tiny.py", ["--config.model.attention=sideways"])
+    with pytest.raises(ConfigError, match=r"data.on_bad_record.*allowed"):
+        load_config(CONFIGS / "tiny.py", ["--config.data.on_bad_record=ignore"])
+
+
+def test_range_checks():
+    c = default_config()
+    c.loss.temperature = 0.0
+    with pytest.raises(ConfigError, match="loss.temperature.*> 0"):
+        validate(c)
+    c = default_config()
+    c.data.passage_max_len = 4096
+    with pytest.raises(ConfigError, match="passage_max_len"):
+        validate(c)
