@@ -28,6 +28,7 @@ setup(
             "sentence-transformers>=5.0",
             "pytest>=8",
             "hypothesis>=6.100",
+            "pytrec-eval-terrier>=0.5",
             "ruff>=0.6",
         ],
     },

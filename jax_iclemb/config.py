@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from jax_iclemb.optim import OPTIM_DEFAULTS
+
 MISTRAL_7B_ARCH: dict[str, Any] = {
     "model_type": "mistral",
     "architectures": ["MistralForCausalLM"],
@@ -105,17 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.temperature = 0.02
     c.loss.distill_weight = 0.0
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-4
-    c.optim.warmup_steps = 100
-    c.optim.decay = "linear"
-    c.optim.end_lr_ratio = 0.0
-    c.optim.weight_decay = 0.0
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.grad_clip = 1.0
-    c.optim.accumulate_steps = 1
+    c.optim = ml_collections.ConfigDict(OPTIM_DEFAULTS)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 0  # 0 = one epoch of the data

@@ -23,12 +23,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from jax_iclemb import checkpoint, parallel
+from jax_iclemb import checkpoint, distributed, parallel
 from jax_iclemb import config as config_lib
 from jax_iclemb.data.batch import PackedBatch
+from jax_iclemb.data.packing import pad_rows
 from jax_iclemb.data.pipeline import TrainPipeline
 from jax_iclemb.data.records import open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
@@ -43,7 +46,7 @@ from jax_iclemb.model import (
     mean_pool,
 )
 from jax_iclemb.observe import MetricsWriter, flops_per_token, peak_flops
-from jax_iclemb.optim import make_optimizer
+from jax_iclemb.optim import global_norm, make_optimizer
 
 log = logging.getLogger("jax_iclemb.train")
 
@@ -113,13 +116,8 @@ def embed_packed(
 # ---------------------------------------------------------------------------------------------
 
 
-def make_train_step(
-    graphdef: nnx.GraphDef,
-    config: ml_collections.ConfigDict,
-    tx: optax.GradientTransformation,
-    schedule: Callable,
-) -> Callable:
-    """Pure (state, frozen, batch) -> (state, metrics): one update on the global batch."""
+def make_loss_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable:
+    """Pure (lora, frozen, batch, step) -> (loss, metrics) over the global batch."""
     temperature = float(config.loss.temperature)
     distill_weight = float(config.loss.distill_weight)
     pooling = config.model.pooling
@@ -143,16 +141,32 @@ def make_train_step(
             distill_weight=distill_weight,
         )
 
+    return loss_fn
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+) -> Callable:
+    """Pure (state, frozen, batch) -> (state, metrics): one update on the global batch."""
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, config), has_aux=True)
+    accumulate = max(1, config.optim.accumulate_steps)
+
     def train_step(state: TrainState, frozen: nnx.State, batch: dict):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, metrics), grads = grad_fn(state["lora"], frozen, batch, state["step"])
         updates, opt = tx.update(grads, state["opt"], state["lora"])
         lora = optax.apply_updates(state["lora"], updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-        metrics["lr"] = schedule(state["step"] // max(1, config.optim.accumulate_steps))
+        metrics = dict(metrics, loss=loss, grad_norm=global_norm(grads))
+        metrics["lr"] = schedule(state["step"] // accumulate)
         return {"step": state["step"] + 1, "lora": lora, "opt": opt}, metrics
 
     return train_step
+
+
+def initial_state(lora: dict, tx: optax.GradientTransformation) -> TrainState:
+    return {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt": jax.jit(tx.init)(lora)}
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, nnx.State]:
@@ -166,21 +180,39 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, nnx.State]:
 # ---------------------------------------------------------------------------------------------
 
 ROW_ARRAYS = ("tokens", "segment_ids", "positions", "last_index")
+SLOT_ARRAYS = ("query_slot", "passage_slot")
 
 
-def batch_shardings(mesh: jax.sharding.Mesh, batch: PackedBatch) -> dict[str, Any]:
-    """Rows are split over the data axes; the small per-query index arrays are replicated."""
-    out = {}
-    for name, value in batch.arrays().items():
-        first = "batch" if name in ROW_ARRAYS else None
-        axes = (first,) + (None,) * (value.ndim - 1) if value.ndim else ()
-        out[name] = parallel.named_sharding(mesh, axes, value.shape)
-    return out
+def _global_rows(local_rows: int) -> int:
+    """Every process must contribute the same number of rows: the largest host's count."""
+    if jax.process_count() == 1:
+        return local_rows
+    return int(np.max(multihost_utils.process_allgather(np.array([local_rows]))))
 
 
 def device_batch(mesh: jax.sharding.Mesh, batch: PackedBatch) -> dict[str, jax.Array]:
-    shardings = batch_shardings(mesh, batch)
-    return {k: jax.device_put(v, shardings[k]) for k, v in batch.arrays().items()}
+    """This host's packed rows -> global arrays on the mesh.
+
+    Rows are split over the data axes; each host contributes its own rows
+    (`make_array_from_process_local_data`). The small per-query arrays are gathered to every host
+    and replicated, with slot indices shifted by the host's row offset.
+    """
+    batch = pad_rows(batch, _global_rows(batch.num_rows))
+    offset = jax.process_index() * batch.num_rows * batch.max_segments
+    out = {}
+    for name, value in batch.arrays().items():
+        if name in ROW_ARRAYS:
+            spec = ("batch",) + (None,) * (value.ndim - 1)
+            global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+            sharding = parallel.named_sharding(mesh, spec, global_shape)
+            out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+            continue
+        if name in SLOT_ARRAYS:
+            value = value + offset
+        if jax.process_count() > 1 and value.ndim:
+            value = multihost_utils.process_allgather(value, tiled=True)
+        out[name] = jax.device_put(value, parallel.named_sharding(mesh, (None,) * value.ndim))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +256,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        row_multiple=parallel.data_parallel_size(mesh),
+        row_multiple=max(1, parallel.data_parallel_size(mesh) // jax.process_count()),
     )
     steps = total_steps(config, pipeline)
     updates = max(1, math.ceil(steps / config.optim.accumulate_steps))
@@ -237,11 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         graphdef, lora, frozen = split_model(model)
         del model
         tx, schedule = make_optimizer(config.optim, updates)
-        state: TrainState = {
-            "step": jnp.zeros((), jnp.int32),
-            "lora": lora,
-            "opt": jax.jit(tx.init)(lora),
-        }
+        state = initial_state(lora, tx)
         ckpt = checkpoint.Checkpointer(
             workdir / "checkpoints",
             every=config.train.checkpoint_every,
@@ -339,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+    distributed.initialize()
     try:
         summary = run(config, workdir)
     except TrainingError as e:

@@ -1,0 +1,203 @@
+"""JSONL datasets <-> a TFDS dataset in ArrayRecord format (one split per JSONL dataset).
+
+    python -m jax_iclemb.data.prepare --src DIR --out TFDS_DIR [--name NAME] [--overwrite]
+
+then train with `data.path = "tfds:NAME"`, `data.tfds_dir = TFDS_DIR`. tensorflow-datasets runs
+without TensorFlow only with `file_format="array_record"` and random-access reading
+(`as_data_source`), which is all this module uses. Each example holds one validated record as
+reference-format JSON; the original dataset names and in-batch flags are kept in the builder's
+metadata (metadata.json beside dataset_info.json), so reading restores them exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from jax_iclemb.data.records import (
+    BAD_RECORD_MODES,
+    BadRecordError,
+    Dataset,
+    Record,
+    open_datasets,
+    parse_line,
+    record_to_dict,
+)
+
+log = logging.getLogger(__name__)
+
+VERSION = "1.0.0"
+FORMAT = "jax_iclemb-records-v1"  # metadata tag: what the "record" feature holds
+_BUILDER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def split_names(names: Sequence[str]) -> list[str]:
+    """TFDS split names (\\w+ only) for dataset names, made unique in order."""
+    out: list[str] = []
+    for name in names:
+        base = re.sub(r"\W", "_", name, flags=re.ASCII)
+        split, n = base, 1
+        while split in out:
+            n += 1
+            split = f"{base}_{n}"
+        out.append(split)
+    return out
+
+
+def _builder_class(name: str, datasets: list[Dataset], source: str) -> type:
+    """A builder class named `name` whose splits are `datasets` (not registered globally)."""
+    splits = split_names([d.name for d in datasets])
+    table = [
+        {"split": s, "name": d.name, "in_batch_negatives": d.in_batch_negatives}
+        for s, d in zip(splits, datasets, strict=True)
+    ]
+
+    class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version(VERSION)
+        # No checksum/metadata files live beside this code; TFDS's lookup of them needs the
+        # importlib_resources package, which tensorflow-datasets does not install.
+        code_path = None
+
+        def _info(self) -> tfds.core.DatasetInfo:
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=f"jax_iclemb training records prepared from {source}",
+                features=tfds.features.FeaturesDict({"record": tfds.features.Text()}),
+                # Keep file order so a split equals its JSONL file record for record.
+                disable_shuffling=True,
+                metadata=tfds.core.MetadataDict(format=FORMAT, datasets=table),
+            )
+
+        def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+            del dl_manager  # nothing to download
+            return {s: self._generate_examples(d) for s, d in zip(splits, datasets, strict=True)}
+
+        def _generate_examples(self, dataset: Dataset) -> Iterator[tuple[int, dict[str, str]]]:
+            for i in range(len(dataset)):
+                yield i, {"record": json.dumps(record_to_dict(dataset[i]), ensure_ascii=False)}
+
+    RecordsBuilder.name = name
+    return RecordsBuilder
+
+
+def prepare(
+    src: str, out: str, name: str, *, on_bad_record: str = "error", overwrite: bool = False
+) -> Path:
+    """Validates the JSONL datasets under `src` and writes them as TFDS `name` in `out`.
+
+    Returns the version directory written.
+    """
+    if not _BUILDER_NAME.match(name):
+        raise ValueError(f"TFDS name must match {_BUILDER_NAME.pattern} (snake_case), got {name!r}")
+    datasets = open_datasets(src, on_bad_record=on_bad_record)
+    builder = _builder_class(name, datasets, src)(data_dir=out, file_format="array_record")
+    target = Path(builder.data_dir)
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+        shutil.rmtree(target)
+    with tempfile.TemporaryDirectory() as downloads:  # TFDS insists on a download dir
+        builder.download_and_prepare(download_dir=downloads)
+    log.info("wrote %d splits to %s", len(datasets), target)
+    return target
+
+
+class TfdsDataset:
+    """Random access to one split of a prepared TFDS dataset (an ArrayRecord data source)."""
+
+    skipped = 0  # bad records were dropped (or refused) when the dataset was prepared
+
+    def __init__(self, source: Any, name: str, in_batch_negatives: bool, where: str):
+        self.name = name
+        self.in_batch_negatives = in_batch_negatives
+        self._source = source
+        self._where = where
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> Record:
+        n = len(self._source)
+        if not -n <= index < n:
+            raise IndexError(f"{self.name}: index {index} out of range for {n} records")
+        index %= n
+        try:
+            return parse_line(self._source[index]["record"])
+        except BadRecordError as e:
+            raise BadRecordError(f"{self._where}[{index}]: {e}") from None
+
+    def __repr__(self) -> str:
+        return (
+            f"TfdsDataset({self.name!r}, {len(self)} records, "
+            f"in_batch_negatives={self.in_batch_negatives}, split={self._where!r})"
+        )
+
+
+def _version_dir(name: str, tfds_dir: str | None) -> Path:
+    root = Path(tfds_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+    base = root / name
+    versions = sorted(
+        (p for p in base.glob("*") if (p / "dataset_info.json").is_file()),
+        key=lambda p: tuple(int(x) for x in p.name.split(".") if x.isdigit()),
+    )
+    if not versions:
+        raise FileNotFoundError(
+            f"no prepared TFDS dataset {name!r} in {root} (expected {base}/<version>/"
+            "dataset_info.json; write one with `python -m jax_iclemb.data.prepare`)"
+        )
+    return versions[-1]
+
+
+def open_tfds(name: str, tfds_dir: str | None) -> list[Dataset]:
+    """The datasets of a TFDS dataset written by `prepare`, with their original names and flags."""
+    version_dir = _version_dir(name, tfds_dir)
+    builder = tfds.builder_from_directory(version_dir)
+    metadata = builder.info.metadata or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{version_dir} was not written by jax_iclemb.data.prepare "
+            f"(metadata.json format {metadata.get('format')!r}, expected {FORMAT!r})"
+        )
+    return [
+        TfdsDataset(
+            builder.as_data_source(split=entry["split"]),
+            entry["name"],
+            bool(entry["in_batch_negatives"]),
+            f"{version_dir}:{entry['split']}",
+        )
+        for entry in metadata["datasets"]
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="python -m jax_iclemb.data.prepare", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--src", required=True, help="a .jsonl file or a directory of them")
+    parser.add_argument("--out", required=True, help="TFDS data_dir to write into")
+    parser.add_argument("--name", help="TFDS dataset name (default: from --src)")
+    parser.add_argument("--on-bad-record", choices=BAD_RECORD_MODES, default="error")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    args = parser.parse_args(argv)
+    name = args.name or re.sub(r"\W+", "_", Path(args.src).resolve().stem, flags=re.ASCII).lower()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tfds.disable_progress_bar()
+    target = prepare(
+        args.src, args.out, name, on_bad_record=args.on_bad_record, overwrite=args.overwrite
+    )
+    print(f"prepared tfds:{name} in {args.out} ({target})")
+    return target
+
+
+if __name__ == "__main__":
+    main()
