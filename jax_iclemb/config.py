@@ -101,7 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
         "Given a web search query, retrieve relevant passages that answer the query."
     )
     c.data.pack_len = 0
-    c.data.max_segments_per_row = 32
+    c.data.max_segments_per_row = 128  # short passages: many per row
 
     c.loss = ml_collections.ConfigDict()
     c.loss.temperature = 0.02
@@ -244,6 +244,22 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """The inverse of `to_json` (JSON has no tuples: lists become tuples where the schema has
+    them), validated."""
+    raw = json.loads(text)
+    for key, default in _flat_keys(default_config()).items():
+        section, _, leaf = key.rpartition(".")
+        parent = raw
+        for part in section.split(".") if section else ():
+            parent = parent.get(part, {})
+        if isinstance(default, tuple) and isinstance(parent.get(leaf), list):
+            parent[leaf] = tuple(parent[leaf])
+    config = ml_collections.ConfigDict(raw)
+    validate(config)
+    return config
 
 
 def paper_recipe(hf_path: str, tokenizer: str) -> ml_collections.ConfigDict:

@@ -38,8 +38,8 @@ def peak_flops(device: jax.Device) -> float:
 def flops_per_token(model_config: Any, lora: Any, mean_context: float = 512.0) -> float:
     """Training FLOPs per real token of a frozen-base LoRA model (see the module docstring)."""
     c = model_config
-    d, f, n = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-    q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    d, f, n = c.hidden_size, c.intermediate_size, c.num_layers
+    q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     per_layer = d * (2 * q_dim + 2 * kv_dim) + 3 * d * f
     base = n * per_layer
     shapes = {

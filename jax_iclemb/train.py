@@ -31,10 +31,8 @@ from jax.experimental import multihost_utils
 from jax_iclemb import checkpoint, distributed, parallel
 from jax_iclemb import config as config_lib
 from jax_iclemb.data.batch import PackedBatch
-from jax_iclemb.data.packing import pad_rows
-from jax_iclemb.data.pipeline import TrainPipeline
-from jax_iclemb.data.records import open_datasets
-from jax_iclemb.data.tokenizer import load_tokenizer
+from jax_iclemb.data.packing import pad_batch
+from jax_iclemb.data.pipeline import TrainPipeline, pipeline_from_config
 from jax_iclemb.loss import contrastive_loss
 from jax_iclemb.model import (
     LoraConfig,
@@ -183,11 +181,11 @@ ROW_ARRAYS = ("tokens", "segment_ids", "positions", "last_index")
 SLOT_ARRAYS = ("query_slot", "passage_slot")
 
 
-def _global_rows(local_rows: int) -> int:
-    """Every process must contribute the same number of rows: the largest host's count."""
+def global_max(value: int) -> int:
+    """The largest `value` over all processes (every host must contribute equal shapes)."""
     if jax.process_count() == 1:
-        return local_rows
-    return int(np.max(multihost_utils.process_allgather(np.array([local_rows]))))
+        return value
+    return int(np.max(multihost_utils.process_allgather(np.array([value]))))
 
 
 def device_batch(mesh: jax.sharding.Mesh, batch: PackedBatch) -> dict[str, jax.Array]:
@@ -195,9 +193,9 @@ def device_batch(mesh: jax.sharding.Mesh, batch: PackedBatch) -> dict[str, jax.A
 
     Rows are split over the data axes; each host contributes its own rows
     (`make_array_from_process_local_data`). The small per-query arrays are gathered to every host
-    and replicated, with slot indices shifted by the host's row offset.
+    and replicated, with slot indices shifted by the host's row offset. The batch must already have
+    the same shape on every host (`pad_batch`).
     """
-    batch = pad_rows(batch, _global_rows(batch.num_rows))
     offset = jax.process_index() * batch.num_rows * batch.max_segments
     out = {}
     for name, value in batch.arrays().items():
@@ -231,6 +229,7 @@ class _StopFlag:
 
 
 def total_steps(config: ml_collections.ConfigDict, pipeline: TrainPipeline) -> int:
+    """`train.steps`, or one epoch when it is 0."""
     return int(config.train.steps) or int(pipeline.steps_per_epoch)
 
 
@@ -243,21 +242,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         (workdir / "config.json").write_text(config_lib.to_json(config))
 
     mesh = parallel.make_mesh(config.train.mesh)
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    datasets = open_datasets(
-        config.data.path,
-        on_bad_record=config.data.on_bad_record,
-        tfds_dir=config.data.tfds_dir or None,
-    )
-    pipeline = TrainPipeline(
-        config.data,
-        tokenizer,
-        datasets,
-        seed=config.seed,
+    pipeline = pipeline_from_config(
+        config,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         row_multiple=max(1, parallel.data_parallel_size(mesh) // jax.process_count()),
     )
+    tokenizer = pipeline.tokenizer
     steps = total_steps(config, pipeline)
     updates = max(1, math.ceil(steps / config.optim.accumulate_steps))
 
@@ -275,72 +266,104 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
             every=config.train.checkpoint_every,
             keep=config.train.keep_checkpoints,
         )
+        rows = 0
         start = ckpt.latest_step()
         if start is not None:
-            state, _ = ckpt.restore(start, checkpoint.abstract_like(state))
+            state, meta = ckpt.restore(start, checkpoint.abstract_like(state))
+            rows = int(meta.get("rows", 0))
             log.info("resumed from step %d", start)
-        start = int(state["step"])
 
         train_step = jax.jit(
             make_train_step(graphdef, config, tx, schedule), donate_argnums=(0,)
         )
-        flops_token = flops_per_token(model_config, lora_config(config))
-        summary = _loop(
-            config, workdir, pipeline, mesh, train_step, state, frozen, ckpt, start, steps,
-            flops_token,
+        loop = TrainLoop(
+            config, workdir, pipeline, mesh, train_step, ckpt,
+            flops_token=flops_per_token(model_config, lora_config(config)), rows=rows,
         )
+        summary = loop.run(state, frozen, steps)
         ckpt.close()
     return summary
 
 
-def _loop(
-    config, workdir, pipeline, mesh, train_step, state, frozen, ckpt, start, steps, flops_token
-) -> dict[str, Any]:
-    is_main = jax.process_index() == 0
-    stop = _StopFlag()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    writer = MetricsWriter(workdir, enabled=is_main, total=steps, initial=start)
-    peak = peak_flops(jax.devices()[0]) * jax.device_count()
-    history: list[float] = []
-    reason = "finished"
-    try:
-        for step in range(start, steps):
-            batch, info = pipeline.batch(step)
-            t0 = time.perf_counter()
-            state, metrics = train_step(state, frozen, device_batch(mesh, batch))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            seconds = time.perf_counter() - t0
-            if not all(math.isfinite(v) for v in metrics.values()):
-                raise TrainingError(
-                    f"non-finite loss or gradient at step {step} ({metrics}); stopping. The last "
-                    f"good checkpoint ({ckpt.latest_step()}) is kept in {workdir / 'checkpoints'}."
-                )
-            history.append(metrics["loss"])
-            tokens_per_s = info["real_tokens"] * jax.process_count() / seconds
-            record = {
-                "step": step + 1,
-                **metrics,
-                "dataset": info["dataset"],
-                "tokens_per_s": tokens_per_s,
-                "utilisation": info["utilisation"],
-                "step_seconds": seconds,
-            }
-            if peak:
-                record["mfu"] = tokens_per_s * flops_token / peak
-            if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
-                writer.write(record)
-            writer.advance(record)
-            ckpt.save(step + 1, state, {"step": step + 1})
-            if stop.signal is not None:
-                reason = f"stopped by signal {stop.signal}"
-                break
-        ckpt.save(int(state["step"]), state, {"step": int(state["step"])}, force=True)
-    finally:
-        ckpt.wait()
-        writer.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return {"reason": reason, "step": int(state["step"]), "losses": history}
+class TrainLoop:
+    """Step numbers -> batches -> updates, with logging, checkpoints, signals and NaN checks.
+
+    Batch shapes only grow: rows are padded to the largest count seen so far (kept in the
+    checkpoint, so a resumed run compiles and computes exactly what an uninterrupted one does),
+    and queries to the largest batch size of any dataset.
+    """
+
+    def __init__(self, config, workdir, pipeline, mesh, train_step, ckpt, *, flops_token, rows):
+        self.config, self.workdir, self.pipeline, self.mesh = config, workdir, pipeline, mesh
+        self.train_step, self.ckpt, self.flops_token = train_step, ckpt, flops_token
+        self.rows = rows
+
+    def next_batch(self, step: int) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+        batch, info = self.pipeline.batch(step)
+        self.rows = max(self.rows, global_max(batch.num_rows))
+        batch = pad_batch(
+            batch,
+            num_rows=self.rows,
+            num_queries=self.pipeline.max_local_queries,
+            pad_id=self.pipeline.tokenizer.pad_token_id or 0,
+        )
+        return device_batch(self.mesh, batch), info
+
+    def save(self, state: TrainState, *, force: bool = False) -> None:
+        step = int(state["step"])
+        self.ckpt.save(step, state, {"step": step, "rows": self.rows}, force=force)
+
+    def run(self, state: TrainState, frozen: nnx.State, steps: int) -> dict[str, Any]:
+        config, workdir = self.config, self.workdir
+        is_main = jax.process_index() == 0
+        start = int(state["step"])
+        stop = _StopFlag()
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        writer = MetricsWriter(workdir, enabled=is_main, total=steps, initial=start)
+        peak = peak_flops(jax.devices()[0]) * jax.device_count()
+        history: list[float] = []
+        reason = "finished"
+        try:
+            for step in range(start, steps):
+                batch, info = self.next_batch(step)
+                t0 = time.perf_counter()
+                state, metrics = self.train_step(state, frozen, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                seconds = time.perf_counter() - t0
+                if not all(math.isfinite(v) for v in metrics.values()):
+                    raise TrainingError(
+                        f"non-finite loss or gradient at step {step + 1} ({metrics}); stopping. "
+                        f"The last good checkpoint (step {self.ckpt.latest_step()}) is kept in "
+                        f"{workdir / 'checkpoints'}."
+                    )
+                history.append(metrics["loss"])
+                tokens_per_s = info["real_tokens"] * jax.process_count() / seconds
+                record = {
+                    "step": step + 1,
+                    **metrics,
+                    "dataset": info["dataset"],
+                    "tokens_per_s": tokens_per_s,
+                    "utilisation": info["real_tokens"] / batch["tokens"].size * jax.process_count(),
+                    "step_seconds": seconds,
+                }
+                if peak:
+                    record["mfu"] = tokens_per_s * self.flops_token / peak
+                if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
+                    writer.write(record)
+                writer.advance(record)
+                self.save(state)
+                if stop.signal is not None:
+                    reason = f"stopped by signal {stop.signal}"
+                    break
+            self.save(state, force=True)
+        finally:
+            self.ckpt.wait()
+            writer.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if reason != "finished":
+            print(f"{reason}: saved step {int(state['step'])} in {workdir}", file=sys.stderr)
+        return {"reason": reason, "step": int(state["step"]), "losses": history}
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:

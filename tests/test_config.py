@@ -47,7 +47,8 @@ def test_unknown_key_names_itself_and_the_alternatives():
 def test_wrong_type_and_bad_choice():
     with pytest.raises(ConfigError, match=r"train.steps.*expected int"):
         load_config(CONFIGS / "tiny.py", ["--config.train.steps=1.5"])
-    with pytest.raises(ConfigError, match=r"model.attention.*allowed: \('causal', 'bidirectional'\)"):
+    allowed = r"model.attention.*allowed: \('causal', 'bidirectional'\)"
+    with pytest.raises(ConfigError, match=allowed):
         load_config(CONFIGS / "tiny.py", ["--config.model.attention=sideways"])
     with pytest.raises(ConfigError, match=r"data.on_bad_record.*allowed"):
         load_config(CONFIGS / "tiny.py", ["--config.data.on_bad_record=ignore"])
@@ -56,7 +57,7 @@ def test_wrong_type_and_bad_choice():
 def test_range_checks():
     c = default_config()
     c.loss.temperature = 0.0
-    with pytest.raises(ConfigError, match="loss.temperature.*> 0"):
+    with pytest.raises(ConfigError, match=r"loss.temperature.*> 0"):
         validate(c)
     c = default_config()
     c.data.passage_max_len = 4096

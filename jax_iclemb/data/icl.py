@@ -1,0 +1,239 @@
+"""ICL templates and token-level assembly: one source of truth for training and inference.
+
+Strings (DESIGN §3):
+    task query   "<instruct>{prompt}\\n<query>{query}"  then "\\n<response>"
+    one example  "<instruct>{prompt}\\n<query>{q}\\n<response>{r}\\n\\n"
+    symmetric passage = a task query without examples; other passages are raw text.
+
+Sequences are assembled on token ids, never by decode/re-encode. A tokenizer splits its input at
+special tokens and tokenizes the text runs between them independently, so the ids of a template
+string are the concatenation, run by run, of `[special] + ids(run)`. Every run that may be truncated
+ends with a fixed tail ("\\n" or "\\n\\n"): when the run fits, it is tokenized whole (ids then equal
+`tokenizer(full_string)`); when it must be cut, the cut ids are followed by the tail's ids as a
+continuation (`Encoder.tail_ids`), so no spurious "▁" word-prefix pieces are ever inserted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import transformers
+
+from jax_iclemb.data.tokenizer import ICL_SPECIAL_TOKENS
+
+NEWLINE = "\n"
+EXAMPLE_SEPARATOR = "\n\n"
+SUFFIX = "\n<response>"
+SYMMETRIC_PASSAGE_TYPES = ("symmetric_sts", "symmetric_clustering")
+
+
+def format_query(prompt: str, query: str) -> str:
+    """The instruction-formatted query (no suffix)."""
+    return f"<instruct>{prompt}\n<query>{query}"
+
+
+def format_example(prompt: str, query: str, response: str) -> str:
+    """One in-context example, with its trailing separator."""
+    return f"{format_query(prompt, query)}\n<response>{response}{EXAMPLE_SEPARATOR}"
+
+
+def format_inference_query(
+    query: str, *, instruction: str, examples: Sequence[Mapping[str, str]] = ()
+) -> str:
+    """The full query string (without BOS/EOS) that `encode_inference_query` tokenizes."""
+    prefix = "".join(
+        format_example(instruction, *_example_pair(e, i)) for i, e in enumerate(examples)
+    )
+    return prefix + format_query(instruction, query) + SUFFIX
+
+
+class Encoder:
+    """Token ids of template pieces for one tokenizer, with a per-step memo of text runs.
+
+    `prime(texts)` tokenizes many runs in one batched call (the fast path for the training
+    pipeline); `text(s)` falls back to one call per run.
+    """
+
+    def __init__(self, tokenizer: transformers.PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        ids = tokenizer.convert_tokens_to_ids(list(ICL_SPECIAL_TOKENS))
+        if None in ids or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
+            raise ValueError(f"tokenizer lacks {ICL_SPECIAL_TOKENS}; load it with load_tokenizer")
+        self.instruct, self.query, self.response = ids
+        self.bos: list[int] = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer has no EOS token; the embedding is read at EOS")
+        self.eos: int = tokenizer.eos_token_id
+        self._memo: dict[str, list[int]] = {}
+        self.tail_ids = {t: self._continuation(t) for t in (NEWLINE, EXAMPLE_SEPARATOR)}
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _continuation(self, tail: str) -> list[int]:
+        """Ids of `tail` continuing a run (SentencePiece prefixes a lone run with "▁")."""
+        anchor = "a"  # a letter never merges with a following newline
+        head, joint = self._encode([anchor, anchor + tail])
+        if joint[: len(head)] != head:
+            raise ValueError(f"cannot split {anchor + tail!r} into {anchor!r} + {tail!r} tokens")
+        return joint[len(head) :]
+
+    def prime(self, texts: Iterable[str]) -> None:
+        todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if todo:
+            self._memo.update(zip(todo, self._encode(todo)))
+
+    def clear(self) -> None:
+        self._memo.clear()
+
+    def text(self, run: str) -> list[int]:
+        """Ids of a text run that starts the sequence or follows a special token."""
+        ids = self._memo.get(run)
+        if ids is None:
+            ids = self._memo[run] = self._encode([run])[0]
+        return ids
+
+
+def _run_with_tail(enc: Encoder, head: list[int], body: str, tail: str, limit: int) -> list[int]:
+    """`head + ids(body)` cut to `limit` ids, then the tail.
+
+    When the whole run fits, it is tokenized as one piece, so the ids equal the tokenizer's on the
+    full string; otherwise the cut ids are followed by the tail's continuation ids.
+    """
+    tail_ids = enc.tail_ids[tail]
+    joint = enc.text(body + tail)
+    if len(head) + len(joint) <= limit + len(tail_ids):
+        return head + joint
+    return (head + enc.text(body))[: max(limit, 0)] + tail_ids
+
+
+def example_ids(
+    enc: Encoder,
+    prompt: str,
+    query: str,
+    response: str,
+    *,
+    query_limit: int | None = None,
+    response_limit: int | None = None,
+) -> list[int]:
+    """One example; its formatted query is cut to `query_limit` ids, its response to
+    `response_limit` ids (None: no limit)."""
+    head = [enc.instruct, *enc.text(prompt + NEWLINE), enc.query]
+    q_limit = len(head) + len(enc.text(query)) if query_limit is None else query_limit
+    r_limit = len(enc.text(response)) if response_limit is None else response_limit
+    return [
+        *_run_with_tail(enc, head, query, NEWLINE, q_limit),
+        enc.response,
+        *_run_with_tail(enc, [], response, EXAMPLE_SEPARATOR, r_limit),
+    ]
+
+
+def add_examples(
+    enc: Encoder, examples: Iterable[list[int]], *, limit: int
+) -> tuple[list[int], int]:
+    """Concatenate examples in order, stopping before the first that would make BOS + prefix + EOS
+    longer than `limit`. Returns (prefix ids, number of examples used)."""
+    prefix: list[int] = []
+    used = 0
+    for ex in examples:
+        if len(enc.bos) + len(prefix) + len(ex) + 1 > limit:
+            break
+        prefix += ex
+        used += 1
+    return prefix, used
+
+
+def query_ids(
+    enc: Encoder, prompt: str, text: str, *, max_len: int, prefix: Sequence[int] = ()
+) -> list[int]:
+    """BOS + prefix + formatted query (cut) + "\\n<response>" + EOS, at most `max_len` ids."""
+    head = [*prefix, enc.instruct, *enc.text(prompt + NEWLINE), enc.query]
+    budget = max_len - len(enc.bos) - len(enc.tail_ids[NEWLINE]) - 2  # <response>, EOS
+    if budget < len(prefix) + 2:
+        raise ValueError(f"max_len={max_len} leaves no room for the query template")
+    return [*enc.bos, *_run_with_tail(enc, head, text, NEWLINE, budget), enc.response, enc.eos]
+
+
+def raw_passage_ids(enc: Encoder, text: str, *, max_len: int) -> list[int]:
+    """BOS + text (cut) + EOS."""
+    budget = max_len - len(enc.bos) - 1
+    if budget < 1:
+        raise ValueError(f"max_len={max_len} leaves no room for a passage")
+    return [*enc.bos, *enc.text(text)[:budget], enc.eos]
+
+
+def passage_ids(
+    enc: Encoder, text: str, *, max_len: int, prompt: str | None, symmetric: bool
+) -> list[int]:
+    """A passage: formatted like a query without examples when `symmetric`, else raw."""
+    if symmetric:
+        if prompt is None:
+            raise ValueError("a symmetric passage needs the task prompt")
+        return query_ids(enc, prompt, text, max_len=max_len)
+    return raw_passage_ids(enc, text, max_len=max_len)
+
+
+def _example_pair(example: Mapping[str, str], index: int) -> tuple[str, str]:
+    try:
+        return str(example["query"]), str(example["response"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(
+            f"inference example {index} must be a mapping with 'query' and 'response', "
+            f"got {example!r}"
+        ) from err
+
+
+def encode_inference_query(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    query: str,
+    *,
+    instruction: str,
+    examples: Sequence[Mapping[str, str]] = (),
+    max_len: int,
+) -> list[int]:
+    """Ids of `format_inference_query(...)` with BOS/EOS.
+
+    As in the published model card, `max_len` bounds BOS + the task query + suffix + EOS; the user's
+    examples are kept whole in front of it (so the total is at most len(examples' ids) + max_len).
+    """
+    enc = Encoder(tokenizer)
+    prefix = [
+        t
+        for i, e in enumerate(examples)
+        for t in example_ids(enc, instruction, *_example_pair(e, i))
+    ]
+    return query_ids(enc, instruction, query, max_len=max_len + len(prefix), prefix=prefix)
+
+
+def encode_passage(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    text: str,
+    *,
+    max_len: int,
+    instruction: str | None = None,
+) -> list[int]:
+    """A passage for inference: raw text, or query-formatted when an instruction is given
+    (symmetric tasks such as STS and clustering)."""
+    enc = Encoder(tokenizer)
+    return passage_ids(
+        enc, text, max_len=max_len, prompt=instruction, symmetric=instruction is not None
+    )
+
+
+def render(tokenizer: transformers.PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """Human-readable text of a sequence: each run between special tokens is decoded on its own, so
+    an untruncated sequence renders as exactly its template string (with BOS/EOS shown)."""
+    special = set(tokenizer.all_special_ids)
+    out: list[str] = []
+    run: list[int] = []
+    for t in ids:
+        if t in special:
+            if run:
+                out.append(tokenizer.decode(run))
+                run = []
+            out.append(tokenizer.convert_ids_to_tokens(t))
+        else:
+            run.append(t)
+    if run:
+        out.append(tokenizer.decode(run))
+    return "".join(out)

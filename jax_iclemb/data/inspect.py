@@ -1,0 +1,41 @@
+"""Print what the model sees at a training step, one JSON object per line.
+
+    python -m jax_iclemb.data.inspect --config configs/tiny.py --step 3 [--config.data.x=...]
+
+The first line summarises the step (dataset, epoch, utilisation, ...); then one line per query with
+its full text (in-context examples included), its passages and their token counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from jax_iclemb.config import load_config
+from jax_iclemb.data.pipeline import pipeline_from_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="a config file (Python, get_config())")
+    parser.add_argument("--step", type=int, required=True, help="global training step")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        parser.error(
+            f"unrecognised arguments: {' '.join(bad)} (overrides look like --config.KEY=VALUE)"
+        )
+    config = load_config(args.config, overrides)
+    pipe = pipeline_from_config(config)
+    _, info = pipe.batch(args.step)
+    print(json.dumps({"kind": "step", **info}, ensure_ascii=False))
+    for row in pipe.examples(args.step):
+        print(json.dumps({"kind": "query", **row}, ensure_ascii=False))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Pack a step's token sequences, whole, into fixed-length rows (first-fit decreasing).
+
+Each row holds at most `max_segments` sequences; segment ids run 1..n along a row (0 = padding),
+positions restart at 0 in every segment. The row count is rounded up to a bucket (see
+`row_bucket`) so that jax.jit sees only a few distinct shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from jax_iclemb.data.batch import PackedBatch
+
+
+def row_bucket(num_rows: int, multiple: int = 1) -> int:
+    """The padded row count: exact below 16 rows, then the next m * 2**e with m in 8..15 (under
+    12.5% padding rows, 8 shapes per doubling), then up to a multiple of `multiple` (row shards)."""
+    if num_rows < 0 or multiple < 1:
+        raise ValueError(f"bad row count {num_rows} or multiple {multiple}")
+    rows = max(num_rows, 1)
+    step = 1 << max(rows.bit_length() - 4, 0)  # [8*step, 16*step) holds 8 multiples of `step`
+    rows = -(-rows // step) * step
+    return -(-rows // multiple) * multiple
+
+
+def first_fit_decreasing(
+    lengths: Sequence[int], *, pack_len: int, max_segments: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Assign sequences to rows. Returns (row, offset) per sequence and the number of rows.
+
+    Longest first (ties by input order), each into the first row with room and a free segment:
+    deterministic, and within 11/9 OPT + 1 rows for the length constraint alone.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    if n and (lengths.min() < 1 or lengths.max() > pack_len):
+        i = int(np.argmax((lengths < 1) | (lengths > pack_len)))
+        raise ValueError(
+            f"sequence {i} has {lengths[i]} tokens; every sequence needs 1..pack_len={pack_len} "
+            f"(pack_len must be >= data.query_max_len and >= data.passage_max_len)"
+        )
+    room = np.full(n + 1, pack_len, dtype=np.int64)  # free tokens per row; -1 = no free segment
+    count = np.zeros(n + 1, dtype=np.int64)
+    row = np.zeros(n, dtype=np.int64)
+    offset = np.zeros(n, dtype=np.int64)
+    used = 0
+    for i in np.argsort(-lengths, kind="stable"):
+        r = int(np.argmax(room[: used + 1] >= lengths[i]))  # row `used` is empty, so always fits
+        used = max(used, r + 1)
+        row[i], offset[i] = r, pack_len - room[r]
+        room[r] -= lengths[i]
+        count[r] += 1
+        if count[r] == max_segments:
+            room[r] = -1
+    return row, offset, used
+
+
+def pack_sequences(
+    seqs: Sequence[Sequence[int]],
+    *,
+    pack_len: int,
+    max_segments: int,
+    row_multiple: int = 1,
+    pad_id: int = 0,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Pack sequences whole into rows. Returns the row arrays (tokens, segment_ids, positions,
+    last_index) and each sequence's flat slot `row * max_segments + segment`."""
+    lengths = [len(s) for s in seqs]
+    row, offset, used = first_fit_decreasing(lengths, pack_len=pack_len, max_segments=max_segments)
+
+    num_rows = row_bucket(used, row_multiple)
+    tokens = np.full((num_rows, pack_len), pad_id, dtype=np.int32)
+    segment_ids = np.zeros((num_rows, pack_len), dtype=np.int32)
+    positions = np.zeros((num_rows, pack_len), dtype=np.int32)
+    last_index = np.zeros((num_rows, max_segments), dtype=np.int32)
+    slot = np.zeros(len(seqs), dtype=np.int32)
+    # Segments are numbered along the row, in order of their offsets.
+    for i in np.lexsort((offset, row)):
+        r, start, n = int(row[i]), int(offset[i]), lengths[i]
+        s = int(segment_ids[r, start - 1]) if start else 0  # index of this segment in the row
+        tokens[r, start : start + n] = seqs[i]
+        segment_ids[r, start : start + n] = s + 1
+        positions[r, start : start + n] = np.arange(n)
+        last_index[r, s] = start + n - 1
+        slot[i] = r * max_segments + s
+    arrays = {
+        "tokens": tokens,
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "last_index": last_index,
+    }
+    return arrays, slot
+
+
+def pack_batch(
+    queries: Sequence[Sequence[int]],
+    passages: Sequence[Sequence[Sequence[int]]],
+    *,
+    group_size: int,
+    pack_len: int,
+    max_segments: int,
+    teacher_scores: np.ndarray,
+    has_teacher: np.ndarray,
+    in_batch_negatives: bool,
+    row_multiple: int = 1,
+    pad_id: int = 0,
+) -> PackedBatch:
+    """Pack queries and their passage groups (positive first, up to `group_size` each)."""
+    num_queries = len(queries)
+    if len(passages) != num_queries:
+        raise ValueError(f"{num_queries} queries but {len(passages)} passage groups")
+    for i, group in enumerate(passages):
+        if not 1 <= len(group) <= group_size:
+            raise ValueError(f"query {i} has {len(group)} passages; needs 1..{group_size}")
+    seqs = [*queries, *(p for group in passages for p in group)]
+    arrays, slot = pack_sequences(
+        seqs,
+        pack_len=pack_len,
+        max_segments=max_segments,
+        row_multiple=row_multiple,
+        pad_id=pad_id,
+    )
+    passage_slot = np.zeros((num_queries, group_size), dtype=np.int32)
+    passage_mask = np.zeros((num_queries, group_size), dtype=bool)
+    k = num_queries
+    for i, group in enumerate(passages):
+        passage_slot[i, : len(group)] = slot[k : k + len(group)]
+        passage_mask[i, : len(group)] = True
+        k += len(group)
+    teacher_scores = np.asarray(teacher_scores, dtype=np.float32)
+    return PackedBatch(
+        **arrays,
+        query_slot=slot[:num_queries],
+        passage_slot=passage_slot,
+        passage_mask=passage_mask,
+        teacher_scores=teacher_scores.reshape(num_queries, group_size),
+        has_teacher=np.asarray(has_teacher, dtype=bool).reshape(num_queries),
+        in_batch_negatives=np.asarray(in_batch_negatives, dtype=bool),
+    )
+
+
+def pad_batch(
+    batch: PackedBatch, *, num_rows: int, num_queries: int, pad_id: int = 0
+) -> PackedBatch:
+    """Append empty rows (all padding) and padding queries (no valid passage, so no loss) up to
+    the given counts: fixed shapes across steps and hosts, hence no recompiles."""
+    extra_rows, extra_queries = num_rows - batch.num_rows, num_queries - len(batch.query_slot)
+    if extra_rows < 0 or extra_queries < 0:
+        raise ValueError(
+            f"cannot pad {batch.num_rows} rows / {len(batch.query_slot)} queries down to "
+            f"{num_rows} / {num_queries}"
+        )
+
+    def grow(a: np.ndarray, extra: int, fill: int | bool | float = 0) -> np.ndarray:
+        return np.concatenate([a, np.full((extra, *a.shape[1:]), fill, dtype=a.dtype)])
+
+    return dataclasses.replace(
+        batch,
+        tokens=grow(batch.tokens, extra_rows, pad_id),
+        segment_ids=grow(batch.segment_ids, extra_rows),
+        positions=grow(batch.positions, extra_rows),
+        last_index=grow(batch.last_index, extra_rows),
+        query_slot=grow(batch.query_slot, extra_queries),
+        passage_slot=grow(batch.passage_slot, extra_queries),
+        passage_mask=grow(batch.passage_mask, extra_queries, False),
+        teacher_scores=grow(batch.teacher_scores, extra_queries),
+        has_teacher=grow(batch.has_teacher, extra_queries, False),
+    )

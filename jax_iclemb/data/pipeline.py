@@ -1,0 +1,316 @@
+"""Step -> packed batch: sampling (sampling.py), templates (icl.py) and packing (packing.py) joined.
+
+Everything is a pure function of (seed, step): process p of P builds queries [p*B/P, (p+1)*B/P) of
+the global batch with their passages, reading only the step's records, so resuming at step s gives
+the same batches as never stopping, under any process count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import transformers
+
+from jax_iclemb.data import icl, sampling
+from jax_iclemb.data.batch import PackedBatch
+from jax_iclemb.data.packing import pack_batch
+from jax_iclemb.data.records import Dataset, Record, open_datasets
+from jax_iclemb.data.tokenizer import load_tokenizer
+
+# Types whose queries are scored only against their own group (no in-batch negatives).
+NO_IN_BATCH_TYPES = ("symmetric_class", "symmetric_clustering")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The global step: which records, and every query's random choices."""
+
+    step: int
+    epoch: int
+    dataset: int  # index into the pipeline's datasets
+    dataset_name: str
+    batch_in_epoch: int
+    records: np.ndarray  # int64 [B]
+    samples: tuple[sampling.QuerySample, ...]  # per slot of the global batch
+    in_batch_negatives: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class QuerySequences:
+    """Token ids of one query and its passage group, as they go into the batch."""
+
+    slot: int
+    record: int
+    query: list[int]
+    passages: list[list[int]]  # positive first
+    num_examples: int  # examples that fit the prefix budget (<= k)
+    teacher: list[float] | None
+
+
+class TrainPipeline:
+    def __init__(
+        self,
+        data_config: Any,
+        tokenizer: transformers.PreTrainedTokenizerBase,
+        datasets: Sequence[Dataset],
+        *,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        row_multiple: int = 1,
+    ):
+        self.cfg = data_config
+        self.tokenizer = tokenizer
+        self.datasets = list(datasets)
+        self.seed = int(seed)
+        self.process_index, self.process_count = process_index, process_count
+        self.row_multiple = row_multiple
+        self.encoder = icl.Encoder(tokenizer)
+        self.pack_len = int(data_config.pack_len) or int(data_config.query_max_len)
+        self.layout = sampling.layout_for(
+            [d.name for d in self.datasets],
+            [len(d) for d in self.datasets],
+            int(data_config.batch_size),
+            dict(data_config.batch_size_overrides),
+        )
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        for name, b in zip(self.layout.names, self.layout.batch_sizes):
+            if b % process_count:
+                raise ValueError(
+                    f"batch size {b} of dataset {name!r} is not divisible by "
+                    f"{process_count} processes"
+                )
+        longest = max(data_config.query_max_len, data_config.passage_max_len)
+        if self.pack_len < longest:
+            raise ValueError(
+                f"data.pack_len={self.pack_len} is shorter than a sequence ({longest})"
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.layout.steps_per_epoch
+
+    @property
+    def max_local_queries(self) -> int:
+        """The most queries one process gets in a step (datasets may differ in batch size)."""
+        return max(self.layout.batch_sizes) // self.process_count
+
+    def _group_size(self, record: Record) -> int:
+        return 2 if record.type == "only_1neg" else int(self.cfg.train_group_size)
+
+    def _plan_and_records(self, step: int) -> tuple[StepPlan, list[Record]]:
+        where = sampling.locate_step(self.seed, step, self.layout)
+        dataset = self.datasets[where.dataset]
+        records = [dataset[int(i)] for i in where.records]
+        b = len(records)
+        samples = tuple(
+            sampling.sample_query(
+                self.seed,
+                step,
+                slot,
+                num_pos=len(rec.pos),
+                num_neg=len(rec.neg),
+                num_negatives=self._group_size(rec) - 1,
+                max_examples=int(self.cfg.max_examples),
+                batch_size=b,
+            )
+            for slot, rec in enumerate(records)
+        )
+        in_batch = dataset.in_batch_negatives and not any(
+            r.type in NO_IN_BATCH_TYPES for r in records
+        )
+        plan = StepPlan(
+            step=step,
+            epoch=where.epoch,
+            dataset=where.dataset,
+            dataset_name=dataset.name,
+            batch_in_epoch=where.batch,
+            records=where.records,
+            samples=samples,
+            in_batch_negatives=in_batch,
+        )
+        return plan, records
+
+    def plan(self, step: int) -> StepPlan:
+        """The global plan of `step` (identical in every process)."""
+        return self._plan_and_records(step)[0]
+
+    def local_slots(self, global_batch: int) -> range:
+        per = global_batch // self.process_count
+        return range(self.process_index * per, (self.process_index + 1) * per)
+
+    def _prompt(self, record: Record) -> str:
+        return record.prompt if record.prompt is not None else str(self.cfg.default_prompt)
+
+    def _response(self, plan: StepPlan, records: list[Record], slot: int) -> str:
+        rec = records[slot]
+        if rec.type == "symmetric_clustering":
+            if rec.category is None:
+                raise ValueError(
+                    f"{plan.dataset_name} record {plan.records[slot]}: symmetric_clustering "
+                    f"records need a 'category' (the response of an in-context example)"
+                )
+            return rec.category
+        return rec.pos[plan.samples[slot].pos]
+
+    def _prime(self, plan: StepPlan, records: list[Record], slots: range) -> None:
+        """Tokenize the step's text runs in one batched call (much faster than one by one)."""
+        nl, sep = icl.NEWLINE, icl.EXAMPLE_SEPARATOR
+        texts: list[str] = []
+        example_slots = {j for i in slots for j in plan.samples[i].examples}
+        for j in example_slots:
+            rec = records[j]
+            texts += [
+                self._prompt(rec) + nl,
+                rec.query + nl,
+                self._response(plan, records, j) + sep,
+            ]
+        for i in slots:
+            rec, sample = records[i], plan.samples[i]
+            texts += [self._prompt(rec) + nl, rec.query + nl]
+            group = [rec.pos[sample.pos], *(rec.neg[n] for n in sample.neg)]
+            symmetric = rec.type in icl.SYMMETRIC_PASSAGE_TYPES
+            texts += [p + nl for p in group] if symmetric else group
+        self.encoder.prime(texts)
+
+    def _sequences(self, step: int) -> tuple[StepPlan, list[QuerySequences]]:
+        plan, records = self._plan_and_records(step)
+        slots = self.local_slots(len(records))
+        cfg, enc = self.cfg, self.encoder
+        self._prime(plan, records, slots)
+        try:
+            examples: dict[int, list[int]] = {}
+            out = []
+            for i in slots:
+                rec, sample = records[i], plan.samples[i]
+                for j in sample.examples:
+                    if j not in examples:
+                        examples[j] = icl.example_ids(
+                            enc,
+                            self._prompt(records[j]),
+                            records[j].query,
+                            self._response(plan, records, j),
+                            query_limit=int(cfg.example_query_max_len),
+                            response_limit=int(cfg.example_passage_max_len),
+                        )
+                prefix, used = icl.add_examples(
+                    enc,
+                    (examples[j] for j in sample.examples),
+                    limit=int(cfg.query_max_len) - int(cfg.passage_max_len),
+                )
+                prompt = self._prompt(rec)
+                query = icl.query_ids(
+                    enc, prompt, rec.query, max_len=int(cfg.query_max_len), prefix=prefix
+                )
+                symmetric = rec.type in icl.SYMMETRIC_PASSAGE_TYPES
+                texts = [rec.pos[sample.pos], *(rec.neg[n] for n in sample.neg)]
+                passages = [
+                    icl.passage_ids(
+                        enc, t, max_len=int(cfg.passage_max_len), prompt=prompt, symmetric=symmetric
+                    )
+                    for t in texts
+                ]
+                teacher = None
+                if rec.pos_scores is not None and (not sample.neg or rec.neg_scores is not None):
+                    teacher = [rec.pos_scores[sample.pos]]
+                    teacher += [rec.neg_scores[n] for n in sample.neg] if sample.neg else []
+                out.append(
+                    QuerySequences(
+                        slot=i,
+                        record=int(plan.records[i]),
+                        query=query,
+                        passages=passages,
+                        num_examples=used,
+                        teacher=teacher,
+                    )
+                )
+        finally:
+            enc.clear()
+        return plan, out
+
+    def batch(self, step: int) -> tuple[PackedBatch, dict[str, Any]]:
+        """This process's part of global step `step`, packed, and a summary of it."""
+        plan, seqs = self._sequences(step)
+        g = int(self.cfg.train_group_size)
+        teacher = np.zeros((len(seqs), g), dtype=np.float32)
+        has_teacher = np.zeros(len(seqs), dtype=bool)
+        for i, q in enumerate(seqs):
+            if q.teacher is not None:
+                teacher[i, : len(q.teacher)] = q.teacher
+                has_teacher[i] = True
+        batch = pack_batch(
+            [q.query for q in seqs],
+            [q.passages for q in seqs],
+            group_size=g,
+            pack_len=self.pack_len,
+            max_segments=int(self.cfg.max_segments_per_row),
+            teacher_scores=teacher,
+            has_teacher=has_teacher,
+            in_batch_negatives=plan.in_batch_negatives,
+            row_multiple=self.row_multiple,
+            pad_id=self.tokenizer.pad_token_id or 0,
+        )
+        real = int((batch.segment_ids > 0).sum())
+        info = {
+            "step": step,
+            "dataset": plan.dataset_name,
+            "epoch": plan.epoch,
+            "batch_in_epoch": plan.batch_in_epoch,
+            "global_batch": len(plan.records),
+            "num_queries": len(seqs),
+            "num_passages": int(batch.passage_mask.sum()),
+            "num_rows": batch.num_rows,
+            "rows_used": int((batch.segment_ids > 0).any(axis=1).sum()),  # before bucket padding
+            "real_tokens": real,
+            "utilisation": real / batch.tokens.size,
+            "in_batch_negatives": plan.in_batch_negatives,
+            "mean_examples": float(np.mean([q.num_examples for q in seqs])),
+        }
+        return batch, info
+
+    def examples(self, step: int) -> list[dict[str, Any]]:
+        """Human-readable texts of this process's queries of `step` (for inspection)."""
+        plan, seqs = self._sequences(step)
+        render = lambda ids: icl.render(self.tokenizer, ids)
+        return [
+            {
+                "slot": q.slot,
+                "record": q.record,
+                "k": plan.samples[q.slot].k,
+                "num_examples": q.num_examples,
+                "example_slots": list(plan.samples[q.slot].examples[: q.num_examples]),
+                "query": render(q.query),
+                "query_tokens": len(q.query),
+                "passages": [render(p) for p in q.passages],
+                "passage_tokens": [len(p) for p in q.passages],
+                "teacher_scores": q.teacher,
+            }
+            for q in seqs
+        ]
+
+
+def pipeline_from_config(
+    config: Any,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    row_multiple: int = 1,
+) -> TrainPipeline:
+    """Open the configured datasets and tokenizer and build the pipeline."""
+    data = config.data
+    datasets = open_datasets(
+        data.path, on_bad_record=data.on_bad_record, tfds_dir=data.tfds_dir or None
+    )
+    return TrainPipeline(
+        data,
+        load_tokenizer(data.tokenizer),
+        datasets,
+        seed=int(config.seed),
+        process_index=process_index,
+        process_count=process_count,
+        row_multiple=row_multiple,
+    )

@@ -1,0 +1,94 @@
+"""Tokenizer loading: the built-in offline Mistral vocabulary, or any Hugging Face tokenizer.
+
+Every tokenizer gets the three ICL special tokens (`<instruct>`, `<query>`, `<response>`) and pads
+on the left. Sequence assembly (BOS/EOS, truncation) is done on token ids in `icl.py`, not here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import transformers
+
+MISTRAL_V01 = "mistral-7b-v0.1"
+ICL_SPECIAL_TOKENS = ("<instruct>", "<query>", "<response>")
+_RECIPE = "sentencepiece-legacy+bos+eos+icl-tokens"
+
+
+def cache_dir() -> Path:
+    """Where converted tokenizers are kept ($JAX_ICLEMB_CACHE, else ~/.cache/jax_iclemb)."""
+    root = os.environ.get("JAX_ICLEMB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jax_iclemb"
+    )
+    return Path(root)
+
+
+def _mistral_v01_dir() -> Path:
+    """A folder with the converted Mistral-7B-v0.1 tokenizer, built once from mistral-common.
+
+    Converting the SentencePiece model to a fast tokenizer takes seconds, so the result (with the
+    special tokens already added) is saved, keyed by the model file's hash. The folder is written
+    under a temporary name and renamed, so concurrent processes never see a half-written one.
+    """
+    model = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+    if not model.is_file():
+        raise FileNotFoundError(f"mistral-common does not ship {model}; is it installed?")
+    blob = model.read_bytes()
+    # The key covers the conversion recipe too, so changing it never reuses a stale folder.
+    digest = hashlib.sha256(blob + _RECIPE.encode()).hexdigest()[:16]
+    target = cache_dir() / "tokenizers" / f"{MISTRAL_V01}-{digest}"
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        (src / "tokenizer.model").write_bytes(blob)
+        # Default ("legacy") SentencePiece mode, as in the published Mistral/bge-en-icl
+        # tokenizer.json: every text run between special tokens gets the "▁" word prefix.
+        tok = transformers.AutoTokenizer.from_pretrained(
+            src, add_bos_token=True, add_eos_token=True
+        )
+        add_icl_tokens(tok)
+        out = Path(tmp) / "out"
+        tok.save_pretrained(out)
+        try:
+            out.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            if not (target / "tokenizer_config.json").is_file():
+                shutil.rmtree(target, ignore_errors=True)
+                raise
+    return target
+
+
+def add_icl_tokens(tok: transformers.PreTrainedTokenizerBase) -> None:
+    missing = [t for t in ICL_SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
+
+
+def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
+    """`"mistral-7b-v0.1"` (offline, from mistral-common), an HF tokenizer folder, or a hub id."""
+    if spec == MISTRAL_V01:
+        tok = transformers.AutoTokenizer.from_pretrained(_mistral_v01_dir())
+    else:
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(spec)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"cannot load tokenizer {spec!r}: not {MISTRAL_V01!r}, a tokenizer folder, or a "
+                f"hub id available offline ({err})"
+            ) from err
+    add_icl_tokens(tok)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {spec!r} has no EOS token; the embedding is read at EOS")
+    if tok.pad_token is None:
+        # Mistral/Llama have no pad token; <unk> (id 0) is what the reference pads with.
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    tok.padding_side = "left"
+    return tok

@@ -1,0 +1,157 @@
+"""`Embedder`: few-shot query and corpus encoding with a trained model.
+
+    from jax_iclemb import Embedder
+    emb = Embedder.from_pretrained("runs/tiny")  # a workdir, a merged HF folder, or PEFT
+    q = emb.encode_queries(
+        ["how do I reset my card pin"], instruction="Classify the intent of the query",
+        examples=[{"query": "card got stuck in the atm", "response": "card_swallowed"}],
+    )
+    d = emb.encode_corpus(["To reset your PIN ..."])
+    scores = q @ d.T  # rows are L2-normalised float32
+
+Texts are tokenized with the inference templates of DESIGN §3 (the same code that builds training
+queries), packed whole into rows of a bucketed length, and embedded `rows_per_call` rows at a time:
+one compiled shape per row-length bucket, however many texts and whatever their lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import transformers
+from flax import nnx
+from tqdm import tqdm
+
+from jax_iclemb import parallel
+from jax_iclemb.data.icl import encode_inference_query, encode_passage
+from jax_iclemb.data.packing import pack_sequences
+from jax_iclemb.data.tokenizer import load_tokenizer
+from jax_iclemb.model import load_peft, load_pretrained
+from jax_iclemb.train import embed_packed
+
+MIN_ROW_LEN = 64
+
+
+def row_length(longest: int) -> int:
+    """Packed row length: the next power of two (at least MIN_ROW_LEN), so few shapes compile."""
+    return max(MIN_ROW_LEN, 1 << max(longest - 1, 1).bit_length())
+
+
+def local_mesh() -> jax.sharding.Mesh:
+    """Inference is data-parallel over this host's devices."""
+    return parallel.make_mesh((-1, 1, 1), jax.local_devices())
+
+
+class Embedder:
+    def __init__(
+        self,
+        model: nnx.Module,
+        tokenizer: transformers.PreTrainedTokenizerBase,
+        *,
+        query_max_len: int = 512,
+        passage_max_len: int = 512,
+        pooling: str = "last_token",
+        rows_per_call: int | None = None,
+        max_segments: int = 32,
+        mesh: jax.sharding.Mesh | None = None,
+        progress: bool = True,
+    ):
+        self.tokenizer = tokenizer
+        self.query_max_len = query_max_len
+        self.passage_max_len = passage_max_len
+        self.max_segments = max_segments
+        self.progress = progress
+        self.mesh = mesh or local_mesh()
+        data_shards = parallel.data_parallel_size(self.mesh)
+        self.rows_per_call = rows_per_call or 4 * data_shards
+        if self.rows_per_call % data_shards:
+            raise ValueError(f"rows_per_call must be a multiple of {data_shards} (data shards)")
+        model.eval()
+        graphdef, self._state = nnx.split(model)
+        self._embed = jax.jit(
+            lambda state, batch: embed_packed(nnx.merge(graphdef, state), batch, pooling)
+        )
+
+    # ---- construction ----
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, step: int | None = None, dtype: str = "float32", **kwargs: Any
+    ) -> Embedder:
+        """A training workdir (latest or given step), a merged HF folder, or a PEFT folder."""
+        path = Path(path)
+        mesh = kwargs.setdefault("mesh", local_mesh())
+        if (path / "checkpoints").is_dir():
+            from jax_iclemb.export import load_trained
+
+            model, _, tokenizer, config, _ = load_trained(path, step, mesh=mesh)
+            kwargs.setdefault("query_max_len", config.data.query_max_len)
+            kwargs.setdefault("passage_max_len", config.data.passage_max_len)
+            kwargs.setdefault("pooling", config.model.pooling)
+            return cls(model, tokenizer, **kwargs)
+        tokenizer = load_tokenizer(str(path))
+        options = {"dtype": dtype, "param_dtype": dtype, "vocab_size": len(tokenizer), "mesh": mesh}
+        is_adapter = (path / "adapter_config.json").is_file()
+        model, _ = (load_peft if is_adapter else load_pretrained)(path, **options)
+        return cls(model, tokenizer, **kwargs)
+
+    # ---- encoding ----
+
+    def encode_queries(
+        self,
+        queries: Sequence[str],
+        *,
+        instruction: str,
+        examples: Sequence[Mapping[str, str]] = (),
+    ) -> np.ndarray:
+        """Embeddings [N, D] of queries, each preceded by the same task `examples` (few-shot)."""
+        ids = [
+            encode_inference_query(
+                self.tokenizer, q, instruction=instruction, examples=examples,
+                max_len=self.query_max_len,
+            )
+            for q in queries
+        ]
+        return self.encode_ids(ids)
+
+    def encode_corpus(
+        self, passages: Sequence[str], *, instruction: str | None = None
+    ) -> np.ndarray:
+        """Embeddings [N, D] of passages: raw text, or query-formatted with `instruction`
+        (symmetric tasks: STS, clustering)."""
+        ids = [
+            encode_passage(
+                self.tokenizer, p, max_len=self.passage_max_len, instruction=instruction
+            )
+            for p in passages
+        ]
+        return self.encode_ids(ids)
+
+    def encode_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """Embeddings [N, D] (L2-normalised float32) of token sequences, in input order."""
+        if not sequences:
+            raise ValueError("nothing to encode")
+        arrays, slot = pack_sequences(
+            sequences,
+            pack_len=row_length(max(len(s) for s in sequences)),
+            max_segments=self.max_segments,
+            row_multiple=self.rows_per_call,
+        )
+        rows = arrays["tokens"].shape[0]
+        chunks = range(0, rows, self.rows_per_call)
+        out = []
+        with jax.set_mesh(self.mesh):
+            for start in tqdm(chunks, desc="encode", disable=not self.progress or len(chunks) < 8):
+                chunk = {k: v[start : start + self.rows_per_call] for k, v in arrays.items()}
+                chunk = {
+                    k: jax.device_put(
+                        v, parallel.named_sharding(self.mesh, ("batch",) + (None,) * (v.ndim - 1))
+                    )
+                    for k, v in chunk.items()
+                }
+                out.append(np.asarray(self._embed(self._state, chunk), dtype=np.float32))
+        return np.concatenate(out)[slot]

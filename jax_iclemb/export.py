@@ -1,0 +1,144 @@
+"""`python -m jax_iclemb.export --workdir DIR --out OUT --format merged|peft [--step N]`
+
+Turns a training workdir into Hugging Face weights: `merged` (LoRA folded into the base; loads in
+`transformers.AutoModel` and sentence-transformers) or `peft` (an adapter for
+`peft.PeftModel.from_pretrained` on the base). A run whose base was random-initialised has no base
+on the Hub, so its `peft` export also writes that base, LoRA-free, into `OUT/base`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from jax_iclemb import checkpoint, parallel
+from jax_iclemb import config as config_lib
+from jax_iclemb.data.tokenizer import load_tokenizer
+from jax_iclemb.model import ModelConfig, export_merged, export_peft
+from jax_iclemb.optim import make_optimizer
+from jax_iclemb.train import build_model, initial_state, split_model
+
+
+def load_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir} is not a training workdir: {path.name} is missing")
+    return config_lib.from_json(path.read_text())
+
+
+def load_trained(
+    workdir: str | Path, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+) -> tuple[nnx.Module, ModelConfig, Any, ml_collections.ConfigDict, int]:
+    """(model with trained adapters, its config, tokenizer, run config, step) from a workdir."""
+    workdir = Path(workdir)
+    config = load_workdir_config(workdir)
+    tokenizer = load_tokenizer(str(workdir / "tokenizer"))
+    mesh = mesh or parallel.make_mesh((1, -1, 1))
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=1 << 30)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"{workdir}: no finished checkpoint")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"{workdir}: no checkpoint for step {step}; available: {steps}")
+    with jax.set_mesh(mesh):
+        model, model_config = build_model(config, mesh, vocab_size=len(tokenizer))
+        _, lora, _ = split_model(model)
+        tx, _ = make_optimizer(config.optim, 1)
+        abstract = checkpoint.abstract_like(initial_state(lora, tx))
+        state, _ = ckpt.restore(step, abstract)
+    ckpt.close()
+    nnx.update(model, nnx.State(state["lora"]))
+    return model, model_config, tokenizer, config, step
+
+
+def write_sentence_transformers_config(
+    out: str | Path, *, hidden_size: int, max_seq_length: int, query_instruction: str
+) -> None:
+    """What `SentenceTransformer(out)` needs: the HF model, last-token pooling, normalisation.
+
+    The `query` prompt is the instruction part of DESIGN §3's inference query; the caller still
+    ends each query with "\n<response>" (or formats it with `format_inference_query`).
+    """
+    out = Path(out)
+    modules = [
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (path, kind) in enumerate(
+            [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+        )
+    ]
+    pooling = {
+        "word_embedding_dimension": hidden_size,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": True,
+        "include_prompt": True,
+    }
+    files = {
+        "modules.json": modules,
+        "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
+        "config_sentence_transformers.json": {
+            "prompts": {"query": f"<instruct>{query_instruction}\n<query>", "document": ""},
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        },
+        "1_Pooling/config.json": pooling,
+        "2_Normalize/config.json": {},
+    }
+    for name, content in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(content, indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jax_iclemb.export", description=__doc__)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--format", choices=("merged", "peft"), default="merged")
+    parser.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+
+    model, model_config, tokenizer, config, step = load_trained(args.workdir, args.step)
+    out = Path(args.out)
+    if args.format == "merged":
+        export_merged(
+            model, model_config, out, tokenizer=tokenizer,
+            max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        )
+        if jax.process_index() == 0:
+            write_sentence_transformers_config(
+                out,
+                hidden_size=model_config.hidden_size,
+                max_seq_length=config.data.query_max_len,
+                query_instruction=config.data.default_prompt,
+            )
+    else:
+        base = config.model.hf_path or str((out / "base").absolute())
+        export_peft(
+            model, model_config, out, base_model_name_or_path=base, tokenizer=tokenizer,
+            overwrite=args.overwrite,
+        )
+        if not config.model.hf_path:
+            export_merged(
+                model, model_config, base, tokenizer=tokenizer, merge_lora=False,
+                max_shard_size=args.max_shard_size,
+            )
+    print(f"exported step {step} of {args.workdir} as {args.format} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The decoder (Mistral / Llama / Qwen2 / Qwen3) in Flax NNX, for packed rows of segments.
+
+Weights keep Hugging Face's names and layouts, so the flattened state path of every base weight
+joined by "." is its HF tensor name (e.g. `layers.0.self_attn.q_proj.weight`). Each weight carries
+`logical_axes` metadata; `state_shardings` turns it into shardings for any mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jax_iclemb.model.config import ModelConfig
+from jax_iclemb.model.lora import Linear, LoraConfig
+from jax_iclemb.parallel import logical_to_spec
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+# Logical names of activations.
+_HIDDEN = ("batch", "length", "act_embed")
+_HEADS = ("batch", "length", "act_heads", None)
+_KV_HEADS = ("batch", "length", "act_kv_heads", None)
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """Sharding constraint from logical names, when a mesh is set (`jax.set_mesh`); else a no-op."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, computed and returned in float32."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return x * self.weight[...].astype(jnp.float32)
+
+
+class Embed(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        std = 1.0 if cfg.init == "fan_in" else cfg.initializer_range
+        table = std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))
+        self.weight = nnx.Param(table.astype(cfg.weight_dtype), logical_axes=("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], tokens, axis=0)
+
+
+# ---- rotary position embedding (HF's rotate-half layout, float32) ----
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim/2], with Llama 3 scaling when configured."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv.astype(np.float32)
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    wavelen = 2 * math.pi / inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [R, L, head_dim] for integer positions [R, L]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [R, L, heads, head_dim] rotated in float32."""
+    x = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# ---- attention ----
+
+
+def attention_mask(
+    segment_ids: jax.Array, positions: jax.Array, *, causal: bool, sliding_window: int | None
+) -> jax.Array:
+    """bool [R, Lq, Lk]: same segment AND (causal: key not after query) AND within the window.
+
+    Padding (segment 0) only sees padding, and every token sees itself, so no row is empty.
+    """
+    mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if causal:
+        idx = jnp.arange(segment_ids.shape[1])
+        mask &= idx[:, None] >= idx[None, :]
+    if sliding_window is not None:
+        dist = positions[:, :, None] - positions[:, None, :]
+        mask &= (dist if causal else jnp.abs(dist)) < sliding_window
+    return mask
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    *,
+    causal: bool = True,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Dense-mask attention with grouped KV. q [R,L,H,Dh], k/v [R,L,K,Dh] -> [R,L,H,Dh]."""
+    r, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(r, length, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("rqkgd,rskd->rkgqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim**-0.5)
+    mask = attention_mask(segment_ids, positions, causal=causal, sliding_window=sliding_window)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("rkgqs,rskd->rqkgd", probs, v)
+    return out.reshape(r, length, heads, head_dim)
+
+
+def _linear_factory(cfg: ModelConfig, lora: LoraConfig | None, rngs: nnx.Rngs):
+    """Builds projections with the config's dtypes, init scale and LoRA targeting."""
+    out_scale = 1.0 / math.sqrt(2 * cfg.num_layers) if cfg.init == "fan_in" else 1.0
+
+    def make(name: str, in_f: int, out_f: int, axes: tuple[str, str], bias: bool = False):
+        std = 1.0 / math.sqrt(in_f) if cfg.init == "fan_in" else cfg.initializer_range
+        if name in ("o_proj", "down_proj"):
+            std *= out_scale
+        return Linear(
+            in_f,
+            out_f,
+            axes,
+            std=std,
+            bias=bias,
+            lora=lora if lora is not None and name in lora.targets else None,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            rngs=rngs,
+        )
+
+    return make
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, *, rngs: nnx.Rngs):
+        make = _linear_factory(cfg, lora, rngs)
+        d, q_dim, kv_dim = (
+            cfg.hidden_size,
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        )
+        self.q_proj = make("q_proj", d, q_dim, ("q_heads", "embed"), cfg.qkv_bias)
+        self.k_proj = make("k_proj", d, kv_dim, ("kv_heads", "embed"), cfg.qkv_bias)
+        self.v_proj = make("v_proj", d, kv_dim, ("kv_heads", "embed"), cfg.qkv_bias)
+        self.o_proj = make("o_proj", q_dim, d, ("embed", "q_heads"), cfg.o_bias)
+        norm = functools.partial(RMSNorm, cfg.head_dim, cfg.rms_norm_eps, cfg.weight_dtype)
+        self.q_norm = norm() if cfg.qk_norm else None
+        self.k_norm = norm() if cfg.qk_norm else None
+        self.cfg = cfg
+
+    def __call__(self, x, cos, sin, segment_ids, positions):
+        cfg = self.cfg
+        r, length, _ = x.shape
+        q = self.q_proj(x).reshape(r, length, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(r, length, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(r, length, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = constrain(apply_rope(q, cos, sin).astype(cfg.compute_dtype), _HEADS)
+        k = constrain(apply_rope(k, cos, sin).astype(cfg.compute_dtype), _KV_HEADS)
+        v = constrain(v, _KV_HEADS)
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            segment_ids,
+            positions,
+            causal=cfg.attention == "causal",
+            sliding_window=cfg.sliding_window,
+        )
+        return self.o_proj(out.reshape(r, length, cfg.num_heads * cfg.head_dim))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, *, rngs: nnx.Rngs):
+        make = _linear_factory(cfg, lora, rngs)
+        d, m = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = make("gate_proj", d, m, ("mlp", "embed"))
+        self.up_proj = make("up_proj", d, m, ("mlp", "embed"))
+        self.down_proj = make("down_proj", m, d, ("embed", "mlp"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(h, ("batch", "length", "act_mlp")))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.weight_dtype)
+        self.self_attn = Attention(cfg, lora, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.weight_dtype)
+        self.mlp = MLP(cfg, lora, rngs=rngs)
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x, cos, sin, segment_ids, positions):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, positions)
+        x = constrain(x + h.astype(self.dtype), _HIDDEN)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return constrain(x + h.astype(self.dtype), _HIDDEN)
+
+
+def _run_block(block: Block, x, cos, sin, segment_ids, positions):
+    return block(x, cos, sin, segment_ids, positions)
+
+
+class Decoder(nnx.Module):
+    """tokens, positions, segment_ids [R, L] -> final-norm hidden states [R, L, D] (float32)."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None = None, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.lora = lora
+        self.embed_tokens = Embed(cfg, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, lora, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.weight_dtype)
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array
+    ) -> jax.Array:
+        cfg = self.config
+        x = constrain(self.embed_tokens(tokens).astype(cfg.compute_dtype), _HIDDEN)
+        cos, sin = rope_tables(positions, rope_inv_freq(cfg))
+        run = _run_block
+        if cfg.remat != "none":
+            run = nnx.remat(_run_block, policy=_REMAT_POLICIES[cfg.remat])
+        for block in self.layers:
+            x = run(block, x, cos, sin, segment_ids, positions)
+        return constrain(self.norm(x), _HIDDEN)
+
+
+# ---- creation ----
+
+
+def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """NamedShardings for a model (or optimizer) state from each variable's `logical_axes`.
+
+    Variables without logical axes (RNG state, step counters) are replicated.
+    """
+
+    def one(var: nnx.Variable) -> nnx.Variable:
+        axes = var.get_metadata().get("logical_axes")
+        shape = var.get_value().shape
+        spec = logical_to_spec(axes, shape, mesh) if axes else PartitionSpec()
+        return var.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_model(
+    cfg: ModelConfig,
+    lora: LoraConfig | None = None,
+    *,
+    rngs: nnx.Rngs | None = None,
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Decoder:
+    """A fresh decoder; with a mesh, every parameter is created directly in its shards."""
+    key = rngs() if rngs is not None else jax.random.key(seed)
+    if mesh is None:
+        return Decoder(cfg, lora, rngs=nnx.Rngs(key))
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, lora, rngs=nnx.Rngs(key)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init(k: jax.Array) -> nnx.State:
+        return nnx.state(Decoder(cfg, lora, rngs=nnx.Rngs(k)))
+
+    with jax.set_mesh(mesh):
+        return nnx.merge(graphdef, init(key))

@@ -1,0 +1,28 @@
+"""Pooling of packed hidden states into one vector per segment (float32)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def last_token_pool(hidden: jax.Array, last_index: jax.Array) -> jax.Array:
+    """hidden [R, L, D], last_index [R, S] (column of segment s+1's last token) -> [R, S, D]."""
+    picked = jnp.take_along_axis(hidden, last_index[:, :, None].astype(jnp.int32), axis=1)
+    return picked.astype(jnp.float32)
+
+
+def mean_pool(hidden: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+    """Mean over the tokens of segment s+1, s < num_segments -> [R, S, D]; empty segments give 0."""
+    seg = jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)
+    member = (segment_ids[:, None, :] == seg[None, :, None]).astype(jnp.float32)  # [R, S, L]
+    total = jnp.einsum("rsl,rld->rsd", member, hidden.astype(jnp.float32))
+    count = member.sum(-1, keepdims=True)
+    return total / jnp.maximum(count, 1.0)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(‖x‖, eps) along the last axis, in float32 (zero vectors stay zero)."""
+    x = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)

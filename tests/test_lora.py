@@ -1,0 +1,175 @@
+"""LoRA: the layer formula, PEFT's init, the trainable/frozen split, adapter state I/O."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jax_iclemb.model import (
+    FROZEN,
+    TRAINABLE,
+    LoraConfig,
+    ModelConfig,
+    create_model,
+    load_lora_state,
+    lora_state,
+)
+from jax_iclemb.model.lora import Linear
+
+CFG = ModelConfig(
+    model_type="mistral",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    sliding_window=8,
+    dtype="float32",
+    param_dtype="float32",
+)
+LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.5)
+
+
+def batch():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CFG.vocab_size, (2, 12)).astype(np.int32)
+    positions = np.tile(np.arange(12, dtype=np.int32), (2, 1))
+    segments = np.ones((2, 12), np.int32)
+    segments[1, 9:] = 0  # padding at the end of row 1
+    return tokens, positions, segments
+
+
+@nnx.jit
+def forward(model, tokens, positions, segments):
+    return model(tokens, positions, segments)
+
+
+def loss(model):
+    # A fixed random projection: sum(hidden²) would be nearly constant after the final RMSNorm.
+    probe = jax.random.normal(jax.random.key(0), (2, 12, CFG.hidden_size))
+    return jnp.sum(model(*batch()) * probe)
+
+
+def randomize_adapters(model, seed=1):
+    noisy = jax.tree.map(
+        lambda x: 0.3 * jax.random.normal(jax.random.key(seed), x.shape), lora_state(model)
+    )
+    load_lora_state(model, noisy)
+
+
+def test_linear_matches_formula_and_dropout_touches_only_adapter():
+    layer = Linear(16, 12, ("mlp", "embed"), std=0.5, bias=True, lora=LORA, rngs=nnx.Rngs(0),
+                   dtype=jnp.float32, param_dtype=jnp.float32)  # fmt: skip
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(12, 16)), rng.normal(size=12)
+    a, bb = rng.normal(size=(4, 16)), rng.normal(size=(12, 4))
+    for var, value in ((layer.weight, w), (layer.bias, b), (layer.lora_a, a), (layer.lora_b, bb)):
+        var[...] = jnp.asarray(value, jnp.float32)
+    x = rng.normal(size=(3, 5, 16)).astype(np.float32)
+    expected = x @ w.T + b + (8.0 / 4) * (x @ a.T @ bb.T)
+
+    layer.eval()
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(layer(x), layer(x))  # eval is deterministic
+
+    layer.train()
+    assert not np.allclose(layer(x), expected, atol=1e-3)  # dropout is active in training
+    layer.lora_b[...] = jnp.zeros((12, 4))
+    np.testing.assert_allclose(layer(x), x @ w.T + b, rtol=1e-5, atol=1e-5)  # base path untouched
+
+
+def test_adapter_init_follows_peft():
+    layer = Linear(256, 8, ("mlp", "embed"), std=0.02, lora=LoraConfig(rank=64), rngs=nnx.Rngs(0))
+    a = np.asarray(layer.lora_a[...])
+    assert a.dtype == np.float32 and layer.lora_b[...].dtype == jnp.float32
+    assert a.shape == (64, 256) and layer.lora_b[...].shape == (8, 64)
+    # torch kaiming_uniform_(a=√5): gain √(2/(1+5)), bound = gain·√(3/fan_in) = 1/√fan_in.
+    bound = math.sqrt(2 / 6) * math.sqrt(3 / 256)
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.99 * bound
+    assert abs(a.std() - bound / math.sqrt(3)) < 0.03 * bound
+    assert not np.any(np.asarray(layer.lora_b[...]))
+    assert layer.weight[...].dtype == jnp.bfloat16  # default param_dtype
+
+
+@pytest.fixture(scope="module")
+def models():
+    base = create_model(CFG, None, seed=0)
+    adapted = create_model(CFG, LORA, seed=5)
+    nnx.update(adapted, nnx.state(base, nnx.Param))  # same base weights, fresh adapters
+    return base, adapted
+
+
+def test_fresh_adapter_leaves_outputs_unchanged(models):
+    base, adapted = models
+    assert not jax.tree.leaves(nnx.state(base, TRAINABLE))  # lora=None: no adapters at all
+    adapted.train()  # even with dropout active: B = 0
+    np.testing.assert_allclose(forward(adapted, *batch()), forward(base, *batch()), atol=1e-6)
+
+
+def test_optimizer_step_changes_only_lora_params(models):
+    _, model = models
+    model = nnx.clone(model)
+    randomize_adapters(model)  # B ≠ 0 so that A gets a gradient too
+    model.train()
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=TRAINABLE)
+
+    @nnx.jit
+    def step(model, optimizer):
+        grads = nnx.grad(loss, argnums=nnx.DiffState(0, TRAINABLE))(model)
+        optimizer.update(model, grads)
+
+    before_frozen = {
+        p: np.array(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, FROZEN))
+    }
+    before_lora = {p: np.array(v.get_value()) for p, v in nnx.to_flat_state(lora_state(model))}
+    assert ("embed_tokens", "weight") in before_frozen
+    step(model, optimizer)
+    for path, var in nnx.to_flat_state(nnx.state(model, FROZEN)):
+        np.testing.assert_array_equal(var.get_value(), before_frozen[path], err_msg=str(path))
+    for path, var in nnx.to_flat_state(lora_state(model)):
+        assert not np.array_equal(var.get_value(), before_lora[path]), path
+
+
+def test_remat_gives_the_same_gradients(models):
+    _, model = models
+    model = nnx.clone(model)
+    randomize_adapters(model)
+    remat = create_model(CFG.replace(remat="dots"), LORA, seed=9)
+    nnx.update(remat, nnx.state(model, nnx.Param))
+    model.eval()
+    remat.eval()
+
+    @nnx.jit
+    def grads(m):
+        return nnx.grad(loss, argnums=nnx.DiffState(0, TRAINABLE))(m)
+
+    for got, want in zip(jax.tree.leaves(grads(remat)), jax.tree.leaves(grads(model)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_lora_state_round_trip_and_errors(models):
+    _, model = models
+    source = nnx.clone(model)
+    randomize_adapters(source, seed=7)
+    target = nnx.clone(model)
+    load_lora_state(target, lora_state(source))
+    for (_, got), (_, want) in zip(
+        nnx.to_flat_state(lora_state(target)), nnx.to_flat_state(lora_state(source)), strict=True
+    ):
+        np.testing.assert_array_equal(got.get_value(), want.get_value())
+
+    state = lora_state(source)
+    state["layers"][0]["self_attn"]["q_proj"]["lora_a"] = jnp.zeros((3, 32))
+    with pytest.raises(
+        ValueError, match=r"layers\.0\.self_attn\.q_proj\.lora_a.*\(3, 32\).*\(4, 32\)"
+    ):
+        load_lora_state(target, state)
+    del state["layers"][1]["mlp"]["up_proj"]["lora_b"]
+    with pytest.raises(ValueError, match=r"missing \['layers\.1\.mlp\.up_proj\.lora_b'\]"):
+        load_lora_state(target, state)

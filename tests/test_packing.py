@@ -1,0 +1,135 @@
+"""Packing invariants (hypothesis) and row buckets."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jax_iclemb.data.packing import first_fit_decreasing, pack_batch, pad_batch, row_bucket
+
+EOS = 2
+
+
+@st.composite
+def batches(draw):
+    pack_len = draw(st.integers(4, 40))
+    group = draw(st.integers(1, 4))
+    num_queries = draw(st.integers(1, 6))
+    length = st.integers(1, pack_len)
+    counter = iter(range(10, 10**6))
+
+    def seq(n):  # distinct token values so every sequence is recognisable; EOS last
+        return [next(counter) for _ in range(n - 1)] + [EOS]
+
+    queries = [seq(draw(length)) for _ in range(num_queries)]
+    passages = [
+        [seq(draw(length)) for _ in range(draw(st.integers(1, group)))] for _ in range(num_queries)
+    ]
+    return dict(
+        queries=queries,
+        passages=passages,
+        group_size=group,
+        pack_len=pack_len,
+        max_segments=draw(st.integers(1, 5)),
+        row_multiple=draw(st.integers(1, 3)),
+    )
+
+
+def segment(batch, slot):
+    r, s = divmod(int(slot), batch.max_segments)
+    return r, s, np.flatnonzero(batch.segment_ids[r] == s + 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches())
+def test_pack_invariants(args):
+    b = len(args["queries"])
+    g = args["group_size"]
+    batch = pack_batch(
+        **args,
+        teacher_scores=np.zeros((b, g)),
+        has_teacher=np.zeros(b, bool),
+        in_batch_negatives=True,
+        pad_id=0,
+    )
+    R, L = batch.tokens.shape
+    assert args["pack_len"] == L and R % args["row_multiple"] == 0
+    slots = [(batch.query_slot[i], q) for i, q in enumerate(args["queries"])]
+    for i, group in enumerate(args["passages"]):
+        assert batch.passage_mask[i].tolist() == [k < len(group) for k in range(g)]
+        slots += [(batch.passage_slot[i, k], p) for k, p in enumerate(group)]
+    assert len({int(s) for s, _ in slots}) == len(slots)  # one slot per sequence
+    covered = np.zeros((R, L), bool)
+    for slot, seq in slots:
+        r, s, cols = segment(batch, slot)
+        assert s < args["max_segments"]
+        assert len(cols) == len(seq) and np.all(np.diff(cols) == 1)  # whole and contiguous
+        assert batch.tokens[r, cols].tolist() == seq  # in order
+        assert batch.positions[r, cols].tolist() == list(range(len(seq)))
+        assert batch.last_index[r, s] == cols[-1] and batch.tokens[r, cols[-1]] == EOS
+        assert not covered[r, cols].any()
+        covered[r, cols] = True
+    # Everything else is padding: segment 0, position 0, pad token.
+    assert np.all(batch.segment_ids[~covered] == 0) and np.all(batch.positions[~covered] == 0)
+    assert np.all(batch.tokens[~covered] == 0)
+    assert np.all((batch.segment_ids > 0) == covered)
+    # Segment ids count 1..n along each row.
+    for r in range(R):
+        ids = batch.segment_ids[r][batch.segment_ids[r] > 0]
+        assert np.all(np.diff(ids) >= 0) and set(ids.tolist()) == set(range(1, len(set(ids)) + 1))
+
+
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=40), st.integers(1, 6))
+def test_ffd_matches_direct_first_fit(lengths, max_segments):
+    """Against a direct first-fit-decreasing written with plain Python lists."""
+    rows: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for row in rows:
+            if sum(lengths[j] for j in row) + lengths[i] <= 30 and len(row) < max_segments:
+                row.append(i)
+                break
+        else:
+            rows.append([i])
+    row, _, used = first_fit_decreasing(lengths, pack_len=30, max_segments=max_segments)
+    assert used == len(rows)
+    assert [sorted(np.flatnonzero(row == r).tolist()) for r in range(used)] == [
+        sorted(r) for r in rows
+    ]
+
+
+def test_too_long_sequence_is_an_error():
+    with pytest.raises(ValueError, match="sequence 1 has 9 tokens"):
+        first_fit_decreasing([3, 9], pack_len=8, max_segments=4)
+
+
+def test_row_bucket():
+    buckets = {row_bucket(n) for n in range(1, 1025)}
+    assert len([b for b in buckets if 256 < b <= 512]) == 8  # 8 shapes per doubling
+    for n in range(1, 2000):
+        b = row_bucket(n)
+        assert n <= b < n * 1.125 + 1
+        for m in (2, 8):
+            assert row_bucket(n, m) % m == 0 and row_bucket(n, m) >= b
+
+
+def test_pad_batch_adds_empty_rows_and_padding_queries():
+    batch = pack_batch(
+        [[5, 2]],
+        [[[6, 7, 2]]],
+        group_size=1,
+        pack_len=8,
+        max_segments=2,
+        teacher_scores=np.zeros((1, 1)),
+        has_teacher=np.zeros(1, bool),
+        in_batch_negatives=False,
+    )
+    padded = pad_batch(batch, num_rows=4, num_queries=3)
+    assert padded.tokens.shape == (4, 8) and padded.last_index.shape == (4, 2)
+    assert np.all(padded.segment_ids[1:] == 0) and padded.utilisation() == 5 / 32
+    np.testing.assert_array_equal(padded.tokens[:1], batch.tokens)
+    # Padding queries have no valid passage (the loss gives them no weight).
+    assert padded.query_slot.shape == (3,) and padded.passage_slot.shape == (3, 1)
+    assert padded.passage_mask.tolist() == [[True], [False], [False]]
+    assert padded.has_teacher.tolist() == [False, False, False]
+    with pytest.raises(ValueError):
+        pad_batch(padded, num_rows=2, num_queries=3)

@@ -1,0 +1,215 @@
+"""Step -> batch pipeline: determinism across process counts, host slices, flags, teacher scores."""
+
+import dataclasses
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from jax_iclemb.data.pipeline import TrainPipeline
+from jax_iclemb.data.records import Record, open_datasets
+from jax_iclemb.data.tokenizer import load_tokenizer
+
+
+@dataclasses.dataclass
+class ListDataset:
+    """A list-backed dataset satisfying the records.Dataset protocol."""
+
+    name: str
+    records: list
+    in_batch_negatives: bool = True
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self.records[index]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("mistral-7b-v0.1")
+
+
+def config(**kw):
+    base = dict(
+        query_max_len=96,
+        passage_max_len=24,
+        example_query_max_len=16,
+        example_passage_max_len=8,
+        train_group_size=4,
+        max_examples=5,
+        batch_size=8,
+        batch_size_overrides={},
+        default_prompt="Default task.",
+        pack_len=0,
+        max_segments_per_row=8,
+    )
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def make_records(prefix, n, **kw):
+    return [
+        Record(
+            query=f"{prefix} question {i}",
+            pos=(f"{prefix} answer {i}", f"{prefix} other answer {i}"),
+            neg=tuple(f"{prefix} wrong {i}.{j}" for j in range(i % 5)),
+            **kw,
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def datasets():
+    scores = dict(pos_scores=(0.5, 0.25), neg_scores=None)
+    return [
+        ListDataset("a/retrieval", make_records("alpha", 20)),
+        ListDataset("b/sts", make_records("beta", 12, type="symmetric_sts", prompt="Match.")),
+        ListDataset("c/one", make_records("gamma", 9, type="only_1neg", **scores)),
+    ]
+
+
+def sequences(batch, slots):
+    out = []
+    for slot in np.asarray(slots).ravel():
+        r, s = divmod(int(slot), batch.max_segments)
+        out.append(batch.tokens[r][batch.segment_ids[r] == s + 1].tolist())
+    return out
+
+
+def host_view(batch):
+    """Per query: its ids, its passages' ids (masked ones empty), teacher data."""
+    return [
+        (q, [p if m else [] for p, m in zip(sequences(batch, ps), mask)], t.tolist(), bool(h))
+        for q, ps, mask, t, h in zip(
+            sequences(batch, batch.query_slot),
+            batch.passage_slot,
+            batch.passage_mask,
+            batch.teacher_scores,
+            batch.has_teacher,
+        )
+    ]
+
+
+def test_same_batch_for_any_process_count(tok, datasets):
+    ref = TrainPipeline(config(), tok, datasets, seed=7)
+    assert ref.steps_per_epoch == 3 + 2 + 2  # ceil(20/8) + ceil(12/8) + ceil(9/8)
+    steps = [0, 3, 6, ref.steps_per_epoch + 2]  # the last one in epoch 1
+    whole = {s: host_view(ref.batch(s)[0]) for s in steps}
+    for count in (2, 4):
+        hosts = [
+            TrainPipeline(config(), tok, datasets, seed=7, process_index=p, process_count=count)
+            for p in range(count)
+        ]
+        for s in reversed(steps):  # order of computation does not matter (resume)
+            parts = [h.batch(s) for h in hosts]
+            joined = [q for batch, _ in parts for q in host_view(batch)]
+            assert joined == whole[s]  # host slices partition the global batch, in order
+            assert sum(info["num_queries"] for _, info in parts) == 8
+            assert {info["dataset"] for _, info in parts} == {ref.plan(s).dataset_name}
+    other_seed = TrainPipeline(config(), tok, datasets, seed=8)
+    assert host_view(other_seed.batch(0)[0]) != whole[0]
+
+
+def test_flags_groups_and_teacher(tok, datasets):
+    pipe = TrainPipeline(config(), tok, datasets, seed=0)
+    kinds = set()
+    for s in range(pipe.steps_per_epoch):
+        plan = pipe.plan(s)
+        batch, info = pipe.batch(s)
+        name = plan.dataset_name
+        kinds.add(name)
+        records = [datasets[plan.dataset][int(i)] for i in plan.records]
+        assert bool(batch.in_batch_negatives) and info["in_batch_negatives"]
+        for i, rec in enumerate(records):
+            sample = plan.samples[i]
+            group = 2 if name == "c/one" else 4
+            assert batch.passage_mask[i].sum() == (group if rec.neg else 1)
+            if name == "c/one":
+                assert batch.has_teacher[i] == (not rec.neg)  # neg_scores absent
+                if not rec.neg:
+                    assert batch.teacher_scores[i, 0] == rec.pos_scores[sample.pos]
+            else:
+                assert not batch.has_teacher[i]
+    assert kinds == {"a/retrieval", "b/sts", "c/one"}
+
+
+def test_sample_data_flags_and_teacher_scores(tok, sample_data):
+    ds = open_datasets(str(sample_data))
+    pipe = TrainPipeline(config(batch_size=10, max_segments_per_row=32), tok, ds, seed=0)
+    flags = {}
+    for s in range(pipe.steps_per_epoch):
+        plan = pipe.plan(s)
+        batch, info = pipe.batch(s)
+        flags[plan.dataset_name] = info["in_batch_negatives"]
+        records = [ds[plan.dataset][int(i)] for i in plan.records]
+        for i, rec in enumerate(records):
+            sample = plan.samples[i]
+            if rec.pos_scores is None:
+                assert not batch.has_teacher[i]
+                continue
+            want = [rec.pos_scores[sample.pos], *(rec.neg_scores[n] for n in sample.neg)]
+            assert batch.has_teacher[i]
+            np.testing.assert_allclose(batch.teacher_scores[i], want, rtol=1e-6)
+    assert flags == {
+        "retrieval/msmarco": True,
+        "classification-no_in_batch_neg/Banking77Classification": False,
+        "clustering-no_in_batch_neg/arXiv_title": False,
+    }
+
+
+def test_class_records_disable_in_batch_negatives(tok):
+    recs = make_records("x", 8, type="symmetric_class")
+    pipe = TrainPipeline(config(), tok, [ListDataset("cls", recs, True)], seed=0)
+    assert not pipe.batch(0)[1]["in_batch_negatives"]
+
+
+def test_bad_process_split_and_pack_len(tok, datasets):
+    with pytest.raises(
+        ValueError, match="batch size 8 of dataset 'a/retrieval' is not divisible by 3"
+    ):
+        TrainPipeline(config(), tok, datasets, seed=0, process_count=3)
+    with pytest.raises(ValueError, match="pack_len=50"):
+        TrainPipeline(config(pack_len=50), tok, datasets, seed=0)
+
+
+def test_row_multiple_and_info(tok, datasets):
+    pipe = TrainPipeline(config(), tok, datasets, seed=0, row_multiple=4)
+    batch, info = pipe.batch(0)
+    assert batch.num_rows % 4 == 0 and info["num_rows"] == batch.num_rows
+    assert info["real_tokens"] == int((batch.segment_ids > 0).sum())
+    assert info["utilisation"] == pytest.approx(batch.utilisation())
+
+
+def test_inspect_cli(tmp_path, sample_data, capsys):
+    from jax_iclemb.data import inspect
+
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(
+        "from jax_iclemb.config import default_config\n\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        f"    c.data.path = {str(sample_data)!r}\n"
+        "    c.data.batch_size = 10\n"
+        "    return c\n"
+    )
+    argv = ["--config", str(cfg), "--step", "4", "--config.data.query_max_len=1024"]
+    assert inspect.main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    head, queries = lines[0], lines[1:]
+    assert head["kind"] == "step" and head["step"] == 4 and 0 < head["utilisation"] <= 1
+    assert head["dataset"] in {
+        "retrieval/msmarco",
+        "classification-no_in_batch_neg/Banking77Classification",
+        "clustering-no_in_batch_neg/arXiv_title",
+    }
+    assert len(queries) == 10
+    for q in queries:
+        assert q["query"].startswith("<s><instruct>") and q["query"].endswith("\n<response></s>")
+        assert q["query"].count("<instruct>") == q["num_examples"] + 1
+        assert q["query_tokens"] <= 1024 and len(q["passages"]) == 8
+    with pytest.raises(SystemExit):
+        inspect.main(["--config", str(cfg), "--step", "0", "--data.x=1"])

@@ -1,0 +1,197 @@
+"""Tokenizer and ICL templates against DESIGN §3: real Mistral tokenizer, shared sample data."""
+
+import itertools
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from jax_iclemb.data import icl
+from jax_iclemb.data.pipeline import TrainPipeline
+from jax_iclemb.data.records import open_datasets
+from jax_iclemb.data.tokenizer import load_tokenizer
+
+INSTRUCT, QUERY, RESPONSE, NL = 32000, 32001, 32002, 13
+SPACE_PIECE = 28705  # "▁": the piece the reference's decode/re-encode inserts after special tokens
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("mistral-7b-v0.1")
+
+
+@pytest.fixture(scope="module")
+def datasets(sample_data):
+    return {d.name: d for d in open_datasets(str(sample_data))}
+
+
+def data_config(**kw):
+    base = dict(
+        query_max_len=2048,
+        passage_max_len=512,
+        example_query_max_len=256,
+        example_passage_max_len=256,
+        train_group_size=8,
+        max_examples=5,
+        batch_size=10,
+        batch_size_overrides={},
+        default_prompt="Default prompt.",
+        pack_len=0,
+        max_segments_per_row=32,
+    )
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def sequence(batch, slot):
+    r, s = divmod(int(slot), batch.max_segments)
+    return batch.tokens[r][batch.segment_ids[r] == s + 1].tolist()
+
+
+def test_mistral_tokenizer_offline(tok):
+    assert len(tok) == 32003
+    assert tok.convert_tokens_to_ids(["<instruct>", "<query>", "<response>"]) == [
+        32000,
+        32001,
+        32002,
+    ]
+    assert tok("hello world")["input_ids"] == [1, 6312, 28709, 1526, 2]  # DESIGN §5
+    assert (tok.pad_token_id, tok.padding_side) == (0, "left")
+
+
+def test_template_strings_by_hand():
+    assert icl.format_query("Find.", "cats") == "<instruct>Find.\n<query>cats"
+    assert (
+        icl.format_example("Find.", "cats", "meow")
+        == "<instruct>Find.\n<query>cats\n<response>meow\n\n"
+    )
+    got = icl.format_inference_query(
+        "dogs",
+        instruction="Find.",
+        examples=[{"query": "a", "response": "b"}, {"query": "c", "response": "d"}],
+    )
+    assert got == (
+        "<instruct>Find.\n<query>a\n<response>b\n\n"
+        "<instruct>Find.\n<query>c\n<response>d\n\n"
+        "<instruct>Find.\n<query>dogs\n<response>"
+    )
+    assert icl.format_inference_query("x", instruction="I") == "<instruct>I\n<query>x\n<response>"
+
+
+def test_inference_ids_equal_tokenizer_of_string(tok, sample_data):
+    for path in sorted((sample_data / "eval_examples").glob("*.json")):
+        examples = json.loads(path.read_text())
+        for n in (0, len(examples)):
+            text = icl.format_inference_query(
+                "what is it?", instruction="Do it.", examples=examples[:n]
+            )
+            ids = icl.encode_inference_query(
+                tok, "what is it?", instruction="Do it.", examples=examples[:n], max_len=512
+            )
+            assert ids == tok(text)["input_ids"], path.name
+    passage = "Some passage text, with  two spaces."
+    assert icl.encode_passage(tok, passage, max_len=512) == tok(passage)["input_ids"]
+    sym = icl.encode_passage(tok, passage, max_len=512, instruction="Do it.")
+    assert sym == tok(f"<instruct>Do it.\n<query>{passage}\n<response>")["input_ids"]
+    with pytest.raises(ValueError, match="example 0"):
+        icl.encode_inference_query(tok, "q", instruction="i", examples=[{"q": 1}], max_len=64)
+
+
+def test_truncation_is_on_token_ids(tok):
+    long = "word " * 300
+    # Raw passages: exactly the tokenizer's own truncation (which keeps BOS and EOS).
+    assert (
+        icl.encode_passage(tok, long, max_len=16)
+        == tok(long, truncation=True, max_length=16)["input_ids"]
+    )
+    # Queries: BOS + formatted ids cut + "\n<response>" + EOS, no re-tokenization.
+    body = tok(f"<instruct>Do it.\n<query>{long}", add_special_tokens=False)["input_ids"]
+    ids = icl.encode_inference_query(tok, long, instruction="Do it.", max_len=32)
+    assert ids == [1, *body[: 32 - 4], NL, RESPONSE, 2]
+    # The prompt never loses its word-prefix piece and no "▁" appears after special tokens.
+    assert ids[2] == tok("Do", add_special_tokens=False)["input_ids"][0]
+
+
+def test_pipeline_queries_match_hand_written_strings(tok, datasets):
+    """Every query/passage of a whole epoch of sample data (nothing truncated at paper lengths)
+    equals tokenizer(the DESIGN §3 string), with the strings written here from the spec."""
+    ds = list(datasets.values())
+    pipe = TrainPipeline(data_config(), tok, ds, seed=3)
+    seen_types = set()
+    for step in range(pipe.steps_per_epoch):
+        plan = pipe.plan(step)
+        dataset = ds[plan.dataset]
+        batch, info = pipe.batch(step)
+        assert info["dataset"] == dataset.name
+        records = [dataset[int(i)] for i in plan.records]
+        for i, rec in enumerate(records):
+            sample = plan.samples[i]
+            assert i not in sample.examples and len(set(sample.examples)) == len(sample.examples)
+            prompt = rec.prompt
+            expected = ""
+            for j in sample.examples:  # all fit at these lengths
+                other = records[j]
+                resp = (
+                    other.category
+                    if other.type == "symmetric_clustering"
+                    else other.pos[plan.samples[j].pos]
+                )
+                expected += f"<instruct>{other.prompt}\n<query>{other.query}\n<response>{resp}\n\n"
+            expected += f"<instruct>{prompt}\n<query>{rec.query}\n<response>"
+            assert sequence(batch, batch.query_slot[i]) == tok(expected)["input_ids"]
+            texts = [rec.pos[sample.pos], *(rec.neg[n] for n in sample.neg)]
+            for g, text in enumerate(texts):
+                if rec.type in ("symmetric_sts", "symmetric_clustering"):
+                    text = f"<instruct>{prompt}\n<query>{text}\n<response>"
+                assert sequence(batch, batch.passage_slot[i, g]) == tok(text)["input_ids"]
+            seen_types.add(rec.type)
+    assert seen_types == {"normal", "symmetric_class", "symmetric_clustering"}
+
+
+def test_budgets_hold_when_truncating(tok, datasets):
+    cfg = data_config(
+        query_max_len=160, passage_max_len=32, example_query_max_len=24, example_passage_max_len=12
+    )
+    ds = list(datasets.values())
+    pipe = TrainPipeline(cfg, tok, ds, seed=0, row_multiple=1)
+    num_examples = 0
+    for step in range(2 * pipe.steps_per_epoch):
+        batch, _ = pipe.batch(step)
+        for slot in batch.query_slot:
+            ids = sequence(batch, slot)
+            assert len(ids) <= 160 and ids[0] == 1 and ids[-3:] == [NL, RESPONSE, 2]
+            starts = [k for k, t in enumerate(ids) if t == INSTRUCT]
+            prefix = ids[1 : starts[-1]]
+            assert len(prefix) + 2 <= 160 - 32
+            bounds = [*starts, len(ids)]
+            for a, b in itertools.pairwise(bounds[:-1]):  # each example: query, response parts
+                example = ids[a:b]
+                r = example.index(RESPONSE)
+                assert example[r - 1] == NL and r - 1 <= 24
+                assert example[-2:] == [NL, NL] and len(example) - r - 1 - 2 <= 12
+                num_examples += 1
+            for k, t in enumerate(ids[:-1]):
+                if t in (INSTRUCT, QUERY, RESPONSE):
+                    assert ids[k + 1] != SPACE_PIECE
+        for p_slot in batch.passage_slot[batch.passage_mask]:
+            p = sequence(batch, p_slot)
+            assert len(p) <= 32 and p[0] == 1 and p[-1] == 2
+    assert num_examples > 0
+
+
+def test_clustering_examples_answer_with_category(tok, datasets):
+    ds = [datasets["clustering-no_in_batch_neg/arXiv_title"]]
+    pipe = TrainPipeline(data_config(), tok, ds, seed=1)
+    rows = pipe.examples(0)
+    records = [ds[0][int(i)] for i in pipe.plan(0).records]
+    with_examples = [r for r in rows if r["num_examples"]]
+    assert with_examples
+    for row in with_examples:
+        for j in row["example_slots"]:
+            other = records[j]
+            assert f"<query>{other.query}\n<response>{other.category}\n\n" in row["query"]
+        prompt = records[row["slot"]].prompt
+        assert all(p.startswith(f"<s><instruct>{prompt}\n<query>") for p in row["passages"])
+        assert all(p.endswith("\n<response></s>") for p in row["passages"])
+    assert np.all([r["query"].endswith("\n<response></s>") for r in rows])

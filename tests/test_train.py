@@ -1,0 +1,142 @@
+"""The real training CLI: loss falls, resume after SIGKILL is exact, SIGTERM saves, NaN stops."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jax_iclemb.data.builtin import builtin_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A smaller, faster variant of configs/tiny.py for tests.
+FAST = [
+    "--config.model.arch.num_hidden_layers=2",
+    "--config.model.arch.hidden_size=64",
+    "--config.model.arch.intermediate_size=128",
+    "--config.model.arch.head_dim=16",
+    "--config.data.batch_size=8",
+    "--config.data.train_group_size=2",
+    "--config.data.query_max_len=128",
+    "--config.data.passage_max_len=48",
+    "--config.data.pack_len=128",
+    "--config.train.log_every=1",
+    "--config.optim.lr=0.01",
+    "--config.optim.warmup_steps=1",
+    "--config.optim.decay=constant",
+]
+
+
+def train_cmd(workdir: Path, *overrides: str) -> list[str]:
+    # One task of the built-in data, so that losses of different steps are comparable.
+    data = f"--config.data.path={builtin_data_dir() / 'retrieval'}"
+    config = str(REPO / "configs" / "tiny.py")
+    return [
+        sys.executable, "-m", "jax_iclemb.train", "--config", config, "--workdir", str(workdir),
+        *FAST, data, *overrides,
+    ]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    e["JAX_PLATFORMS"] = "cpu"
+    return e
+
+
+def run_cli(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        train_cmd(workdir, *overrides), env=env(), capture_output=True, text=True, timeout=600
+    )
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (before a crash and after resume) keeps its last value."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    root = workdir / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    result = run_cli(workdir, "--config.train.steps=8", "--config.train.checkpoint_every=100")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_tiny_run_writes_metrics_and_the_loss_falls(reference_run):
+    records = [json.loads(x) for x in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for key in ("loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "utilisation"):
+        assert all(isinstance(r[key], float) for r in records), key
+    first, last = [r["loss"] for r in records[:3]], [r["loss"] for r in records[-3:]]
+    assert sum(last) < sum(first) - 0.3, (first, last)
+    assert json.loads((reference_run / "config.json").read_text())["train"]["steps"] == 8
+    assert list((reference_run / "tensorboard").iterdir())
+    assert checkpoint_steps(reference_run) == [8]  # the final save
+
+
+def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
+    proc = subprocess.Popen(
+        train_cmd(tmp_path, "--config.train.steps=8", "--config.train.checkpoint_every=3"),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while 3 not in checkpoint_steps(tmp_path) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 3 in checkpoint_steps(tmp_path), "the run never reached its first checkpoint"
+    result = run_cli(tmp_path, "--config.train.steps=8", "--config.train.checkpoint_every=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path) == losses(reference_run)  # bitwise, every step
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(
+        train_cmd(tmp_path, "--config.train.steps=500", "--config.train.checkpoint_every=1000"),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    metrics = tmp_path / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    last = max(losses(tmp_path))
+    assert checkpoint_steps(tmp_path) == [last]
+    assert "stopped by signal" in stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = run_cli(
+        tmp_path,
+        "--config.train.steps=20",
+        "--config.train.checkpoint_every=1",
+        "--config.optim.lr=1e38",
+        "--config.optim.warmup_steps=0",
+        "--config.optim.grad_clip=0.0",
+    )
+    assert result.returncode == 1
+    assert "non-finite" in result.stderr
+    logged = losses(tmp_path)
+    assert checkpoint_steps(tmp_path), "no checkpoint survived"
+    assert max(checkpoint_steps(tmp_path)) == max(logged)  # the last finite step, not the NaN one
