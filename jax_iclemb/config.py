@@ -48,6 +48,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.init": ("normal", "fan_in"),
     "optim.decay": ("linear", "cosine", "constant"),
+    "train.trainable": ("lora", "all"),
 }
 
 # Keys that must be positive (> 0) or non-negative (>= 0).
@@ -115,7 +116,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.log_every = 1
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3
-    c.train.export_at_end = ""  # "", "merged" or "peft": export into <workdir>/export at the end
+    c.train.trainable = "lora"  # "lora": adapters only; "all": every parameter (from scratch)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0
@@ -220,10 +221,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"data.batch_size_overrides[{name!r}] must be a positive int")
     if config.data.passage_max_len > config.data.query_max_len:
         raise ConfigError("data.passage_max_len must not exceed data.query_max_len")
-    if config.train.export_at_end not in ("", "merged", "peft"):
-        raise ConfigError(
-            f"train.export_at_end is {config.train.export_at_end!r}; allowed: '', 'merged', 'peft'"
-        )
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

@@ -51,12 +51,12 @@ def load_trained(
         raise ValueError(f"{workdir}: no checkpoint for step {step}; available: {steps}")
     with jax.set_mesh(mesh):
         model, model_config = build_model(config, mesh, vocab_size=len(tokenizer))
-        _, lora, _ = split_model(model)
+        _, params, _ = split_model(model, config.train.trainable)
         tx, _ = make_optimizer(config.optim, 1)
-        abstract = checkpoint.abstract_like(initial_state(lora, tx))
+        abstract = checkpoint.abstract_like(initial_state(params, tx))
         state, _ = ckpt.restore(step, abstract)
     ckpt.close()
-    nnx.update(model, nnx.State(state["lora"]))
+    nnx.update(model, state["params"])
     return model, model_config, tokenizer, config, step
 
 

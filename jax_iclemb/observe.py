@@ -2,9 +2,10 @@
 
 FLOP model (per real token, documented in docs/training.md): a frozen base with LoRA needs the
 forward (2·N) and the backward with respect to activations only (2·N), no weight gradients:
-4·N_base. LoRA parameters take the usual 6·N_lora. Attention adds 12·layers·heads·head_dim·c, where
-c is the mean number of keys a token attends to (forward 4·h·d·c, backward twice that). Recomputed
-forwards (rematerialisation) are not counted: this is MFU, not hardware utilisation.
+4·N_base. LoRA parameters take the usual 6·N_lora (a model trained whole, 6·N). Attention adds
+12·layers·heads·head_dim·c, where c is the mean number of keys a token attends to (forward
+4·h·d·c, backward twice that). Recomputed forwards (rematerialisation) are not counted: this is
+MFU, not hardware utilisation.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ def flops_per_token(model_config: Any, lora: Any, mean_context: float = 512.0) -
         "q_proj": (d, q_dim), "k_proj": (d, kv_dim), "v_proj": (d, kv_dim), "o_proj": (q_dim, d),
         "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
     }
-    lora_params = 0 if lora is None else n * sum(
+    attention = 12 * n * q_dim * mean_context
+    if lora is None:  # every parameter is trained: the usual 6·N
+        return 6 * base + attention
+    lora_params = n * sum(
         lora.rank * (i + o) for name, (i, o) in shapes.items() if name in lora.targets
     )
-    attention = 12 * n * q_dim * mean_context
     return 4 * base + 6 * lora_params + attention
 
 

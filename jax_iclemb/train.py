@@ -48,7 +48,7 @@ from jax_iclemb.optim import global_norm, make_optimizer
 
 log = logging.getLogger("jax_iclemb.train")
 
-TrainState = dict[str, Any]  # {"step": int32[], "lora": pure dict, "opt": optax state}
+TrainState = dict[str, Any]  # {"step": int32[], "params": trainable (pure dict), "opt": optax}
 
 
 class TrainingError(RuntimeError):
@@ -71,9 +71,16 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def lora_config(config: ml_collections.ConfigDict) -> LoraConfig:
+def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:
+    """The adapters; None when the whole model is trained (`train.trainable="all"`)."""
+    if config.train.trainable == "all":
+        return None
     c = config.lora
     return LoraConfig(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets))
+
+
+# What the optimizer updates: the adapters, or every parameter (training from scratch).
+TRAINABLE = {"lora": nnx.LoRAParam, "all": nnx.Param}
 
 
 def build_model(
@@ -114,15 +121,25 @@ def embed_packed(
 # ---------------------------------------------------------------------------------------------
 
 
+def same_label_positives(query_label: jax.Array, group_size: int) -> jax.Array:
+    """[B, B·G] True where the passage is another query's positive with the query's label:
+    a false negative (e.g. two queries of the same class), excluded from the softmax."""
+    b = query_label.shape[0]
+    same = (query_label[:, None] == query_label[None, :]) & (query_label[:, None] >= 0)
+    same &= ~jnp.eye(b, dtype=bool)
+    is_positive = jnp.arange(group_size) == 0
+    return (same[:, :, None] & is_positive[None, None, :]).reshape(b, b * group_size)
+
+
 def make_loss_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable:
-    """Pure (lora, frozen, batch, step) -> (loss, metrics) over the global batch."""
+    """Pure (params, frozen, batch, step) -> (loss, metrics) over the global batch."""
     temperature = float(config.loss.temperature)
     distill_weight = float(config.loss.distill_weight)
     pooling = config.model.pooling
     dropout_root = jax.random.key(config.seed + 1)
 
-    def loss_fn(lora: dict, frozen: nnx.State, batch: dict, step: jax.Array):
-        model = nnx.merge(graphdef, frozen, nnx.State(lora))
+    def loss_fn(params: dict, frozen: nnx.State, batch: dict, step: jax.Array):
+        model = nnx.merge(graphdef, frozen, params)
         # Dropout masks are a function of (seed, step): nothing random lives in the checkpoint.
         nnx.reseed(model, dropout=jax.random.fold_in(dropout_root, step))
         emb = embed_packed(model, batch, pooling)
@@ -137,6 +154,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> C
             teacher_scores=batch["teacher_scores"] if distill_weight else None,
             has_teacher=batch["has_teacher"] if distill_weight else None,
             distill_weight=distill_weight,
+            negative_mask=same_label_positives(batch["query_label"], p.shape[1]),
         )
 
     return loss_fn
@@ -153,24 +171,26 @@ def make_train_step(
     accumulate = max(1, config.optim.accumulate_steps)
 
     def train_step(state: TrainState, frozen: nnx.State, batch: dict):
-        (loss, metrics), grads = grad_fn(state["lora"], frozen, batch, state["step"])
-        updates, opt = tx.update(grads, state["opt"], state["lora"])
-        lora = optax.apply_updates(state["lora"], updates)
+        (loss, metrics), grads = grad_fn(state["params"], frozen, batch, state["step"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, loss=loss, grad_norm=global_norm(grads))
         metrics["lr"] = schedule(state["step"] // accumulate)
-        return {"step": state["step"] + 1, "lora": lora, "opt": opt}, metrics
+        return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
 
     return train_step
 
 
-def initial_state(lora: dict, tx: optax.GradientTransformation) -> TrainState:
-    return {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt": jax.jit(tx.init)(lora)}
+def initial_state(params: dict, tx: optax.GradientTransformation) -> TrainState:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": jax.jit(tx.init)(params)}
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, nnx.State]:
-    """(graphdef, trainable LoRA parameters as a plain dict, everything frozen)."""
-    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    return graphdef, lora.to_pure_dict(), frozen
+def split_model(
+    model: nnx.Module, trainable: str = "lora"
+) -> tuple[nnx.GraphDef, dict, nnx.State]:
+    """(graphdef, trainable parameters as a plain dict, everything else)."""
+    graphdef, params, frozen = nnx.split(model, TRAINABLE[trainable], ...)
+    return graphdef, nnx.to_pure_dict(params), frozen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,10 +277,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         if is_main:
             tokenizer.save_pretrained(workdir / "tokenizer")
             (workdir / "model_config.json").write_text(json.dumps(model_config.to_hf(), indent=2))
-        graphdef, lora, frozen = split_model(model)
+        graphdef, params, frozen = split_model(model, config.train.trainable)
         del model
         tx, schedule = make_optimizer(config.optim, updates)
-        state = initial_state(lora, tx)
+        state = initial_state(params, tx)
         ckpt = checkpoint.Checkpointer(
             workdir / "checkpoints",
             every=config.train.checkpoint_every,

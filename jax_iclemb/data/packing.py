@@ -105,10 +105,14 @@ def pack_batch(
     teacher_scores: np.ndarray,
     has_teacher: np.ndarray,
     in_batch_negatives: bool,
+    query_label: np.ndarray | None = None,
     row_multiple: int = 1,
     pad_id: int = 0,
 ) -> PackedBatch:
-    """Pack queries and their passage groups (positive first, up to `group_size` each)."""
+    """Pack queries and their passage groups (positive first, up to `group_size` each).
+
+    `query_label` (int, -1 = none): queries with equal labels >= 0 do not use each other's
+    positives as negatives."""
     num_queries = len(queries)
     if len(passages) != num_queries:
         raise ValueError(f"{num_queries} queries but {len(passages)} passage groups")
@@ -139,6 +143,11 @@ def pack_batch(
         teacher_scores=teacher_scores.reshape(num_queries, group_size),
         has_teacher=np.asarray(has_teacher, dtype=bool).reshape(num_queries),
         in_batch_negatives=np.asarray(in_batch_negatives, dtype=bool),
+        query_label=(
+            np.full(num_queries, -1, np.int32)
+            if query_label is None
+            else np.asarray(query_label, dtype=np.int32).reshape(num_queries)
+        ),
     )
 
 
@@ -168,4 +177,5 @@ def pad_batch(
         passage_mask=grow(batch.passage_mask, extra_queries, False),
         teacher_scores=grow(batch.teacher_scores, extra_queries),
         has_teacher=grow(batch.has_teacher, extra_queries, False),
+        query_label=grow(batch.query_label, extra_queries, -1),
     )

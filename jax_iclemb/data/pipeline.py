@@ -8,6 +8,7 @@ the same batches as never stopping, under any process count.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +49,12 @@ class QuerySequences:
     passages: list[list[int]]  # positive first
     num_examples: int  # examples that fit the prefix budget (<= k)
     teacher: list[float] | None
+    label: int  # label_id of the record's label
+
+
+def label_id(label: str | None) -> int:
+    """A record label as a non-negative int, the same in every process (-1: no label)."""
+    return -1 if label is None else zlib.crc32(label.encode()) & 0x7FFFFFFF
 
 
 class TrainPipeline:
@@ -226,6 +233,7 @@ class TrainPipeline:
                         passages=passages,
                         num_examples=used,
                         teacher=teacher,
+                        label=label_id(rec.label),
                     )
                 )
         finally:
@@ -251,6 +259,7 @@ class TrainPipeline:
             teacher_scores=teacher,
             has_teacher=has_teacher,
             in_batch_negatives=plan.in_batch_negatives,
+            query_label=[q.label for q in seqs],
             row_multiple=self.row_multiple,
             pad_id=self.tokenizer.pad_token_id or 0,
         )

@@ -47,6 +47,9 @@ class Record:
     category: str | None = None
     pos_scores: tuple[float, ...] | None = None
     neg_scores: tuple[float, ...] | None = None
+    # Our extension: records sharing a label have interchangeable positives, so another query's
+    # positive with the same label is not used as an in-batch negative (a false negative).
+    label: str | None = None
 
 
 class Dataset(Protocol):
@@ -123,6 +126,7 @@ def parse_record(obj: Any) -> Record:
         raise BadRecordError(f"field 'type': unknown type {rtype!r}, known: {RECORD_TYPES}")
     prompt = _optional_str(obj, "prompt")
     category = _optional_str(obj, "category")
+    label = _optional_str(obj, "label")
     if rtype == "symmetric_clustering" and category is None:
         # Clustering examples use the category as the response: without it the record is unusable.
         raise BadRecordError("field 'category': required for type 'symmetric_clustering'")
@@ -144,6 +148,7 @@ def parse_record(obj: Any) -> Record:
         category=category,
         pos_scores=pos_scores,
         neg_scores=neg_scores,
+        label=label,
     )
 
 
@@ -163,7 +168,7 @@ def parse_line(line: bytes) -> Record:
 def record_to_dict(record: Record) -> dict[str, Any]:
     """The reference-format JSON object of a record (None fields omitted)."""
     out: dict[str, Any] = {"query": record.query, "pos": list(record.pos), "neg": list(record.neg)}
-    for key in ("prompt", "category", "pos_scores", "neg_scores"):
+    for key in ("prompt", "category", "pos_scores", "neg_scores", "label"):
         value = getattr(record, key)
         if value is not None:
             out[key] = list(value) if isinstance(value, tuple) else value
