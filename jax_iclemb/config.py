@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from jax_iclemb.model.attention import ATTENTION_IMPLS
 from jax_iclemb.optim import OPTIM_DEFAULTS
 
 MISTRAL_7B_ARCH: dict[str, Any] = {
@@ -46,6 +47,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.attention": ("causal", "bidirectional"),
     "model.pooling": ("last_token", "mean"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention_impl": ATTENTION_IMPLS,
     "model.init": ("normal", "fan_in"),
     "optim.decay": ("linear", "cosine", "constant"),
     "train.trainable": ("lora", "all"),
@@ -57,6 +59,7 @@ POSITIVE = (
     "data.example_passage_max_len", "data.train_group_size", "data.batch_size",
     "data.max_segments_per_row", "lora.rank", "loss.temperature", "optim.accumulate_steps",
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.grad_cache_chunks",
 )
 NON_NEGATIVE = (
     "data.max_examples", "data.pack_len", "lora.dropout", "loss.distill_weight", "optim.lr",
@@ -77,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.attention = "causal"
     c.model.pooling = "last_token"
     c.model.remat = "full"
+    c.model.attention_impl = "xla"  # xla | pallas (GPU) | cudnn (GPU) | splash (TPU)
     c.model.init = "normal"
 
     c.lora = ml_collections.ConfigDict()
@@ -117,6 +121,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3
     c.train.trainable = "lora"  # "lora": adapters only; "all": every parameter (from scratch)
+    # Gradient cache: the step's rows in this many chunks, activations of one chunk live at a
+    # time (1 = off). Rows are padded to a multiple of chunks × data shards.
+    c.train.grad_cache_chunks = 1
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0
@@ -219,6 +226,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, size in config.data.batch_size_overrides.items():
         if not isinstance(size, int) or size <= 0:
             raise ConfigError(f"data.batch_size_overrides[{name!r}] must be a positive int")
+    if config.eval.every and not config.eval.data:
+        raise ConfigError("eval.every > 0 needs eval.data (a BEIR-format folder)")
     if config.data.passage_max_len > config.data.query_max_len:
         raise ConfigError("data.passage_max_len must not exceed data.query_max_len")
 

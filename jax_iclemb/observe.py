@@ -76,7 +76,10 @@ class MetricsWriter:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for key, value in record.items():
-            if isinstance(value, int | float) and key != "step":
+            if isinstance(value, dict):  # e.g. {"eval": {"ndcg@10/zero": ...}}
+                for name, v in value.items():
+                    self._tb.add_scalar(f"{key}/{name}", v, record["step"])
+            elif isinstance(value, int | float) and key != "step":
                 self._tb.add_scalar(f"train/{key}", value, record["step"])
 
     def advance(self, record: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_iclemb import checkpoint, distributed, parallel
+from jax_iclemb import checkpoint, distributed, gradcache, parallel
 from jax_iclemb import config as config_lib
 from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.data.packing import pad_batch
@@ -67,6 +67,7 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "param_dtype": m.param_dtype,
         "attention": m.attention,
         "remat": m.remat,
+        "attention_impl": m.attention_impl,
         "init": m.init,
     }
 
@@ -131,18 +132,24 @@ def same_label_positives(query_label: jax.Array, group_size: int) -> jax.Array:
     return (same[:, :, None] & is_positive[None, None, :]).reshape(b, b * group_size)
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable:
-    """Pure (params, frozen, batch, step) -> (loss, metrics) over the global batch."""
+def make_embed_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable:
+    """Pure (params, frozen, rows, dropout_key) -> normalised slot embeddings [rows · S, D]."""
+    pooling = config.model.pooling
+
+    def embed(params: dict, frozen: dict, rows: dict, key: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, frozen, params)
+        nnx.reseed(model, dropout=key)
+        return embed_packed(model, rows, pooling)
+
+    return embed
+
+
+def make_objective(config: ml_collections.ConfigDict) -> Callable:
+    """Pure (slot embeddings [R · S, D], batch) -> (loss, metrics) over the global batch."""
     temperature = float(config.loss.temperature)
     distill_weight = float(config.loss.distill_weight)
-    pooling = config.model.pooling
-    dropout_root = jax.random.key(config.seed + 1)
 
-    def loss_fn(params: dict, frozen: nnx.State, batch: dict, step: jax.Array):
-        model = nnx.merge(graphdef, frozen, params)
-        # Dropout masks are a function of (seed, step): nothing random lives in the checkpoint.
-        nnx.reseed(model, dropout=jax.random.fold_in(dropout_root, step))
-        emb = embed_packed(model, batch, pooling)
+    def objective(emb: jax.Array, batch: dict):
         q = emb[batch["query_slot"]]
         p = emb[batch["passage_slot"]]
         return contrastive_loss(
@@ -157,7 +164,44 @@ def make_loss_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> C
             negative_mask=same_label_positives(batch["query_label"], p.shape[1]),
         )
 
+    return objective
+
+
+def dropout_key(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+    """Dropout masks are a function of (seed, step): nothing random lives in the checkpoint."""
+    return jax.random.fold_in(jax.random.key(config.seed + 1), step)
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable:
+    """Pure (params, frozen, batch, step) -> (loss, metrics) over the global batch."""
+    embed, objective = make_embed_fn(graphdef, config), make_objective(config)
+
+    def loss_fn(params: dict, frozen: dict, batch: dict, step: jax.Array):
+        return objective(embed(params, frozen, batch, dropout_key(config, step)), batch)
+
     return loss_fn
+
+
+def make_grad_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable:
+    """Pure (params, frozen, batch, step) -> ((loss, metrics), grads); with
+    `train.grad_cache_chunks` > 1 through the gradient cache (chunk c's dropout key is the step's
+    key folded with c)."""
+    chunks = int(config.train.grad_cache_chunks)
+    if chunks == 1:
+        return jax.value_and_grad(make_loss_fn(graphdef, config), has_aux=True)
+    embed, objective = make_embed_fn(graphdef, config), make_objective(config)
+
+    def grad_fn(params: dict, frozen: dict, batch: dict, step: jax.Array):
+        key = dropout_key(config, step)
+        return gradcache.value_and_grad(
+            lambda p, rows, c: embed(p, frozen, rows, jax.random.fold_in(key, c)),
+            lambda emb: objective(emb, batch),
+            params,
+            {name: batch[name] for name in ROW_ARRAYS},
+            chunks,
+        )
+
+    return grad_fn
 
 
 def make_train_step(
@@ -167,10 +211,10 @@ def make_train_step(
     schedule: Callable,
 ) -> Callable:
     """Pure (state, frozen, batch) -> (state, metrics): one update on the global batch."""
-    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, config), has_aux=True)
+    grad_fn = make_grad_fn(graphdef, config)
     accumulate = max(1, config.optim.accumulate_steps)
 
-    def train_step(state: TrainState, frozen: nnx.State, batch: dict):
+    def train_step(state: TrainState, frozen: dict, batch: dict):
         (loss, metrics), grads = grad_fn(state["params"], frozen, batch, state["step"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -185,12 +229,11 @@ def initial_state(params: dict, tx: optax.GradientTransformation) -> TrainState:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": jax.jit(tx.init)(params)}
 
 
-def split_model(
-    model: nnx.Module, trainable: str = "lora"
-) -> tuple[nnx.GraphDef, dict, nnx.State]:
-    """(graphdef, trainable parameters as a plain dict, everything else)."""
+def split_model(model: nnx.Module, trainable: str = "lora") -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, trainable parameters, everything else), both as plain dicts: merged inside a
+    traced function they become that trace's variables (dropout may then advance its RNG)."""
     graphdef, params, frozen = nnx.split(model, TRAINABLE[trainable], ...)
-    return graphdef, nnx.to_pure_dict(params), frozen
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +309,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         config,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        row_multiple=max(1, parallel.data_parallel_size(mesh) // jax.process_count()),
+        # Gradient-cache chunks take equal row blocks from every data shard.
+        row_multiple=config.train.grad_cache_chunks
+        * max(1, parallel.data_parallel_size(mesh) // jax.process_count()),
     )
     tokenizer = pipeline.tokenizer
     steps = total_steps(config, pipeline)
@@ -290,7 +335,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         start = ckpt.latest_step()
         if start is not None:
             state, meta = ckpt.restore(start, checkpoint.abstract_like(state))
-            rows = int(meta.get("rows", 0))
+            rows = -(-int(meta.get("global_rows", 0)) // jax.process_count())
             log.info("resumed from step %d", start)
 
         train_step = jax.jit(
@@ -299,6 +344,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         loop = TrainLoop(
             config, workdir, pipeline, mesh, train_step, ckpt,
             flops_token=flops_per_token(model_config, lora_config(config)), rows=rows,
+            graphdef=graphdef,
         )
         summary = loop.run(state, frozen, steps)
         ckpt.close()
@@ -313,10 +359,12 @@ class TrainLoop:
     and queries to the largest batch size of any dataset.
     """
 
-    def __init__(self, config, workdir, pipeline, mesh, train_step, ckpt, *, flops_token, rows):
+    def __init__(
+        self, config, workdir, pipeline, mesh, train_step, ckpt, *, flops_token, rows, graphdef
+    ):
         self.config, self.workdir, self.pipeline, self.mesh = config, workdir, pipeline, mesh
         self.train_step, self.ckpt, self.flops_token = train_step, ckpt, flops_token
-        self.rows = rows
+        self.rows, self.graphdef = rows, graphdef
 
     def next_batch(self, step: int) -> tuple[dict[str, jax.Array], dict[str, Any]]:
         batch, info = self.pipeline.batch(step)
@@ -331,9 +379,25 @@ class TrainLoop:
 
     def save(self, state: TrainState, *, force: bool = False) -> None:
         step = int(state["step"])
-        self.ckpt.save(step, state, {"step": step, "rows": self.rows}, force=force)
+        meta = {"step": step, "global_rows": self.rows * jax.process_count()}
+        self.ckpt.save(step, state, meta, force=force)
 
-    def run(self, state: TrainState, frozen: nnx.State, steps: int) -> dict[str, Any]:
+    def maybe_evaluate(
+        self, state: TrainState, frozen: dict, writer: MetricsWriter, steps: int
+    ) -> None:
+        """Every `eval.every` steps and at the last: retrieval metrics of the current weights on
+        `eval.data`, logged as {"step", "eval": {"<metric>/<zero|few>": value}}. Every process
+        computes (the model is sharded); the writer is a no-op off process 0."""
+        every, step = self.config.eval.every, int(state["step"])
+        if not every or (step % every and step != steps):
+            return
+        from jax_iclemb.evaluate import evaluate_model  # evaluate imports train (via encode)
+
+        model = nnx.merge(self.graphdef, frozen, state["params"])
+        metrics = evaluate_model(model, self.pipeline.tokenizer, self.config, self.mesh)
+        writer.write({"step": step, "eval": metrics})
+
+    def run(self, state: TrainState, frozen: dict, steps: int) -> dict[str, Any]:
         config, workdir = self.config, self.workdir
         is_main = jax.process_index() == 0
         start = int(state["step"])
@@ -372,8 +436,11 @@ class TrainLoop:
                     writer.write(record)
                 writer.advance(record)
                 self.save(state)
-                if stop.signal is not None:
-                    reason = f"stopped by signal {stop.signal}"
+                self.maybe_evaluate(state, frozen, writer, steps)
+                # The final save is collective: every process must leave at the same step, even
+                # when only some of them were signalled.
+                if global_max(int(stop.signal is not None)):
+                    reason = f"stopped by signal {stop.signal or 'on another process'}"
                     break
             self.save(state, force=True)
         finally:

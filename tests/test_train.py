@@ -9,23 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_OVERRIDES
 
 from jax_iclemb.data.builtin import builtin_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A smaller, faster variant of configs/tiny.py for tests.
+# The tests' small variant of configs/tiny.py, with a constant, large learning rate.
 FAST = [
-    "--config.model.arch.num_hidden_layers=2",
-    "--config.model.arch.hidden_size=64",
-    "--config.model.arch.intermediate_size=128",
-    "--config.model.arch.head_dim=16",
-    "--config.data.batch_size=8",
-    "--config.data.train_group_size=2",
-    "--config.data.query_max_len=128",
-    "--config.data.passage_max_len=48",
-    "--config.data.pack_len=128",
-    "--config.train.log_every=1",
+    *TINY_OVERRIDES,
     "--config.optim.lr=0.01",
     "--config.optim.warmup_steps=1",
     "--config.optim.decay=constant",

@@ -155,6 +155,8 @@ class TrainPipeline:
 
     def _response(self, plan: StepPlan, records: list[Record], slot: int) -> str:
         rec = records[slot]
+        if rec.response is not None:
+            return rec.response
         if rec.type == "symmetric_clustering":
             if rec.category is None:
                 raise ValueError(

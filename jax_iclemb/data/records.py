@@ -50,6 +50,9 @@ class Record:
     # Our extension: records sharing a label have interchangeable positives, so another query's
     # positive with the same label is not used as an in-batch negative (a false negative).
     label: str | None = None
+    # Our extension: when set, the response of this record when it serves as an in-context example
+    # (instead of its sampled positive), e.g. a short answer that reveals the task.
+    response: str | None = None
 
 
 class Dataset(Protocol):
@@ -127,6 +130,9 @@ def parse_record(obj: Any) -> Record:
     prompt = _optional_str(obj, "prompt")
     category = _optional_str(obj, "category")
     label = _optional_str(obj, "label")
+    response = _optional_str(obj, "response")
+    if response == "":
+        raise BadRecordError("field 'response': empty string")
     if rtype == "symmetric_clustering" and category is None:
         # Clustering examples use the category as the response: without it the record is unusable.
         raise BadRecordError("field 'category': required for type 'symmetric_clustering'")
@@ -149,6 +155,7 @@ def parse_record(obj: Any) -> Record:
         pos_scores=pos_scores,
         neg_scores=neg_scores,
         label=label,
+        response=response,
     )
 
 
@@ -168,7 +175,7 @@ def parse_line(line: bytes) -> Record:
 def record_to_dict(record: Record) -> dict[str, Any]:
     """The reference-format JSON object of a record (None fields omitted)."""
     out: dict[str, Any] = {"query": record.query, "pos": list(record.pos), "neg": list(record.neg)}
-    for key in ("prompt", "category", "pos_scores", "neg_scores", "label"):
+    for key in ("prompt", "category", "pos_scores", "neg_scores", "label", "response"):
         value = getattr(record, key)
         if value is not None:
             out[key] = list(value) if isinstance(value, tuple) else value

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from jax_iclemb.model.attention import ATTENTION_IMPLS
+
 # model_type -> the base-model class name written to `architectures` on export.
 FAMILIES = {
     "mistral": "MistralModel",
@@ -60,6 +62,7 @@ class ModelConfig:
     param_dtype: str = "bfloat16"  # dtype of the frozen base weights
     attention: Literal["causal", "bidirectional"] = "causal"
     remat: str = "none"
+    attention_impl: str = "xla"
     init: Literal["normal", "fan_in"] = "normal"
     # Rows [base_vocab_size, vocab_size) of the embedding were appended after import.
     base_vocab_size: int | None = None
@@ -79,6 +82,10 @@ class ModelConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+            )
         if self.init not in ("normal", "fan_in"):
             raise ValueError(f"init must be 'normal' or 'fan_in', got {self.init!r}")
         for name in ("dtype", "param_dtype"):

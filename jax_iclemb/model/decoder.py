@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jax_iclemb.model.attention import dot_product_attention
 from jax_iclemb.model.config import ModelConfig
 from jax_iclemb.model.lora import Linear, LoraConfig
 from jax_iclemb.parallel import logical_to_spec
@@ -101,47 +102,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-# ---- attention ----
-
-
-def attention_mask(
-    segment_ids: jax.Array, positions: jax.Array, *, causal: bool, sliding_window: int | None
-) -> jax.Array:
-    """bool [R, Lq, Lk]: same segment AND (causal: key not after query) AND within the window.
-
-    Padding (segment 0) only sees padding, and every token sees itself, so no row is empty.
-    """
-    mask = segment_ids[:, :, None] == segment_ids[:, None, :]
-    if causal:
-        idx = jnp.arange(segment_ids.shape[1])
-        mask &= idx[:, None] >= idx[None, :]
-    if sliding_window is not None:
-        dist = positions[:, :, None] - positions[:, None, :]
-        mask &= (dist if causal else jnp.abs(dist)) < sliding_window
-    return mask
-
-
-def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    segment_ids: jax.Array,
-    positions: jax.Array,
-    *,
-    causal: bool = True,
-    sliding_window: int | None = None,
-) -> jax.Array:
-    """Dense-mask attention with grouped KV. q [R,L,H,Dh], k/v [R,L,K,Dh] -> [R,L,H,Dh]."""
-    r, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(r, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("rqkgd,rskd->rkgqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim**-0.5)
-    mask = attention_mask(segment_ids, positions, causal=causal, sliding_window=sliding_window)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("rkgqs,rskd->rqkgd", probs, v)
-    return out.reshape(r, length, heads, head_dim)
+# ---- layers ----
 
 
 def _linear_factory(cfg: ModelConfig, lora: LoraConfig | None, rngs: nnx.Rngs):
@@ -203,6 +164,7 @@ class Attention(nnx.Module):
             positions,
             causal=cfg.attention == "causal",
             sliding_window=cfg.sliding_window,
+            impl=cfg.attention_impl,
         )
         return self.o_proj(out.reshape(r, length, cfg.num_heads * cfg.head_dim))
 
@@ -281,6 +243,11 @@ def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def model_rngs(key: jax.Array) -> nnx.Rngs:
+    """Separate streams, so that `nnx.reseed(model, dropout=...)` changes the dropout masks only."""
+    return nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 1))
+
+
 def create_model(
     cfg: ModelConfig,
     lora: LoraConfig | None = None,
@@ -292,14 +259,14 @@ def create_model(
     """A fresh decoder; with a mesh, every parameter is created directly in its shards."""
     key = rngs() if rngs is not None else jax.random.key(seed)
     if mesh is None:
-        return Decoder(cfg, lora, rngs=nnx.Rngs(key))
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, lora, rngs=nnx.Rngs(key)))
+        return Decoder(cfg, lora, rngs=model_rngs(key))
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, lora, rngs=model_rngs(key)))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh)
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init(k: jax.Array) -> nnx.State:
-        return nnx.state(Decoder(cfg, lora, rngs=nnx.Rngs(k)))
+        return nnx.state(Decoder(cfg, lora, rngs=model_rngs(k)))
 
     with jax.set_mesh(mesh):
         return nnx.merge(graphdef, init(key))

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
 from jax_iclemb.model.config import ModelConfig
-from jax_iclemb.model.decoder import Decoder, state_shardings
+from jax_iclemb.model.decoder import Decoder, model_rngs, state_shardings
 from jax_iclemb.model.lora import (
     FROZEN,
     TRAINABLE,
@@ -209,7 +209,7 @@ def load_pretrained(
         cfg = cfg.replace(vocab_size=vocab_size, base_vocab_size=cfg.vocab_size)
 
     key = jax.random.key(seed)
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, lora, rngs=nnx.Rngs(key)))
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, lora, rngs=model_rngs(key)))
     graphdef, abstract_state = nnx.split(abstract)
     if mesh is not None:
         shardings = state_shardings(abstract_state, mesh)
@@ -246,7 +246,7 @@ def load_pretrained(
 
     # Adapters and RNG state are initialised fresh; XLA drops the unused base-weight init.
     init = jax.jit(
-        lambda k: nnx.state(Decoder(cfg, lora, rngs=nnx.Rngs(k)), nnx.Not(FROZEN)),
+        lambda k: nnx.state(Decoder(cfg, lora, rngs=model_rngs(k)), nnx.Not(FROZEN)),
         out_shardings=nnx.filter_state(shardings, nnx.Not(FROZEN)),
     )
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():

@@ -1,0 +1,171 @@
+"""Attention over packed rows (causal AND same segment AND within the window), several kernels.
+
+`model.attention_impl` picks one; all compute the same function (tests/test_attention_kernels.py):
+
+- "xla": a dense [R, Lq, Lk] mask and two einsums. Any backend; memory O(L²) per row and head.
+- "pallas": jax's Pallas (Triton) flash attention for GPUs
+  (`jax.experimental.pallas.ops.gpu.attention.mha`), which takes segment ids natively. It has no
+  grouped KV, so K/V heads are repeated to the query heads.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`. Its public API takes no segment
+  ids (the packed THD layout is reachable only through private jax modules), so the same-segment
+  mask goes in as a dense mask; cuDNN still fuses the softmax and skips the causal upper half.
+- "splash": TPU splash attention with segment ids; grouped KV through its multi-query kernel,
+  vmapped over KV heads.
+
+Segment 0 (padding) attends only to padding under every kernel, so no query row is empty.
+Fused kernels under a mesh run per shard (`jax.shard_map`): GSPMD cannot partition a custom call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from jax_iclemb.parallel import logical_to_spec
+
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "splash")
+
+
+def attention_mask(
+    segment_ids: jax.Array, positions: jax.Array, *, causal: bool, sliding_window: int | None
+) -> jax.Array:
+    """bool [R, Lq, Lk]: same segment AND (causal: key not after query) AND within the window.
+
+    Padding (segment 0) only sees padding, and every token sees itself, so no row is empty.
+    """
+    mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if causal:
+        idx = jnp.arange(segment_ids.shape[1])
+        mask &= idx[:, None] >= idx[None, :]
+    if sliding_window is not None:
+        dist = positions[:, :, None] - positions[:, None, :]
+        mask &= (dist if causal else jnp.abs(dist)) < sliding_window
+    return mask
+
+
+def xla_attention(q, k, v, segment_ids, positions, *, causal, sliding_window):
+    """Dense-mask attention with grouped KV. q [R,L,H,Dh], k/v [R,L,K,Dh] -> [R,L,H,Dh]."""
+    r, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(r, length, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("rqkgd,rskd->rkgqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim**-0.5)
+    mask = attention_mask(segment_ids, positions, causal=causal, sliding_window=sliding_window)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("rkgqs,rskd->rqkgd", probs, v)
+    return out.reshape(r, length, heads, head_dim)
+
+
+def _pallas_attention(q, k, v, segment_ids, *, causal, interpret):
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    return gpu_attention.mha(
+        q, k, v, segment_ids, sm_scale=q.shape[-1] ** -0.5, causal=causal, interpret=interpret
+    )
+
+
+def _cudnn_attention(q, k, v, segment_ids, *, causal, window):
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [R, 1, L, L]
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=same, is_causal=causal, implementation="cudnn",
+        local_window_size=None if window is None else (window - 1, 0),
+    )
+
+
+@functools.cache
+def _splash_kernel(length: int, groups: int, causal: bool, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    block = min(512, length)
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    )
+    one = splash.CausalMask((length, length)) if causal else splash.FullMask((length, length))
+    mask = splash.MultiHeadMask([one] * groups)
+    return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _splash_attention(q, k, v, segment_ids, *, causal, interpret):
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    r, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    kernel = _splash_kernel(length, heads // kv_heads, causal, interpret)
+    # [R, L, K, G, D] -> [R, K, G, L, D]: one MQA call per (row, KV head); splash does not scale.
+    qg = (q * head_dim**-0.5).reshape(r, length, kv_heads, -1, head_dim).transpose(0, 2, 3, 1, 4)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [R, K, L, D]
+
+    def per_row(qr, kr, vr, seg):
+        ids = SegmentIds(q=seg, kv=seg)
+        return jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=ids))(qr, kr, vr)
+
+    out = jax.vmap(per_row)(qg, kt, vt, segment_ids)  # [R, K, G, L, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(r, length, heads, head_dim)
+
+
+def _per_shard(fn, q, k, v, segment_ids):
+    """Run a fused kernel on each device's rows (and heads) under the current mesh, if any."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(q, k, v, segment_ids)
+    rows = logical_to_spec(("batch",), q.shape[:1], mesh)[0]
+    # Heads split over "tensor" only when both query and KV heads divide evenly, so every shard
+    # keeps whole GQA groups.
+    t = mesh.shape.get("tensor", 1)
+    heads = "tensor" if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
+    spec = PartitionSpec(rows, None, heads, None)
+    return jax.shard_map(
+        fn, in_specs=(spec, spec, spec, PartitionSpec(rows, None)), out_specs=spec,
+        check_vma=False,
+    )(q, k, v, segment_ids)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    *,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    impl: str = "xla",
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Attention of packed rows. q [R,L,H,Dh], k/v [R,L,K,Dh], ids/positions [R,L] -> [R,L,H,Dh].
+
+    `interpret` runs the Pallas kernels ("pallas", "splash") in the Pallas interpreter; by default
+    it does so exactly when JAX runs on CPU, where they cannot compile (slow: tests and --tiny).
+    """
+    if impl == "xla":
+        return xla_attention(
+            q, k, v, segment_ids, positions, causal=causal, sliding_window=sliding_window
+        )
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; known: {ATTENTION_IMPLS}")
+    length = q.shape[1]
+    # Positions are contiguous within a segment, so a window is a band of columns; one at least
+    # as long as the row never masks anything (Mistral's 4096 at rows of 2048).
+    window = sliding_window if sliding_window is not None and sliding_window < length else None
+    if impl == "cudnn":
+        if window is not None and not causal:
+            raise ValueError("attention impl 'cudnn' supports a sliding window only when causal")
+        fn = functools.partial(_cudnn_attention, causal=causal, window=window)
+        return _per_shard(fn, q, k, v, segment_ids)
+    if window is not None:
+        raise ValueError(
+            f"attention impl {impl!r} has no sliding window: window {sliding_window} is shorter "
+            f"than the row length {length}; use impl 'xla' or 'cudnn', or shorter rows"
+        )
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    kernel = _pallas_attention if impl == "pallas" else _splash_attention
+    fn = functools.partial(kernel, causal=causal, interpret=interpret)
+    return _per_shard(fn, q, k, v, segment_ids)

@@ -1,0 +1,193 @@
+"""Multi-host training emulated on CPU: 2 processes x 2 devices (launch/local_multiprocess.sh)
+against 1 process x 4 devices on the same config and data.
+
+The runs are independent, so the module fixture starts them all at once (the 2-process job spends
+much of its time waiting on its peer) and the tests check their outputs.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_OVERRIDES
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "launch" / "local_multiprocess.sh"
+STEPS = 4
+TIMEOUT = 300
+STOP_TIMEOUT = 120  # a stopped job saves and exits in seconds; a hung one waits for JAX timeouts
+PROGRESS_BAR = re.compile(r"train:\s+\d+%\|")  # tqdm's, not the "jax_iclemb.train:" logger
+
+# The tests' small variant of configs/tiny.py; only the process layout differs between runs.
+TRAIN_ARGS = ["--config", str(REPO / "configs" / "tiny.py"), *TINY_OVERRIDES]
+
+
+def single_process(workdir: Path, *overrides: str) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    return subprocess.Popen(
+        [sys.executable, "-m", "jax_iclemb.train", *TRAIN_ARGS, "--workdir", str(workdir),
+         *overrides],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+
+
+def two_processes(workdir: Path, logs: Path, *overrides: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(logs), KILL_AFTER="10")
+    return subprocess.Popen(
+        [str(LAUNCHER), "2", "2", "--", *TRAIN_ARGS, "--workdir", str(workdir), *overrides],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
+    """(exit status, output); a job still running after `timeout` is killed and reported as -9."""
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return -9, output
+    return proc.returncode, output
+
+
+def records(workdir: Path) -> list[dict]:
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(workdir)}
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    root = workdir / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+def child_with_process_id(parent: int, process_id: int) -> int:
+    """The pid of the launcher's child that runs JAX process `process_id` (Linux /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        if ppid == parent and f"JAX_PROCESS_ID={process_id}".encode() in environ:
+            return int(stat.parent.name)
+    raise LookupError(f"no child of {parent} runs JAX process {process_id}")
+
+
+def signal_one_process(launcher: subprocess.Popen, workdir: Path, logged: int) -> int:
+    """SIGTERM to JAX process 1 alone once `logged` steps are in metrics.jsonl; returns its pid."""
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    while launcher.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= logged:
+            pid = child_with_process_id(launcher.pid, 1)
+            os.kill(pid, signal.SIGTERM)
+            return pid
+        time.sleep(0.05)
+    raise AssertionError(f"the 2-process run never logged {logged} steps")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiprocess")
+    paths = {name: root / name for name in ("single", "multi", "signalled")}
+    procs = {
+        "single": single_process(
+            paths["single"], f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=100"
+        ),
+        "multi": two_processes(
+            paths["multi"], root / "multi-logs", f"--config.train.steps={STEPS}",
+            "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=5",
+        ),
+        # Runs until stopped: only JAX process 1 gets the SIGTERM (as when one host of a pod is
+        # preempted); the job must still stop at one step and save it.
+        "signalled": two_processes(
+            paths["signalled"], root / "signalled-logs", "--config.train.steps=100000",
+            "--config.train.checkpoint_every=100000",
+        ),
+    }
+    try:
+        signal_one_process(procs["signalled"], paths["signalled"], logged=2)
+        results = {
+            name: finish(proc, STOP_TIMEOUT if name == "signalled" else TIMEOUT)
+            for name, proc in procs.items()
+        }
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    paths["multi-logs"] = root / "multi-logs"
+    paths["signalled-logs"] = root / "signalled-logs"
+    return paths, results
+
+
+def assert_ok(results: dict, name: str) -> None:
+    rc, output = results[name]
+    assert rc == 0, f"{name} run exited with {rc}:\n{output[-4000:]}"
+
+
+def test_two_processes_match_one_process(runs):
+    paths, results = runs
+    assert_ok(results, "single")
+    assert_ok(results, "multi")
+    one, two = losses(paths["single"]), losses(paths["multi"])
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    steps = sorted(one)
+    # Same batches and parameters; only the order of reductions may differ.
+    np.testing.assert_allclose([two[s] for s in steps], [one[s] for s in steps], rtol=1e-5)
+
+
+def test_only_process_zero_writes_metrics_logs_and_config(runs):
+    paths, results = runs
+    assert_ok(results, "multi")
+    workdir = paths["multi"]
+    assert [r["step"] for r in records(workdir)] == list(range(1, STEPS + 1))  # each step once
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == STEPS
+    assert len(list((workdir / "tensorboard").iterdir())) == 1  # one event file, not one per host
+    assert (workdir / "tokenizer").is_dir()
+    # The progress bar is process 0's alone; process 1 only logs.
+    assert PROGRESS_BAR.search((paths["multi-logs"] / "proc-0.log").read_text())
+    assert not PROGRESS_BAR.search((paths["multi-logs"] / "proc-1.log").read_text())
+    assert checkpoint_steps(workdir) == [2, 4]
+
+
+def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
+    paths, results = runs
+    assert_ok(results, "single")
+    assert_ok(results, "multi")
+    # A fresh workdir holding only the 2-process run's step-2 checkpoint.
+    shutil.copytree(paths["multi"] / "checkpoints" / "2", tmp_path / "checkpoints" / "2")
+    rc, output = finish(single_process(
+        tmp_path, f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=100"
+    ))
+    assert rc == 0, output[-4000:]
+    resumed, reference = losses(tmp_path), losses(paths["single"])
+    assert sorted(resumed) == [3, 4]  # it started from the checkpoint, not from scratch
+    np.testing.assert_allclose(
+        [resumed[s] for s in (3, 4)], [reference[s] for s in (3, 4)], rtol=1e-5
+    )
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(runs):
+    paths, results = runs
+    assert_ok(results, "signalled")
+    workdir = paths["signalled"]
+    steps = [r["step"] for r in records(workdir)]
+    assert steps == list(range(1, len(steps) + 1))
+    assert checkpoint_steps(workdir) == [steps[-1]]  # the stop was saved, at the last logged step
+    for i in (0, 1):
+        assert "stopped by signal" in (paths["signalled-logs"] / f"proc-{i}.log").read_text()

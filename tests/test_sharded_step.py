@@ -1,0 +1,73 @@
+"""The loss and gradients of the sharded step equal a single-device computation of the same
+global batch, for each mesh layout the configs use: pure data, data x fsdp, fsdp x tensor."""
+
+import jax
+import numpy as np
+import pytest
+
+from jax_iclemb import parallel
+from jax_iclemb.config import default_config
+from jax_iclemb.data.packing import pack_batch
+from jax_iclemb.model import LoraConfig, ModelConfig, create_model
+from jax_iclemb.train import device_batch, make_loss_fn, split_model
+
+ARCH = {
+    "model_type": "mistral", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+    "sliding_window": 4096, "rms_norm_eps": 1e-5,
+}
+LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
+
+
+def random_batch(rng: np.random.Generator, num_queries=8, group=3):
+    def seq(n):
+        return [*rng.integers(3, 96, n - 1).tolist(), 2]
+
+    queries = [seq(int(rng.integers(4, 30))) for _ in range(num_queries)]
+    passages = [[seq(int(rng.integers(3, 20))) for _ in range(group)] for _ in range(num_queries)]
+    passages[1] = passages[1][:2]  # a short group: masked slot
+    return pack_batch(
+        queries, passages, group_size=group, pack_len=32, max_segments=4,
+        teacher_scores=rng.normal(size=(num_queries, group)),
+        has_teacher=np.ones(num_queries, bool), in_batch_negatives=True,
+        query_label=np.array([0, 0, 1, -1, 2, 2, -1, 3]), row_multiple=8,
+    )
+
+
+def loss_and_grads(mesh, batch):
+    config = default_config()
+    config.loss.temperature = 0.05
+    config.loss.distill_weight = 1.0  # InfoNCE + distillation: both terms cross devices
+    cfg = ModelConfig.from_hf(ARCH, dtype="float32", param_dtype="float32")
+    with jax.set_mesh(mesh):
+        model = create_model(cfg, LORA, seed=3, mesh=mesh)
+        graphdef, params, frozen = split_model(model)
+        # Non-zero B matrices, so that every adapter receives a gradient.
+        rng = np.random.default_rng(0)
+        params = jax.tree.map(
+            lambda x: jax.device_put(0.1 * rng.standard_normal(x.shape, np.float32), x.sharding),
+            params,
+        )
+        fn = jax.jit(jax.value_and_grad(make_loss_fn(graphdef, config), has_aux=True))
+        (loss, _), grads = fn(params, frozen, device_batch(mesh, batch), 0)
+        return float(loss), jax.tree.map(np.asarray, grads)
+
+
+@pytest.fixture(scope="module")
+def single_device_result():
+    single = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    return loss_and_grads(single, random_batch(np.random.default_rng(1)))
+
+
+@pytest.mark.parametrize("layout", [(8, 1, 1), (2, 4, 1), (1, 4, 2)], ids=str)
+def test_sharded_step_equals_single_device(layout, single_device_result):
+    loss_1, grads_1 = single_device_result
+    batch = random_batch(np.random.default_rng(1))
+    loss_n, grads_n = loss_and_grads(parallel.make_mesh(layout), batch)
+    assert np.isfinite(loss_1) and loss_1 > 0
+    np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5)
+    leaves_1, leaves_n = jax.tree.leaves(grads_1), jax.tree.leaves(grads_n)
+    assert len(leaves_1) == 2 * 7 * ARCH["num_hidden_layers"]  # A and B of every adapter
+    assert all(np.abs(g).max() > 0 for g in leaves_1)
+    for g1, gn in zip(leaves_1, leaves_n):
+        np.testing.assert_allclose(gn, g1, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,38 @@
+"""Pieces of the train step: dropout keyed by (seed, step), and the same-label negative mask."""
+
+import jax
+import numpy as np
+from test_sharded_step import ARCH, random_batch
+
+from jax_iclemb import parallel
+from jax_iclemb.config import default_config
+from jax_iclemb.model import LoraConfig, ModelConfig, create_model
+from jax_iclemb.train import device_batch, make_loss_fn, same_label_positives, split_model
+
+
+def test_dropout_masks_follow_the_step_and_repeat_for_the_same_step():
+    config = default_config()
+    config.loss.temperature = 0.05
+    mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    cfg = ModelConfig.from_hf(ARCH, dtype="float32", param_dtype="float32")
+    with jax.set_mesh(mesh):
+        model = create_model(cfg, LoraConfig(rank=4, alpha=8.0, dropout=0.5), seed=0, mesh=mesh)
+        graphdef, params, frozen = split_model(model)
+        params = jax.tree.map(lambda x: x + 0.1, params)  # B != 0: dropout reaches the output
+        fn = jax.jit(jax.value_and_grad(make_loss_fn(graphdef, config), has_aux=True))
+        batch = device_batch(mesh, random_batch(np.random.default_rng(0)))
+        losses = [float(fn(params, frozen, batch, step)[0][0]) for step in (0, 1, 0)]
+    assert losses[0] == losses[2]  # a function of the step: exact resume
+    assert losses[0] != losses[1]  # new masks every step
+
+
+def test_same_label_positives_against_a_loop():
+    labels = np.array([3, 3, -1, 5, 3, -1, 5])
+    g = 3
+    got = np.asarray(same_label_positives(jax.numpy.asarray(labels), g))
+    want = np.zeros((7, 7 * g), bool)
+    for i in range(7):
+        for j in range(7):
+            if i != j and labels[i] >= 0 and labels[i] == labels[j]:
+                want[i, j * g] = True  # only the other query's positive is a false negative
+    np.testing.assert_array_equal(got, want)
