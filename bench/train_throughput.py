@@ -176,9 +176,6 @@ def run_jax(config: Any, steps: int, warmup: int, profile: bool) -> dict[str, An
     with jax.set_mesh(mesh):
         model, model_config = train.build_model(config, mesh, len(pipeline.tokenizer))
         graphdef, lora, frozen = train.split_model(model)
-        # As plain arrays: an nnx.State of Variables passed through the step's value_and_grad
-        # makes LoRA dropout fail with TraceContextError (reported to the lead).
-        frozen = frozen.to_pure_dict()
         del model
         tx, schedule = make_optimizer(config.optim, warmup + steps)
         state = train.initial_state(lora, tx)
