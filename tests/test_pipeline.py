@@ -3,10 +3,10 @@
 import dataclasses
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 
+from jax_iclemb.config import default_config
 from jax_iclemb.data.pipeline import TrainPipeline
 from jax_iclemb.data.records import Record, open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
@@ -33,21 +33,19 @@ def tok():
 
 
 def config(**kw):
-    base = dict(
+    c = default_config().data
+    c.update(
         query_max_len=96,
         passage_max_len=24,
         example_query_max_len=16,
         example_passage_max_len=8,
         train_group_size=4,
-        max_examples=5,
         batch_size=8,
-        batch_size_overrides={},
         default_prompt="Default task.",
-        pack_len=0,
         max_segments_per_row=8,
     )
-    base.update(kw)
-    return ml_collections.ConfigDict(base)
+    c.update(kw)
+    return c
 
 
 def make_records(prefix, n, **kw):

@@ -3,10 +3,10 @@
 import itertools
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 
+from jax_iclemb.config import default_config
 from jax_iclemb.data import icl
 from jax_iclemb.data.pipeline import TrainPipeline
 from jax_iclemb.data.records import open_datasets
@@ -27,21 +27,11 @@ def datasets(sample_data):
 
 
 def data_config(**kw):
-    base = dict(
-        query_max_len=2048,
-        passage_max_len=512,
-        example_query_max_len=256,
-        example_passage_max_len=256,
-        train_group_size=8,
-        max_examples=5,
-        batch_size=10,
-        batch_size_overrides={},
-        default_prompt="Default prompt.",
-        pack_len=0,
-        max_segments_per_row=32,
-    )
-    base.update(kw)
-    return ml_collections.ConfigDict(base)
+    """The paper's lengths (the defaults), batch 10 (the sample datasets' size)."""
+    c = default_config().data
+    c.update(batch_size=10, default_prompt="Default prompt.", max_segments_per_row=32)
+    c.update(kw)
+    return c
 
 
 def sequence(batch, slot):
