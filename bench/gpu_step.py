@@ -36,7 +36,7 @@ from jax_iclemb import parallel, train
 from jax_iclemb.config import default_config, validate
 from jax_iclemb.data.packing import pad_batch
 from jax_iclemb.data.pipeline import pipeline_from_config
-from jax_iclemb.model import Decoder, ModelConfig
+from jax_iclemb.model import Decoder, ModelConfig, state_shardings
 from jax_iclemb.observe import flops_per_token, peak_flops
 from jax_iclemb.optim import make_optimizer
 
@@ -182,26 +182,48 @@ def _gib(n: int) -> float:
     return n / 2**30
 
 
-def estimate(config: Any, rows: int, chunk_rows: int) -> dict[str, Any]:
+def estimate(
+    config: Any, rows: int, chunk_rows: int, mesh_shape: tuple[int, int, int] = (1, 1, 1)
+) -> dict[str, Any]:
     """Memory of the compiled step for the configured model on abstract inputs (nothing is
-    allocated): `memory_analysis()` of the step compiled for this host's backend."""
-    mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
-    chunks = max(1, rows // chunk_rows) if chunk_rows else 1
+    allocated): `memory_analysis()` of the step compiled for this host's backend, per device.
+    With a mesh, parameters carry their rule-table shardings and rows are split over the data
+    axes, as in training."""
+    mesh = parallel.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
+    shards = parallel.data_parallel_size(mesh)
+    chunks = max(1, rows // (chunk_rows * shards)) if chunk_rows else 1
     config.train.grad_cache_chunks = chunks
     vocab = int(config.model.arch.vocab_size) + 3
     model_config = model_config_of(config, vocab)
     lora = train.lora_config(config)
     abstract = nnx.eval_shape(lambda: Decoder(model_config, lora, rngs=nnx.Rngs(0)))
-    graphdef, params, frozen = train.split_model(abstract)
+    graphdef, params_state, frozen_state = nnx.split(abstract, nnx.LoRAParam, ...)
+
+    def placed(state: nnx.State) -> dict:
+        shardings = nnx.to_pure_dict(state_shardings(state, mesh))
+        return jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+            nnx.to_pure_dict(state), shardings,
+        )
+
+    params, frozen = placed(params_state), placed(frozen_state)
     tx, schedule = make_optimizer(config.optim, 1000)
     opt = jax.eval_shape(tx.init, params)
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt": opt}
     length, segments = int(config.data.pack_len), int(config.data.max_segments_per_row)
     b, g = int(config.data.batch_size), int(config.data.train_group_size)
-    sds = jax.ShapeDtypeStruct
+
+    def sds(shape, dtype, row_sharded=False):
+        axes = ("batch",) + (None,) * (len(shape) - 1) if row_sharded else (None,) * len(shape)
+        return jax.ShapeDtypeStruct(
+            shape, dtype, sharding=parallel.named_sharding(mesh, axes, shape)
+        )
+
     batch = {
-        "tokens": sds((rows, length), jnp.int32), "segment_ids": sds((rows, length), jnp.int32),
-        "positions": sds((rows, length), jnp.int32), "last_index": sds((rows, segments), jnp.int32),
+        "tokens": sds((rows, length), jnp.int32, True),
+        "segment_ids": sds((rows, length), jnp.int32, True),
+        "positions": sds((rows, length), jnp.int32, True),
+        "last_index": sds((rows, segments), jnp.int32, True),
         "query_slot": sds((b,), jnp.int32), "passage_slot": sds((b, g), jnp.int32),
         "passage_mask": sds((b, g), jnp.bool_), "teacher_scores": sds((b, g), jnp.float32),
         "has_teacher": sds((b,), jnp.bool_), "in_batch_negatives": sds((), jnp.bool_),
@@ -214,6 +236,7 @@ def estimate(config: Any, rows: int, chunk_rows: int) -> dict[str, Any]:
     lora_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     return {
         "backend": jax.default_backend(),
+        "mesh": dict(mesh.shape),
         "layers": model_config.num_layers,
         "rows": rows,
         "chunks": chunks,
@@ -241,6 +264,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="small model and lengths, on CPU")
     p.add_argument("--estimate", action="store_true", help="AOT memory only, on abstract inputs")
     p.add_argument("--rows", type=int, default=32, help="--estimate: rows of 2048 in the step")
+    p.add_argument(
+        "--mesh", default="1,1,1",
+        help="--estimate: data,fsdp,tensor (emulate devices with XLA_FLAGS on CPU)",
+    )
     args = p.parse_args(argv)
     if args.tiny:
         args.batch, args.chunk_rows, args.steps, args.warmup = 4, 1, 2, 1
@@ -253,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = synthetic_data(Path(tmp), records=max(64, 4 * args.batch))
         config = bench_config(args, data)
         if args.estimate:
-            result = estimate(config, args.rows, args.chunk_rows)
+            mesh = tuple(int(x) for x in args.mesh.split(","))
+            result = estimate(config, args.rows, args.chunk_rows, mesh)
         else:
             result = run(config, args)
     print(json.dumps(result, indent=2))
