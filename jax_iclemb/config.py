@@ -253,16 +253,20 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-    """The inverse of `to_json` (JSON has no tuples: lists become tuples where the schema has
-    them), validated."""
+    """The inverse of `to_json`, validated. JSON has no tuples: lists become tuples where the
+    schema has them. Keys added to the schema after the file was written get their defaults, so
+    older workdirs still load."""
     raw = json.loads(text)
     for key, default in _flat_keys(default_config()).items():
+        if key.startswith("model.arch."):  # free-form (an HF config): never fill it in
+            continue
         section, _, leaf = key.rpartition(".")
         parent = raw
         for part in section.split(".") if section else ():
-            parent = parent.get(part, {})
-        if isinstance(default, tuple) and isinstance(parent.get(leaf), list):
-            parent[leaf] = tuple(parent[leaf])
+            parent = parent.setdefault(part, {})
+        value = parent.setdefault(leaf, default)
+        if isinstance(default, tuple) and isinstance(value, list):
+            parent[leaf] = tuple(value)
     config = ml_collections.ConfigDict(raw)
     validate(config)
     return config

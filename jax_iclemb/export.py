@@ -122,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_sentence_transformers_config(
                 out,
                 hidden_size=model_config.hidden_size,
-                max_seq_length=config.data.query_max_len,
+                # Embedder keeps few-shot examples whole in front of a query of query_max_len
+                # tokens; sentence-transformers must not cut such an input (or its EOS).
+                max_seq_length=min(model_config.max_position_embeddings, 8192),
                 query_instruction=config.data.default_prompt,
             )
     else:

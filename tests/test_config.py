@@ -1,10 +1,18 @@
 """Config loading, overrides and validation: every mistake names its key and what is allowed."""
 
+import json
 from pathlib import Path
 
 import pytest
 
-from jax_iclemb.config import ConfigError, default_config, load_config, validate
+from jax_iclemb.config import (
+    ConfigError,
+    default_config,
+    from_json,
+    load_config,
+    to_json,
+    validate,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -63,3 +71,14 @@ def test_range_checks():
     c.data.passage_max_len = 4096
     with pytest.raises(ConfigError, match="passage_max_len"):
         validate(c)
+
+
+def test_from_json_round_trip_and_older_files_get_new_keys():
+    c = load_config(CONFIGS / "tiny.py", ["--config.train.mesh=(2,-1,1)"])
+    again = from_json(to_json(c))
+    assert again.to_dict() == c.to_dict() and isinstance(again.lora.targets, tuple)
+    old = json.loads(to_json(c))
+    del old["model"]["attention_impl"], old["train"]["grad_cache_chunks"]
+    restored = from_json(json.dumps(old))
+    assert restored.model.attention_impl == default_config().model.attention_impl
+    assert restored.train.grad_cache_chunks == 1

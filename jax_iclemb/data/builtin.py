@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 VERSION = 1  # bump whenever the generated content changes: it names the cache folder
@@ -355,25 +356,32 @@ def default_root() -> Path:
     return Path(os.environ.get("JAX_ICLEMB_CACHE") or "~/.cache/jax_iclemb").expanduser()
 
 
-def builtin_data_dir(root: str | Path | None = None) -> Path:
-    """The built-in dataset's folder under `root`, generated on first use.
+def generated_dir(
+    root: str | Path | None, name: str, generate: Callable[[Path], None]
+) -> Path:
+    """`root/name`, written by `generate(folder)` on first use (root default: the cache).
 
-    Written to a temporary folder and renamed into place, so concurrent processes (or an interrupted
-    run) never see a half-written dataset.
+    Written to a temporary folder and renamed into place, so concurrent processes (or an
+    interrupted run) never see a half-written folder.
     """
     root = Path(root).expanduser() if root is not None else default_root()
-    final = root / f"builtin-v{VERSION}"
+    final = root / name
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        generate(tmp)
-        os.rename(tmp, final)
+        generate(tmp / "data")
+        os.rename(tmp / "data", final)
     except OSError:
         if not final.is_dir():  # not a lost race with another process: a real failure
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def builtin_data_dir(root: str | Path | None = None) -> Path:
+    """The built-in dataset's folder under `root`, generated on first use."""
+    return generated_dir(root, f"builtin-v{VERSION}", generate)

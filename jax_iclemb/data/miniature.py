@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from jax_iclemb.data.builtin import default_root
+from jax_iclemb.data.builtin import generated_dir
 
 VERSION = 1  # bump whenever the generated content changes: it names the cache folder
 SEED = 20250301
@@ -199,24 +196,8 @@ def generate(out: Path, seed: int = SEED) -> None:
 
 
 def miniature_dir(root: str | Path | None = None) -> Path:
-    """The generated folder under `root` (default: the project cache), built on first use through
-    a temporary folder and a rename, so concurrent processes never see a half-written one."""
-    root = Path(root).expanduser() if root is not None else default_root()
-    final = root / f"miniature-v{VERSION}"
-    if final.is_dir():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        tmp.chmod(0o755)
-        generate(tmp / "data")
-        os.rename(tmp / "data", final)
-    except OSError:
-        if not final.is_dir():  # not a lost race with another process: a real failure
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """The generated folder under `root` (default: the project cache), built on first use."""
+    return generated_dir(root, f"miniature-v{VERSION}", generate)
 
 
 def load_eval(folder: Path) -> dict[str, dict]:
