@@ -112,7 +112,7 @@ def embed(model, tokens, positions, segments, last):
     return hidden, last_token_pool(hidden, last)
 
 
-def check_against(reference, sequences, model):
+def assert_matches_torch(reference, sequences, model):
     for rows in ([[i] for i in range(len(sequences))], PACKING):
         tokens, positions, segments, last, where = layout(sequences, rows)
         hidden, pooled = embed(model, tokens, positions, segments, last)
@@ -143,7 +143,7 @@ def test_matches_torch(family, checkpoints, sequences):
     folder = checkpoints / family
     model, cfg = load_pretrained(folder, dtype="float32", param_dtype="float32")
     assert cfg.model_type == family
-    check_against(torch_hidden(folder, sequences), sequences, model)
+    assert_matches_torch(torch_hidden(folder, sequences), sequences, model)
 
 
 def test_bidirectional_matches_torch_with_full_mask(checkpoints, sequences):
@@ -151,7 +151,7 @@ def test_bidirectional_matches_torch_with_full_mask(checkpoints, sequences):
     model, _ = load_pretrained(
         folder, dtype="float32", param_dtype="float32", attention="bidirectional"
     )
-    check_against(torch_hidden(folder, sequences, bidirectional=True), sequences, model)
+    assert_matches_torch(torch_hidden(folder, sequences, bidirectional=True), sequences, model)
 
 
 def test_sharded_creation_matches_unsharded(checkpoints, sequences):
