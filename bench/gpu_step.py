@@ -227,7 +227,7 @@ def estimate(
         "query_slot": sds((b,), jnp.int32), "passage_slot": sds((b, g), jnp.int32),
         "passage_mask": sds((b, g), jnp.bool_), "teacher_scores": sds((b, g), jnp.float32),
         "has_teacher": sds((b,), jnp.bool_), "in_batch_negatives": sds((), jnp.bool_),
-        "query_label": sds((b,), jnp.int32),
+        "query_label": sds((b,), jnp.int32), "passage_label": sds((b, g), jnp.int32),
     }
     with jax.set_mesh(mesh):
         step_fn = jax.jit(train.make_train_step(graphdef, config, tx, schedule), donate_argnums=0)

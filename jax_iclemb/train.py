@@ -122,14 +122,12 @@ def embed_packed(
 # ---------------------------------------------------------------------------------------------
 
 
-def same_label_positives(query_label: jax.Array, group_size: int) -> jax.Array:
-    """[B, B·G] True where the passage is another query's positive with the query's label:
-    a false negative (e.g. two queries of the same class), excluded from the softmax."""
-    b = query_label.shape[0]
-    same = (query_label[:, None] == query_label[None, :]) & (query_label[:, None] >= 0)
-    same &= ~jnp.eye(b, dtype=bool)
-    is_positive = jnp.arange(group_size) == 0
-    return (same[:, :, None] & is_positive[None, None, :]).reshape(b, b * group_size)
+def same_label_passages(query_label: jax.Array, passage_label: jax.Array) -> jax.Array:
+    """[B, B·G] True where a passage carries the query's label: a positive for that query, so a
+    false negative (another query of the same class, a hard negative that matches), excluded
+    from the softmax. The query's own positive stays its target."""
+    flat = passage_label.reshape(1, -1)
+    return (query_label[:, None] == flat) & (query_label[:, None] >= 0)
 
 
 def make_embed_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable:
@@ -161,7 +159,7 @@ def make_objective(config: ml_collections.ConfigDict) -> Callable:
             teacher_scores=batch["teacher_scores"] if distill_weight else None,
             has_teacher=batch["has_teacher"] if distill_weight else None,
             distill_weight=distill_weight,
-            negative_mask=same_label_positives(batch["query_label"], p.shape[1]),
+            negative_mask=same_label_passages(batch["query_label"], batch["passage_label"]),
         )
 
     return objective

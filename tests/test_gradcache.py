@@ -70,6 +70,7 @@ def batch() -> dict:
         "has_teacher": jnp.asarray([True, False, True, True]),
         "in_batch_negatives": jnp.asarray(True),
         "query_label": jnp.asarray([0, 0, -1, 1], jnp.int32),
+        "passage_label": jnp.asarray(rng.integers(-1, 2, (QUERIES, GROUP)), jnp.int32),
     }
 
 

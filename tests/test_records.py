@@ -205,3 +205,13 @@ def test_tfds_prepare_validates(tmp_path):
         [expected_record(GOOD), expected_record(GOOD)],
     )
     assert len(d) == 2
+
+
+def test_neg_labels_must_match_the_negatives(tmp_path):
+    good = {"query": "q", "pos": ["p"], "neg": ["a", "b"], "label": "x", "neg_labels": ["x", None]}
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "neg_labels": ["x"]}) + "\n")
+    with pytest.raises(BadRecordError, match=r"labels.jsonl:2.*neg_labels.*1 labels for 2"):
+        open_datasets(str(path))
+    (dataset,) = open_datasets(str(path), on_bad_record="skip")
+    assert dataset[0].neg_labels == ("x", None) and dataset[0].label == "x"

@@ -7,7 +7,7 @@ from test_sharded_step import ARCH, random_batch
 from jax_iclemb import parallel
 from jax_iclemb.config import default_config
 from jax_iclemb.model import LoraConfig, ModelConfig, create_model
-from jax_iclemb.train import device_batch, make_loss_fn, same_label_positives, split_model
+from jax_iclemb.train import device_batch, make_loss_fn, same_label_passages, split_model
 
 
 def test_dropout_masks_follow_the_step_and_repeat_for_the_same_step():
@@ -26,13 +26,16 @@ def test_dropout_masks_follow_the_step_and_repeat_for_the_same_step():
     assert losses[0] != losses[1]  # new masks every step
 
 
-def test_same_label_positives_against_a_loop():
-    labels = np.array([3, 3, -1, 5, 3, -1, 5])
-    g = 3
-    got = np.asarray(same_label_positives(jax.numpy.asarray(labels), g))
-    want = np.zeros((7, 7 * g), bool)
-    for i in range(7):
-        for j in range(7):
-            if i != j and labels[i] >= 0 and labels[i] == labels[j]:
-                want[i, j * g] = True  # only the other query's positive is a false negative
+def test_same_label_passages_against_a_loop():
+    query_label = np.array([3, 3, -1, 5, 3])
+    passage_label = np.array([[3, -1, 5], [3, 5, 5], [-1, 3, -1], [5, 3, -1], [3, 3, 7]])
+    got = np.asarray(same_label_passages(query_label, passage_label))
+    want = np.zeros((5, 15), bool)
+    for i in range(5):
+        for j in range(5):
+            for g in range(3):
+                # A passage labelled like the query is a positive for it: never a negative.
+                if query_label[i] >= 0 and passage_label[j, g] == query_label[i]:
+                    want[i, j * 3 + g] = True
     np.testing.assert_array_equal(got, want)
+    assert want[0, 3] and want[0, 13] and want[3, 2] and not want[2].any()

@@ -25,7 +25,8 @@ class PackedBatch:
     teacher_scores: np.ndarray  # float32 [B, G]; reranker scores, 0 where absent
     has_teacher: np.ndarray  # bool [B]; whether the query's group has teacher scores
     in_batch_negatives: np.ndarray  # bool []; False: each query is scored against its group only
-    query_label: np.ndarray  # int32 [B]; equal labels >= 0: not each other's negatives
+    query_label: np.ndarray  # int32 [B]; -1 = none
+    passage_label: np.ndarray  # int32 [B, G]; a passage with its query's label >= 0 is no negative
 
     @property
     def num_rows(self) -> int:

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerFast
 
 from jax_iclemb.data.builtin import generated_dir
 
-VERSION = 1  # bump whenever the generated content changes: it names the cache folder
+VERSION = 2  # bump whenever the generated content changes: it names the cache folder
 SEED = 20250301
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "color": ("red", "blue", "green", "black", "white", "yellow", "purple", "orange"),
@@ -128,8 +128,10 @@ def train_records(rng: random.Random, train: list[Item], a: int) -> list[dict]:
                 "neg": [item_text(rng, n) for n in neg],
                 "prompt": INSTRUCTION,
                 "type": "normal",
-                # Same value of `a` = interchangeable positives: never in-batch negatives.
+                # Same value of `a` = interchangeable positives: a passage (another query's
+                # positive or hard negative) with the query's value is never its negative.
                 "label": value_words[query[a]],
+                "neg_labels": [value_words[n[a]] for n in neg],
                 "response": value_words[query[a]],
             }
         )

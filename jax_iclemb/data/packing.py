@@ -109,13 +109,14 @@ def pack_batch(
     has_teacher: np.ndarray,
     in_batch_negatives: bool,
     query_label: np.ndarray | None = None,
+    passage_label: np.ndarray | None = None,
     row_multiple: int = 1,
     pad_id: int = 0,
 ) -> PackedBatch:
     """Pack queries and their passage groups (positive first, up to `group_size` each).
 
-    `query_label` (int, -1 = none): queries with equal labels >= 0 do not use each other's
-    positives as negatives."""
+    `query_label` [B] and `passage_label` [B, G] (int, -1 = none): a passage labelled like a query
+    is not one of its negatives. Without `passage_label`, positives carry their query's label."""
     num_queries = len(queries)
     if len(passages) != num_queries:
         raise ValueError(f"{num_queries} queries but {len(passages)} passage groups")
@@ -138,6 +139,15 @@ def pack_batch(
         passage_mask[i, : len(group)] = True
         k += len(group)
     teacher_scores = np.asarray(teacher_scores, dtype=np.float32)
+    query_label = (
+        np.full(num_queries, -1, np.int32)
+        if query_label is None
+        else np.asarray(query_label, dtype=np.int32).reshape(num_queries)
+    )
+    if passage_label is None:
+        passage_label = np.full((num_queries, group_size), -1, np.int32)
+        passage_label[:, 0] = query_label
+    passage_label = np.asarray(passage_label, dtype=np.int32).reshape(num_queries, group_size)
     return PackedBatch(
         **arrays,
         query_slot=slot[:num_queries],
@@ -146,11 +156,8 @@ def pack_batch(
         teacher_scores=teacher_scores.reshape(num_queries, group_size),
         has_teacher=np.asarray(has_teacher, dtype=bool).reshape(num_queries),
         in_batch_negatives=np.asarray(in_batch_negatives, dtype=bool),
-        query_label=(
-            np.full(num_queries, -1, np.int32)
-            if query_label is None
-            else np.asarray(query_label, dtype=np.int32).reshape(num_queries)
-        ),
+        query_label=query_label,
+        passage_label=passage_label,
     )
 
 
@@ -181,4 +188,5 @@ def pad_batch(
         teacher_scores=grow(batch.teacher_scores, extra_queries),
         has_teacher=grow(batch.has_teacher, extra_queries, False),
         query_label=grow(batch.query_label, extra_queries, -1),
+        passage_label=grow(batch.passage_label, extra_queries, -1),
     )

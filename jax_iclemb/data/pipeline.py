@@ -50,6 +50,7 @@ class QuerySequences:
     num_examples: int  # examples that fit the prefix budget (<= k)
     teacher: list[float] | None
     label: int  # label_id of the record's label
+    passage_labels: list[int]  # label_id of each passage: the positive has the record's label
 
 
 def label_id(label: str | None) -> int:
@@ -236,6 +237,11 @@ class TrainPipeline:
                         num_examples=used,
                         teacher=teacher,
                         label=label_id(rec.label),
+                        passage_labels=[
+                            label_id(rec.label),
+                            *(label_id(rec.neg_labels[n] if rec.neg_labels else None)
+                              for n in sample.neg),
+                        ],
                     )
                 )
         finally:
@@ -248,10 +254,12 @@ class TrainPipeline:
         g = int(self.cfg.train_group_size)
         teacher = np.zeros((len(seqs), g), dtype=np.float32)
         has_teacher = np.zeros(len(seqs), dtype=bool)
+        passage_labels = np.full((len(seqs), g), -1, dtype=np.int32)
         for i, q in enumerate(seqs):
             if q.teacher is not None:
                 teacher[i, : len(q.teacher)] = q.teacher
                 has_teacher[i] = True
+            passage_labels[i, : len(q.passage_labels)] = q.passage_labels
         batch = pack_batch(
             [q.query for q in seqs],
             [q.passages for q in seqs],
@@ -262,6 +270,7 @@ class TrainPipeline:
             has_teacher=has_teacher,
             in_batch_negatives=plan.in_batch_negatives,
             query_label=[q.label for q in seqs],
+            passage_label=passage_labels,
             row_multiple=self.row_multiple,
             pad_id=self.tokenizer.pad_token_id or 0,
         )

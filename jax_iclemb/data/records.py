@@ -47,9 +47,11 @@ class Record:
     category: str | None = None
     pos_scores: tuple[float, ...] | None = None
     neg_scores: tuple[float, ...] | None = None
-    # Our extension: records sharing a label have interchangeable positives, so another query's
-    # positive with the same label is not used as an in-batch negative (a false negative).
+    # Our extension: a passage whose label equals a query's label is a positive for that query,
+    # so it is never one of its negatives (a false negative). `label` is the label of the query
+    # and its positives, `neg_labels` (one per `neg`, None = unlabelled) those of hard negatives.
     label: str | None = None
+    neg_labels: tuple[str | None, ...] | None = None
     # Our extension: when set, the response of this record when it serves as an in-context example
     # (instead of its sampled positive), e.g. a short answer that reveals the task.
     response: str | None = None
@@ -105,6 +107,17 @@ def _optional_str(obj: dict[str, Any], key: str) -> str | None:
     return value
 
 
+def _neg_labels(obj: dict[str, Any], num_neg: int) -> tuple[str | None, ...] | None:
+    value = obj.get("neg_labels")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(v is None or isinstance(v, str) for v in value):
+        raise BadRecordError("field 'neg_labels': expected a list of strings or nulls")
+    if len(value) != num_neg:
+        raise BadRecordError(f"field 'neg_labels': {len(value)} labels for {num_neg} negatives")
+    return tuple(value)
+
+
 def parse_record(obj: Any) -> Record:
     """Validates one decoded JSON object and returns it as a Record (unknown fields are ignored).
 
@@ -130,6 +143,7 @@ def parse_record(obj: Any) -> Record:
     prompt = _optional_str(obj, "prompt")
     category = _optional_str(obj, "category")
     label = _optional_str(obj, "label")
+    neg_labels = _neg_labels(obj, len(neg))
     response = _optional_str(obj, "response")
     if response == "":
         raise BadRecordError("field 'response': empty string")
@@ -155,6 +169,7 @@ def parse_record(obj: Any) -> Record:
         pos_scores=pos_scores,
         neg_scores=neg_scores,
         label=label,
+        neg_labels=neg_labels,
         response=response,
     )
 
@@ -175,7 +190,8 @@ def parse_line(line: bytes) -> Record:
 def record_to_dict(record: Record) -> dict[str, Any]:
     """The reference-format JSON object of a record (None fields omitted)."""
     out: dict[str, Any] = {"query": record.query, "pos": list(record.pos), "neg": list(record.neg)}
-    for key in ("prompt", "category", "pos_scores", "neg_scores", "label", "response"):
+    optional = ("prompt", "category", "pos_scores", "neg_scores", "label", "neg_labels", "response")
+    for key in optional:
         value = getattr(record, key)
         if value is not None:
             out[key] = list(value) if isinstance(value, tuple) else value
