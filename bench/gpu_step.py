@@ -36,7 +36,7 @@ from jax_iclemb import parallel, train
 from jax_iclemb.config import default_config, validate
 from jax_iclemb.data.packing import pad_batch
 from jax_iclemb.data.pipeline import pipeline_from_config
-from jax_iclemb.model import Decoder, ModelConfig, state_shardings
+from jax_iclemb.model import TRAINABLE, ModelConfig, create_model, state_shardings
 from jax_iclemb.observe import flops_per_token, peak_flops
 from jax_iclemb.optim import make_optimizer
 
@@ -196,8 +196,8 @@ def estimate(
     vocab = int(config.model.arch.vocab_size) + 3
     model_config = model_config_of(config, vocab)
     lora = train.lora_config(config)
-    abstract = nnx.eval_shape(lambda: Decoder(model_config, lora, rngs=nnx.Rngs(0)))
-    graphdef, params_state, frozen_state = nnx.split(abstract, nnx.LoRAParam, ...)
+    abstract = nnx.eval_shape(lambda: create_model(model_config, lora, seed=0))
+    graphdef, params_state, frozen_state = nnx.split(abstract, TRAINABLE, ...)
 
     def placed(state: nnx.State) -> dict:
         shardings = nnx.to_pure_dict(state_shardings(state, mesh))

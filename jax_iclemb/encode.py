@@ -16,6 +16,7 @@ one compiled shape per row-length bucket, however many texts and whatever their 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,13 @@ MIN_ROW_LEN = 64
 def row_length(longest: int) -> int:
     """Packed row length: the next power of two (at least MIN_ROW_LEN), so few shapes compile."""
     return max(MIN_ROW_LEN, 1 << max(longest - 1, 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooling"))
+def _embed_rows(state: Any, rows: dict, *, graphdef: nnx.GraphDef, pooling: str) -> jax.Array:
+    # One jitted function for every Embedder: a new Embedder of the same model (e.g. each
+    # periodic evaluation during training) reuses the compiled shapes instead of recompiling.
+    return embed_packed(nnx.merge(graphdef, state), rows, pooling)
 
 
 def local_mesh() -> jax.sharding.Mesh:
@@ -71,10 +79,9 @@ class Embedder:
         if self.rows_per_call % data_shards:
             raise ValueError(f"rows_per_call must be a multiple of {data_shards} (data shards)")
         model.eval()
-        graphdef, self._state = nnx.split(model)
-        self._embed = jax.jit(
-            lambda state, batch: embed_packed(nnx.merge(graphdef, state), batch, pooling)
-        )
+        self._graphdef, self._state = nnx.split(model)
+        self._pooling = pooling
+        self._embed = _embed_rows
 
     # ---- construction ----
 
@@ -153,5 +160,8 @@ class Embedder:
                     )
                     for k, v in chunk.items()
                 }
-                out.append(np.asarray(self._embed(self._state, chunk), dtype=np.float32))
+                emb = self._embed(
+                    self._state, chunk, graphdef=self._graphdef, pooling=self._pooling
+                )
+                out.append(np.asarray(emb, dtype=np.float32))
         return np.concatenate(out)[slot]

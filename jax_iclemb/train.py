@@ -35,6 +35,7 @@ from jax_iclemb.data.packing import pad_batch
 from jax_iclemb.data.pipeline import TrainPipeline, pipeline_from_config
 from jax_iclemb.loss import contrastive_loss
 from jax_iclemb.model import (
+    TRAINABLE,
     LoraConfig,
     ModelConfig,
     create_model,
@@ -80,8 +81,8 @@ def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:
     return LoraConfig(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets))
 
 
-# What the optimizer updates: the adapters, or every parameter (training from scratch).
-TRAINABLE = {"lora": nnx.LoRAParam, "all": nnx.Param}
+# What the optimizer updates (`train.trainable`): the adapters, or every parameter (from scratch).
+TRAINABLE_BY_MODE = {"lora": TRAINABLE, "all": nnx.Param}
 
 
 def build_model(
@@ -230,7 +231,7 @@ def initial_state(params: dict, tx: optax.GradientTransformation) -> TrainState:
 def split_model(model: nnx.Module, trainable: str = "lora") -> tuple[nnx.GraphDef, dict, dict]:
     """(graphdef, trainable parameters, everything else), both as plain dicts: merged inside a
     traced function they become that trace's variables (dropout may then advance its RNG)."""
-    graphdef, params, frozen = nnx.split(model, TRAINABLE[trainable], ...)
+    graphdef, params, frozen = nnx.split(model, TRAINABLE_BY_MODE[trainable], ...)
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
 
 
