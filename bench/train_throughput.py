@@ -3,15 +3,17 @@
     python bench/train_throughput.py [--data /work/shared/data/reference-sample] [--steps 6] \
         [--warmup 2] [--append docs/benchmarks.md]
     python bench/train_throughput.py --quick        # short lengths, batch 4, 1+1 steps a side
+    python bench/train_throughput.py --attention block_sparse   # skip the dense JAX side
 
 Both sides train the same small Mistral-shaped decoder (hidden 256, 4 layers, 8 heads / 4 KV heads,
 MLP 768, vocab 32003; fp32; LoRA rank 64 / alpha 32 / dropout 0.1 on all projections) on the same
 token sequences (jax_iclemb's pipeline at the paper's lengths: query 2048 with 0-5 examples, passage
 512, examples 256/256, group 8, 8 queries a step), each side in its own subprocess so that peak RSS
-is per side. The JAX side builds its step as `train.run` does, compiles every new batch shape ahead
-of time (compile time reported apart from step time), and profiles one step: the XLA CPU trace's
-op times are attributed to source functions (dense-mask attention, projections, rest) through the
-compiled HLO's metadata. Prints a Markdown report; `--append FILE` also appends it to FILE.
+is per side. The JAX side runs once per attention path (`--attention`: block-sparse tiles and the
+dense mask by default), builds its step and batches as `train.run` does, compiles every new batch
+shape ahead of time (compile time reported apart from step time), and profiles one step: the XLA
+CPU trace's op times are attributed to source functions (attention, projections, rest) through
+the compiled HLO's metadata. Prints a Markdown report; `--append FILE` also appends it to FILE.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_DATA = "/work/shared/data/reference-sample"
 
 
-def bench_config(data_path: str, quick: bool) -> Any:
+def bench_config(data_path: str, quick: bool, attention: str = "block_sparse") -> Any:
     from jax_iclemb.config import default_config
 
     c = default_config()
+    c.model.attention_impl = attention
     c.model.arch.update(
         hidden_size=256,
         intermediate_size=768,
@@ -185,12 +188,14 @@ def run_jax(config: Any, steps: int, warmup: int, profile: bool) -> dict[str, An
         flops: dict[str, float] = {}
         rss_start = _current_rss_mb()
         times, host, real, slots, losses, kept, dense, work = [], [], 0, 0, [], 0, 0, 0.0
+        tiles, tile_scores = 0, 0
         for step in range(warmup + steps):
             t0 = time.perf_counter()
             batch, info = pipeline.batch(step)
-            arrays = train.device_batch(mesh, batch)
+            tile_list, tiles = train.attention_tiles(config, batch, 1, tiles)
+            arrays = train.device_batch(mesh, batch, tile_list)
             host_s = time.perf_counter() - t0
-            shape = batch.tokens.shape
+            shape = (*batch.tokens.shape, tiles)  # (rows, length, tiles)
             if shape not in compiled:
                 t0 = time.perf_counter()
                 compiled[shape] = step_fn.lower(state, frozen, arrays).compile()
@@ -210,8 +215,10 @@ def run_jax(config: Any, steps: int, warmup: int, profile: bool) -> dict[str, An
                 work += flops[str(shape)]
                 k, d = attention_pairs(batch)
                 kept, dense = kept + k, dense + d
+                tile_scores += tiles * config.model.attention_block**2 if tiles else d
         result = {
-            "side": "jax",
+            "side": f"jax-{config.model.attention_impl}",
+            "attention": config.model.attention_impl,
             "steps": steps,
             "real_tokens": real,
             "tokens_per_s": real / sum(times),
@@ -224,19 +231,21 @@ def run_jax(config: Any, steps: int, warmup: int, profile: bool) -> dict[str, An
             "flops_per_step": flops,
             "flops_per_real_token": work / real,
             "attention_pairs_kept": kept / max(dense, 1),
+            # query-key scores the attention computes / those of the dense rows
+            "attention_scores_computed": tile_scores / max(dense, 1),
             "peak_rss_mb": _peak_rss_mb(),
             "rss_before_training_mb": rss_start,
             "losses": losses,
         }
         if profile:
             result["profile"] = _profile(
-                compiled, step_fn, state, frozen, pipeline, mesh, warmup, model_config,
+                compiled, config, state, frozen, pipeline, mesh, warmup, model_config,
                 dot_product_attention,
             )
     return result
 
 
-def _profile(compiled, step_fn, state, frozen, pipeline, mesh, step, model_config, attention):
+def _profile(compiled, config, state, frozen, pipeline, mesh, step, model_config, attention):
     """Trace one (already compiled) step and time the attention core alone on its shapes."""
     import jax
     import jax.numpy as jnp
@@ -244,8 +253,10 @@ def _profile(compiled, step_fn, state, frozen, pipeline, mesh, step, model_confi
     from jax_iclemb import train
 
     batch, _ = pipeline.batch(step)
-    arrays = train.device_batch(mesh, batch)
-    executable = compiled[batch.tokens.shape]
+    shapes = [s for s in compiled if s[:2] == batch.tokens.shape]
+    tile_list, tiles = train.attention_tiles(config, batch, 1, max(s[2] for s in shapes))
+    arrays = train.device_batch(mesh, batch, tile_list)
+    executable = compiled[(*batch.tokens.shape, tiles)]
     sources = hlo_sources(executable.as_text())
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
@@ -255,8 +266,8 @@ def _profile(compiled, step_fn, state, frozen, pipeline, mesh, step, model_confi
             traced_s = time.perf_counter() - t0
         split = attribute(trace_op_times(trace_dir), sources)
 
-    # The dense-mask attention core (scores, mask, softmax, values), forward + backward, on this
-    # step's shapes, for every layer: what a segment-aware kernel would mostly save.
+    # The attention core (scores, mask, softmax, values), forward + backward, on this step's
+    # shapes, for every layer.
     c = model_config
     rows, length = batch.tokens.shape
     key = jax.random.key(0)
@@ -265,7 +276,10 @@ def _profile(compiled, step_fn, state, frozen, pipeline, mesh, step, model_confi
     seg, pos = jnp.asarray(batch.segment_ids), jnp.asarray(batch.positions)
 
     def core(q, k, v):
-        out = attention(q, k, v, seg, pos, causal=True, sliding_window=c.sliding_window)
+        out = attention(
+            q, k, v, seg, pos, causal=True, sliding_window=c.sliding_window,
+            impl=c.attention_impl, block_pairs=arrays.get("block_pairs"), block=c.attention_block,
+        )
         return jnp.sum(out)
 
     grad = jax.jit(jax.grad(core, argnums=(0, 1, 2)))
@@ -298,9 +312,10 @@ def _current_rss_mb() -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _side(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def _side(name: str, args: argparse.Namespace, attention: str = "") -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--side", name, "--data", args.data,
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--attention", attention] if attention else []
     cmd += ["--quick"] if args.quick else []
     cmd += ["--no-profile"] if args.no_profile else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -316,45 +331,67 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def report(jax_r: dict, torch_r: dict, command: str) -> str:
-    ratio = jax_r["tokens_per_s"] / torch_r["tokens_per_s"]
-    shapes = ", ".join(f"{s}: {t:.1f} s" for s, t in jax_r["compile_s"].items())
+ATTENTION_NAMES = {"block_sparse": "block-sparse tiles", "xla": "dense mask"}
+
+
+def report(jax_runs: list[dict], torch_r: dict, command: str) -> str:
+    def row(label: str, cells: list[str], torch_cell: str) -> str:
+        return f"| {label} | " + " | ".join(cells) + f" | {torch_cell} |"
+
+    def each(fmt) -> list[str]:
+        return [fmt(r) for r in jax_runs]
+
+    t = torch_r
     lines = [
-        f"Machine: {machine()}. Command: `{command}`. Timed steps: {jax_r['steps']} a side "
-        f"(after warm-up), real tokens/step: {jax_r['real_tokens'] / jax_r['steps']:.0f} (JAX) / "
-        f"{torch_r['real_tokens'] / torch_r['steps']:.0f} (torch).",
+        f"Machine: {machine()}. Command: `{command}`. Timed steps: {t['steps']} a side "
+        f"(after warm-up), real tokens/step: "
+        + " / ".join(f"{r['real_tokens'] / r['steps']:.0f}" for r in [*jax_runs, t])
+        + " (same sequences on every side).",
         "",
-        "| | jax_iclemb (packed, jitted) | PyTorch way (left-padded, eager) |",
-        "|---|---:|---:|",
-        f"| real tokens/s | {jax_r['tokens_per_s']:,.0f} | {torch_r['tokens_per_s']:,.0f} |",
-        f"| ratio | **{ratio:.2f}×** | 1× |",
-        f"| step time (s, mean) | {jax_r['step_s']:.2f} | {torch_r['step_s']:.2f} |",
-        f"| utilisation (real / array slots) | {jax_r['utilisation']:.1%} | "
-        f"{torch_r['utilisation']:.1%} |",
-        f"| peak RSS (MB) | {jax_r['peak_rss_mb']:,.0f} | {torch_r['peak_rss_mb']:,.0f} |",
-        f"| RSS before training (MB) | {jax_r['rss_before_training_mb']:,.0f} | "
-        f"{torch_r['rss_before_training_mb']:,.0f} |",
-        f"| compile time | {shapes} | – (eager) |",
-        f"| host pipeline per step (s) | {jax_r['host_pipeline_s']:.2f} | (same pipeline, not "
-        f"timed) |",
+        "| | " + " | ".join(
+            f"jax_iclemb, {ATTENTION_NAMES.get(r['attention'], r['attention'])}" for r in jax_runs
+        ) + " | PyTorch way (left-padded, eager) |",
+        "|---|" + "---:|" * (len(jax_runs) + 1),
+        row("real tokens/s", each(lambda r: f"{r['tokens_per_s']:,.0f}"),
+            f"{t['tokens_per_s']:,.0f}"),
+        row("ratio", each(lambda r: f"**{r['tokens_per_s'] / t['tokens_per_s']:.2f}×**"), "1×"),
+        row("step time (s, mean)", each(lambda r: f"{r['step_s']:.2f}"), f"{t['step_s']:.2f}"),
+        row("utilisation (real / array slots)", each(lambda r: f"{r['utilisation']:.1%}"),
+            f"{t['utilisation']:.1%}"),
+        row("attention scores computed / dense rows'",
+            each(lambda r: f"{r['attention_scores_computed']:.1%}"), "–"),
+        row("peak RSS (MB)", each(lambda r: f"{r['peak_rss_mb']:,.0f}"),
+            f"{t['peak_rss_mb']:,.0f}"),
+        row("RSS before training (MB)", each(lambda r: f"{r['rss_before_training_mb']:,.0f}"),
+            f"{t['rss_before_training_mb']:,.0f}"),
+        row("compile time (s, per shape)", each(
+            lambda r: ", ".join(f"{v:.1f}" for v in r["compile_s"].values())), "– (eager)"),
+        row("host pipeline per step (s)", each(lambda r: f"{r['host_pipeline_s']:.2f}"),
+            "(same pipeline, not timed)"),
         "",
-        f"JAX compiled steps: {jax_r['flops_per_real_token'] / 1e6:.1f} MFLOP per real token "
-        f"(XLA cost analysis over the timed steps); the "
-        f"causal same-segment mask keeps {jax_r['attention_pairs_kept']:.1%} of the query-key "
-        f"pairs the dense rows compute.",
+        "JAX compiled steps, MFLOP per real token (XLA cost analysis over the timed steps): "
+        + ", ".join(
+            f"{ATTENTION_NAMES.get(r['attention'], r['attention'])} "
+            f"{r['flops_per_real_token'] / 1e6:.1f}" for r in jax_runs
+        )
+        + f". The causal same-segment mask keeps {jax_runs[0]['attention_pairs_kept']:.1%} of "
+        "the query-key pairs of the dense rows.",
     ]
-    prof = jax_r.get("profile")
-    if prof:
+    for r in jax_runs:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        name = ATTENTION_NAMES.get(r["attention"], r["attention"])
         lines += [
             "",
-            f"Profile of one JAX step (rows×length {prof['shape']}, "
+            f"Profile of one JAX step, {name} (rows×length {prof['shape']}, "
             f"{prof['traced_step_s']:.2f} s traced): share of XLA op time by source function",
             "",
             "| phase, source function | share |",
             "|---|---:|",
-            *(f"| {name} | {share:.1%} |" for name, share in prof["split"]),
+            *(f"| {label} | {share:.1%} |" for label, share in prof["split"]),
             "",
-            f"Dense-mask attention core alone (scores + mask + softmax + values, fwd+bwd, all "
+            f"Attention core alone ({name}: scores + mask + softmax + values, fwd+bwd, all "
             f"layers) on this shape: {prof['attention_core_s']:.2f} s.",
         ]
     return "\n".join(lines) + "\n"
@@ -367,13 +404,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--quick", action="store_true", help="short lengths, batch 4, 1+1 steps")
     parser.add_argument("--no-profile", action="store_true", help="skip the JAX profile")
+    parser.add_argument(
+        "--attention", nargs="+", default=["block_sparse", "xla"],
+        help="JAX attention paths to run (model.attention_impl values)",
+    )
     parser.add_argument("--append", default=None, help="append the report to this Markdown file")
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)  # worker
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 1, 1
     if args.side:
-        config = bench_config(args.data, args.quick)
+        config = bench_config(args.data, args.quick, args.attention[0])
         if args.side == "jax":
             result = run_jax(config, args.steps, args.warmup, profile=not args.no_profile)
         else:
@@ -384,13 +425,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     command = "python bench/train_throughput.py " + " ".join(argv or sys.argv[1:])
-    results = {}
-    for side in ("jax", "torch"):
+    jax_runs = []
+    for attention in args.attention:
         t0 = time.perf_counter()
-        results[side] = _side(side, args)
-        print(f"{side}: {json.dumps(results[side])} ({time.perf_counter() - t0:.0f} s)",
+        jax_runs.append(_side("jax", args, attention))
+        print(f"jax ({attention}): {json.dumps(jax_runs[-1])} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
-    text = report(results["jax"], results["torch"], command.strip())
+    t0 = time.perf_counter()
+    torch_r = _side("torch", args)
+    print(f"torch: {json.dumps(torch_r)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    text = report(jax_runs, torch_r, command.strip())
     print()
     print(text)
     if args.append:

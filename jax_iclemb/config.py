@@ -57,8 +57,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 POSITIVE = (
     "data.query_max_len", "data.passage_max_len", "data.example_query_max_len",
     "data.example_passage_max_len", "data.train_group_size", "data.batch_size",
-    "data.max_segments_per_row", "lora.rank", "loss.temperature", "optim.accumulate_steps",
-    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "data.max_segments_per_row", "model.attention_block", "lora.rank", "loss.temperature",
+    "optim.accumulate_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.grad_cache_chunks",
 )
 NON_NEGATIVE = (
@@ -80,7 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.attention = "causal"
     c.model.pooling = "last_token"
     c.model.remat = "full"
-    c.model.attention_impl = "xla"  # xla | pallas (GPU) | cudnn (GPU) | splash (TPU)
+    # block_sparse | xla (dense mask) | pallas (GPU) | cudnn (GPU) | splash (TPU); docs/model.md
+    c.model.attention_impl = "block_sparse"
+    c.model.attention_block = 64  # block_sparse tile size; must divide the packed row length
     c.model.init = "normal"
 
     c.lora = ml_collections.ConfigDict()
@@ -230,6 +232,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("eval.every > 0 needs eval.data (a BEIR-format folder)")
     if config.data.passage_max_len > config.data.query_max_len:
         raise ConfigError("data.passage_max_len must not exceed data.query_max_len")
+    row_len = config.data.pack_len or config.data.query_max_len
+    if config.model.attention_impl == "block_sparse" and row_len % config.model.attention_block:
+        raise ConfigError(
+            f"model.attention_impl='block_sparse' cuts packed rows into tiles of "
+            f"model.attention_block={config.model.attention_block} tokens: the row length "
+            f"(data.pack_len, or data.query_max_len when it is 0) = {row_len} must be a multiple"
+        )
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

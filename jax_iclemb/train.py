@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax_iclemb import checkpoint, distributed, gradcache, parallel
 from jax_iclemb import config as config_lib
 from jax_iclemb.data.batch import PackedBatch
-from jax_iclemb.data.packing import pad_batch
+from jax_iclemb.data.packing import pad_batch, row_bucket
 from jax_iclemb.data.pipeline import TrainPipeline, pipeline_from_config
 from jax_iclemb.loss import contrastive_loss
 from jax_iclemb.model import (
@@ -44,6 +44,7 @@ from jax_iclemb.model import (
     load_pretrained,
     mean_pool,
 )
+from jax_iclemb.model.block_sparse import block_pairs, pad_pairs
 from jax_iclemb.observe import MetricsWriter, flops_per_token, peak_flops
 from jax_iclemb.optim import global_norm, make_optimizer
 
@@ -69,6 +70,7 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "attention": m.attention,
         "remat": m.remat,
         "attention_impl": m.attention_impl,
+        "attention_block": m.attention_block,
         "init": m.init,
     }
 
@@ -109,7 +111,9 @@ def embed_packed(
     model: nnx.Module, batch: dict[str, jax.Array], pooling: str = "last_token"
 ) -> jax.Array:
     """Normalised embeddings of every segment slot of a packed batch: [R * S, D]."""
-    hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    hidden = model(
+        batch["tokens"], batch["positions"], batch["segment_ids"], batch.get("block_pairs")
+    )
     if pooling == "mean":
         pooled = mean_pool(hidden, batch["segment_ids"], batch["last_index"].shape[1])
     else:
@@ -196,7 +200,7 @@ def make_grad_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> C
             lambda p, rows, c: embed(p, frozen, rows, jax.random.fold_in(key, c)),
             lambda emb: objective(emb, batch),
             params,
-            {name: batch[name] for name in ROW_ARRAYS},
+            {name: batch[name] for name in ROW_ARRAYS if name in batch},
             chunks,
         )
 
@@ -239,8 +243,26 @@ def split_model(model: nnx.Module, trainable: str = "lora") -> tuple[nnx.GraphDe
 # Batches onto the mesh
 # ---------------------------------------------------------------------------------------------
 
-ROW_ARRAYS = ("tokens", "segment_ids", "positions", "last_index")
+# Split over the data axes with the rows (block_pairs: one tile list per row group).
+ROW_ARRAYS = ("tokens", "segment_ids", "positions", "last_index", "block_pairs")
 SLOT_ARRAYS = ("query_slot", "passage_slot")
+
+
+def attention_tiles(
+    config: ml_collections.ConfigDict, batch: PackedBatch, groups: int, at_least: int = 0
+) -> tuple[np.ndarray | None, int]:
+    """(tile lists, count): the block-sparse attention's tile lists of the batch's rows, one per
+    contiguous row group (`block_sparse.block_pairs`), padded to a bucketed count of at least
+    `at_least`, equal on every process; (None, at_least) unless `model.attention_impl` is
+    "block_sparse"."""
+    m = config.model
+    if m.attention_impl != "block_sparse":
+        return None, at_least
+    tiles = block_pairs(
+        batch.segment_ids, block=m.attention_block, causal=m.attention == "causal", groups=groups
+    )
+    count = max(at_least, global_max(row_bucket(tiles.shape[1])))
+    return pad_pairs(tiles, count, batch.tokens.shape[1] // m.attention_block), count
 
 
 def global_max(value: int) -> int:
@@ -250,8 +272,10 @@ def global_max(value: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.array([value]))))
 
 
-def device_batch(mesh: jax.sharding.Mesh, batch: PackedBatch) -> dict[str, jax.Array]:
-    """This host's packed rows -> global arrays on the mesh.
+def device_batch(
+    mesh: jax.sharding.Mesh, batch: PackedBatch, block_pairs: np.ndarray | None = None
+) -> dict[str, jax.Array]:
+    """This host's packed rows (and their attention tile lists) -> global arrays on the mesh.
 
     Rows are split over the data axes; each host contributes its own rows
     (`make_array_from_process_local_data`). The small per-query arrays are gathered to every host
@@ -259,8 +283,11 @@ def device_batch(mesh: jax.sharding.Mesh, batch: PackedBatch) -> dict[str, jax.A
     the same shape on every host (`pad_batch`).
     """
     offset = jax.process_index() * batch.num_rows * batch.max_segments
+    arrays = batch.arrays()
+    if block_pairs is not None:
+        arrays["block_pairs"] = block_pairs
     out = {}
-    for name, value in batch.arrays().items():
+    for name, value in arrays.items():
         if name in ROW_ARRAYS:
             spec = ("batch",) + (None,) * (value.ndim - 1)
             global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
@@ -330,11 +357,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
             every=config.train.checkpoint_every,
             keep=config.train.keep_checkpoints,
         )
-        rows = 0
+        rows = tiles = 0
         start = ckpt.latest_step()
         if start is not None:
             state, meta = ckpt.restore(start, checkpoint.abstract_like(state))
             rows = -(-int(meta.get("global_rows", 0)) // jax.process_count())
+            tiles = int(meta.get("attention_tiles", 0))
             log.info("resumed from step %d", start)
 
         train_step = jax.jit(
@@ -343,7 +371,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         loop = TrainLoop(
             config, workdir, pipeline, mesh, train_step, ckpt,
             flops_token=flops_per_token(model_config, lora_config(config)), rows=rows,
-            graphdef=graphdef,
+            tiles=tiles, graphdef=graphdef,
         )
         summary = loop.run(state, frozen, steps)
         ckpt.close()
@@ -353,17 +381,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 class TrainLoop:
     """Step numbers -> batches -> updates, with logging, checkpoints, signals and NaN checks.
 
-    Batch shapes only grow: rows are padded to the largest count seen so far (kept in the
-    checkpoint, so a resumed run compiles and computes exactly what an uninterrupted one does),
-    and queries to the largest batch size of any dataset.
+    Batch shapes only grow: rows are padded to the largest count seen so far, and so are the
+    block-sparse attention's tile lists (both kept in the checkpoint, so a resumed run compiles
+    and computes exactly what an uninterrupted one does); queries to the largest batch size of
+    any dataset.
     """
 
     def __init__(
-        self, config, workdir, pipeline, mesh, train_step, ckpt, *, flops_token, rows, graphdef
+        self, config, workdir, pipeline, mesh, train_step, ckpt, *, flops_token, rows, tiles,
+        graphdef,
     ):
         self.config, self.workdir, self.pipeline, self.mesh = config, workdir, pipeline, mesh
         self.train_step, self.ckpt, self.flops_token = train_step, ckpt, flops_token
-        self.rows, self.graphdef = rows, graphdef
+        self.rows, self.tiles, self.graphdef = rows, tiles, graphdef
 
     def next_batch(self, step: int) -> tuple[dict[str, jax.Array], dict[str, Any]]:
         batch, info = self.pipeline.batch(step)
@@ -374,11 +404,19 @@ class TrainLoop:
             num_queries=self.pipeline.max_local_queries,
             pad_id=self.pipeline.tokenizer.pad_token_id or 0,
         )
-        return device_batch(self.mesh, batch), info
+        # One tile list per row group of a data shard and gradient-cache chunk (row_multiple).
+        tiles, self.tiles = attention_tiles(
+            self.config, batch, self.pipeline.row_multiple, self.tiles
+        )
+        return device_batch(self.mesh, batch, tiles), info
 
     def save(self, state: TrainState, *, force: bool = False) -> None:
         step = int(state["step"])
-        meta = {"step": step, "global_rows": self.rows * jax.process_count()}
+        meta = {
+            "step": step,
+            "global_rows": self.rows * jax.process_count(),
+            "attention_tiles": self.tiles,
+        }
         self.ckpt.save(step, state, meta, force=force)
 
     def maybe_evaluate(

@@ -9,6 +9,7 @@ import pytest
 from jax_iclemb import gradcache, parallel
 from jax_iclemb.config import default_config
 from jax_iclemb.model import LoraConfig, ModelConfig, create_model
+from jax_iclemb.model.block_sparse import block_pairs
 from jax_iclemb.train import (
     ROW_ARRAYS,
     dropout_key,
@@ -22,10 +23,11 @@ ROWS, LENGTH, SEGMENTS = 8, 16, 2
 QUERIES, GROUP = 4, 3  # 4 queries + 12 passages fill the 16 slots
 
 
-def tiny(dropout: float):
+def tiny(dropout: float, attention_impl: str = "xla"):
     cfg = ModelConfig(
         model_type="mistral", vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1,
         num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32", param_dtype="float32",
+        attention_impl=attention_impl, attention_block=4,
     )
     model = create_model(cfg, LoraConfig(rank=4, alpha=8.0, dropout=dropout), seed=0)
     graphdef, params, frozen = split_model(model)
@@ -99,12 +101,17 @@ def test_rows_that_do_not_split_are_refused():
         gradcache.check_rows(6, chunks=4, shards=1)
 
 
-def test_grad_cache_on_a_mesh_equals_the_unchunked_step():
+@pytest.mark.parametrize("impl", ["xla", "block_sparse"])
+def test_grad_cache_on_a_mesh_equals_the_unchunked_step(impl):
     graphdef, params, frozen = tiny(dropout=0.0)
     b, step = batch(), jnp.int32(3)
     want = jax.jit(make_grad_fn(graphdef, config(1)))(params, frozen, b, step)
     # 8 rows = 2 chunks x 4 data shards x 1 row; heads split over "tensor" as well.
     mesh = parallel.make_mesh((2, 2, 2))
+    graphdef, _, _ = tiny(dropout=0.0, attention_impl=impl)
+    if impl == "block_sparse":  # one tile list per (data shard, chunk) row group
+        tiles = block_pairs(np.asarray(b["segment_ids"]), block=4, causal=True, groups=8)
+        b = dict(b, block_pairs=jnp.asarray(tiles))
     with jax.set_mesh(mesh):
         got = jax.jit(make_grad_fn(graphdef, config(2)))(params, frozen, b, step)
     assert_close(got, want)
@@ -118,7 +125,7 @@ def test_grad_cache_with_dropout_is_the_gradient_of_the_chunked_forward():
     b, step, chunks = batch(), jnp.int32(5), 2
     cfg = config(chunks)
     embed, objective = make_embed_fn(graphdef, cfg), make_objective(cfg)
-    rows = {k: b[k] for k in ROW_ARRAYS}
+    rows = {k: b[k] for k in ROW_ARRAYS if k in b}
     n = ROWS // chunks
 
     def reference_loss(p):

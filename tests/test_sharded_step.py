@@ -1,5 +1,6 @@
 """The loss and gradients of the sharded step equal a single-device computation of the same
-global batch, for each mesh layout the configs use: pure data, data x fsdp, fsdp x tensor."""
+global batch, for each mesh layout the configs use: pure data, data x fsdp, fsdp x tensor; with
+the dense attention and with block-sparse attention (one tile list per data shard)."""
 
 import jax
 import numpy as np
@@ -9,7 +10,7 @@ from jax_iclemb import parallel
 from jax_iclemb.config import default_config
 from jax_iclemb.data.packing import pack_batch
 from jax_iclemb.model import LoraConfig, ModelConfig, create_model
-from jax_iclemb.train import device_batch, make_loss_fn, split_model
+from jax_iclemb.train import attention_tiles, device_batch, make_loss_fn, split_model
 
 ARCH = {
     "model_type": "mistral", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
@@ -34,11 +35,15 @@ def random_batch(rng: np.random.Generator, num_queries=8, group=3):
     )
 
 
-def loss_and_grads(mesh, batch):
+def loss_and_grads(mesh, batch, impl="xla"):
     config = default_config()
     config.loss.temperature = 0.05
     config.loss.distill_weight = 1.0  # InfoNCE + distillation: both terms cross devices
-    cfg = ModelConfig.from_hf(ARCH, dtype="float32", param_dtype="float32")
+    config.model.attention_impl, config.model.attention_block = impl, 8
+    tiles, _ = attention_tiles(config, batch, parallel.data_parallel_size(mesh))
+    cfg = ModelConfig.from_hf(
+        ARCH, dtype="float32", param_dtype="float32", attention_impl=impl, attention_block=8
+    )
     with jax.set_mesh(mesh):
         model = create_model(cfg, LORA, seed=3, mesh=mesh)
         graphdef, params, frozen = split_model(model)
@@ -49,7 +54,7 @@ def loss_and_grads(mesh, batch):
             params,
         )
         fn = jax.jit(jax.value_and_grad(make_loss_fn(graphdef, config), has_aux=True))
-        (loss, _), grads = fn(params, frozen, device_batch(mesh, batch), 0)
+        (loss, _), grads = fn(params, frozen, device_batch(mesh, batch, tiles), 0)
         return float(loss), jax.tree.map(np.asarray, grads)
 
 
@@ -59,11 +64,12 @@ def single_device_result():
     return loss_and_grads(single, random_batch(np.random.default_rng(1)))
 
 
+@pytest.mark.parametrize("impl", ["xla", "block_sparse"])
 @pytest.mark.parametrize("layout", [(8, 1, 1), (2, 4, 1), (1, 4, 2)], ids=str)
-def test_sharded_step_equals_single_device(layout, single_device_result):
+def test_sharded_step_equals_single_device(layout, impl, single_device_result):
     loss_1, grads_1 = single_device_result
     batch = random_batch(np.random.default_rng(1))
-    loss_n, grads_n = loss_and_grads(parallel.make_mesh(layout), batch)
+    loss_n, grads_n = loss_and_grads(parallel.make_mesh(layout), batch, impl)
     assert np.isfinite(loss_1) and loss_1 > 0
     np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5)
     leaves_1, leaves_n = jax.tree.leaves(grads_1), jax.tree.leaves(grads_n)

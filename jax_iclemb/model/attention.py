@@ -3,6 +3,9 @@
 `model.attention_impl` picks one; all compute the same function (tests/test_attention_kernels.py):
 
 - "xla": a dense [R, Lq, Lk] mask and two einsums. Any backend; memory O(L²) per row and head.
+- "block_sparse": only the (query block, key block) tiles that hold a same-segment pair, listed per
+  step by the host (`block_sparse.py`). Any backend; work and memory follow the kept tiles. Needs
+  the step's tile list (`block_pairs`); called without one (inference) it falls back to "xla".
 - "pallas": jax's Pallas (Triton) flash attention for GPUs
   (`jax.experimental.pallas.ops.gpu.attention.mha`), which takes segment ids natively. It has no
   grouped KV, so K/V heads are repeated to the query heads.
@@ -12,7 +15,8 @@
 - "splash": TPU splash attention with segment ids; grouped KV through its multi-query kernel,
   vmapped over KV heads.
 
-Segment 0 (padding) attends only to padding under every kernel, so no query row is empty.
+Segment 0 (padding) attends only to padding (under "block_sparse": to nothing, output 0), so no
+softmax row is empty; outputs on padding are never used.
 Fused kernels under a mesh run per shard (`jax.shard_map`): GSPMD cannot partition a custom call.
 """
 
@@ -24,9 +28,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from jax_iclemb.model import block_sparse
 from jax_iclemb.parallel import logical_to_spec
 
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "splash")
+ATTENTION_IMPLS = ("xla", "block_sparse", "pallas", "cudnn", "splash")
 
 
 def attention_mask(
@@ -138,13 +143,23 @@ def dot_product_attention(
     sliding_window: int | None = None,
     impl: str = "xla",
     interpret: bool | None = None,
+    block_pairs: jax.Array | None = None,
+    block: int = 64,
 ) -> jax.Array:
     """Attention of packed rows. q [R,L,H,Dh], k/v [R,L,K,Dh], ids/positions [R,L] -> [R,L,H,Dh].
+
+    `block_pairs` [groups, P, 3] is the tile list of "block_sparse" (`block_sparse.block_pairs` of
+    these rows with this `block`).
 
     `interpret` runs the Pallas kernels ("pallas", "splash") in the Pallas interpreter; by default
     it does so exactly when JAX runs on CPU, where they cannot compile (slow: tests and --tiny).
     """
-    if impl == "xla":
+    if impl == "block_sparse" and block_pairs is not None:
+        return block_sparse.attention(
+            q, k, v, segment_ids, positions, block_pairs,
+            block=block, causal=causal, sliding_window=sliding_window,
+        )
+    if impl in ("xla", "block_sparse"):
         return xla_attention(
             q, k, v, segment_ids, positions, causal=causal, sliding_window=sliding_window
         )

@@ -63,6 +63,7 @@ class ModelConfig:
     attention: Literal["causal", "bidirectional"] = "causal"
     remat: str = "none"
     attention_impl: str = "xla"
+    attention_block: int = 64  # tile size of attention_impl="block_sparse"
     init: Literal["normal", "fan_in"] = "normal"
     # Rows [base_vocab_size, vocab_size) of the embedding were appended after import.
     base_vocab_size: int | None = None
@@ -86,6 +87,8 @@ class ModelConfig:
             raise ValueError(
                 f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
             )
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
         if self.init not in ("normal", "fan_in"):
             raise ValueError(f"init must be 'normal' or 'fan_in', got {self.init!r}")
         for name in ("dtype", "param_dtype"):

@@ -145,7 +145,7 @@ class Attention(nnx.Module):
         self.k_norm = norm() if cfg.qk_norm else None
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, segment_ids, positions):
+    def __call__(self, x, cos, sin, segment_ids, positions, block_pairs):
         cfg = self.cfg
         r, length, _ = x.shape
         q = self.q_proj(x).reshape(r, length, cfg.num_heads, cfg.head_dim)
@@ -165,6 +165,8 @@ class Attention(nnx.Module):
             causal=cfg.attention == "causal",
             sliding_window=cfg.sliding_window,
             impl=cfg.attention_impl,
+            block_pairs=block_pairs,
+            block=cfg.attention_block,
         )
         return self.o_proj(out.reshape(r, length, cfg.num_heads * cfg.head_dim))
 
@@ -190,19 +192,21 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, lora, rngs=rngs)
         self.dtype = cfg.compute_dtype
 
-    def __call__(self, x, cos, sin, segment_ids, positions):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, positions)
+    def __call__(self, x, cos, sin, segment_ids, positions, block_pairs):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, positions, block_pairs)
         x = constrain(x + h.astype(self.dtype), _HIDDEN)
         h = self.mlp(self.post_attention_layernorm(x))
         return constrain(x + h.astype(self.dtype), _HIDDEN)
 
 
-def _run_block(block: Block, x, cos, sin, segment_ids, positions):
-    return block(x, cos, sin, segment_ids, positions)
+def _run_block(block: Block, x, cos, sin, segment_ids, positions, block_pairs):
+    return block(x, cos, sin, segment_ids, positions, block_pairs)
 
 
 class Decoder(nnx.Module):
-    """tokens, positions, segment_ids [R, L] -> final-norm hidden states [R, L, D] (float32)."""
+    """tokens, positions, segment_ids [R, L] -> final-norm hidden states [R, L, D] (float32).
+
+    `block_pairs`: the step's tile list for `attention_impl="block_sparse"` (else unused)."""
 
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None = None, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -212,7 +216,11 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.weight_dtype)
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        block_pairs: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         x = constrain(self.embed_tokens(tokens).astype(cfg.compute_dtype), _HIDDEN)
@@ -221,7 +229,7 @@ class Decoder(nnx.Module):
         if cfg.remat != "none":
             run = nnx.remat(_run_block, policy=_REMAT_POLICIES[cfg.remat])
         for block in self.layers:
-            x = run(block, x, cos, sin, segment_ids, positions)
+            x = run(block, x, cos, sin, segment_ids, positions, block_pairs)
         return constrain(self.norm(x), _HIDDEN)
 
 
