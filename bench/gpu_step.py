@@ -1,6 +1,7 @@
 """The paper's training step on one accelerator: step time, real tokens/s and MFU.
 
-    python bench/gpu_step.py [--attention xla|pallas|cudnn] [--batch 16] [--chunk-rows 4]
+    python bench/gpu_step.py [--attention block_sparse|xla|pallas|cudnn] [--batch 16] \
+        [--chunk-rows 4]
     python bench/gpu_step.py --tiny            # the same code path, small model, on CPU, < 60 s
     python bench/gpu_step.py --estimate [--rows 32]   # AOT memory of the 7B step, nothing allocated
 
@@ -126,7 +127,13 @@ def run(config: Any, args: argparse.Namespace) -> dict[str, Any]:
         del model
         tx, schedule = make_optimizer(config.optim, 1000)
         state = train.initial_state(params, tx)
-        device_batches = [train.device_batch(mesh, b) for b in batches]
+        # One tile count for all batches (block_sparse), so the step compiles once.
+        groups = chunks * shards
+        count = max(train.attention_tiles(config, b, groups)[1] for b in batches)
+        device_batches = [
+            train.device_batch(mesh, b, train.attention_tiles(config, b, groups, count)[0])
+            for b in batches
+        ]
         step_fn = jax.jit(train.make_train_step(graphdef, config, tx, schedule), donate_argnums=0)
         t0 = time.perf_counter()
         compiled = step_fn.lower(state, frozen, device_batches[0]).compile()
@@ -183,12 +190,17 @@ def _gib(n: int) -> float:
 
 
 def estimate(
-    config: Any, rows: int, chunk_rows: int, mesh_shape: tuple[int, int, int] = (1, 1, 1)
+    config: Any,
+    rows: int,
+    chunk_rows: int,
+    mesh_shape: tuple[int, int, int] = (1, 1, 1),
+    tiles_per_row: int = 200,
 ) -> dict[str, Any]:
     """Memory of the compiled step for the configured model on abstract inputs (nothing is
     allocated): `memory_analysis()` of the step compiled for this host's backend, per device.
     With a mesh, parameters carry their rule-table shardings and rows are split over the data
-    axes, as in training."""
+    axes, as in training. Block-sparse attention is sized at `tiles_per_row` tiles per row (of a
+    2048-token row's 528 causal 64×64 tiles; `run`'s synthetic batches need 190-205 per row)."""
     mesh = parallel.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
     shards = parallel.data_parallel_size(mesh)
     chunks = max(1, rows // (chunk_rows * shards)) if chunk_rows else 1
@@ -229,6 +241,11 @@ def estimate(
         "has_teacher": sds((b,), jnp.bool_), "in_batch_negatives": sds((), jnp.bool_),
         "query_label": sds((b,), jnp.int32), "passage_label": sds((b, g), jnp.int32),
     }
+    if config.model.attention_impl == "block_sparse":
+        # Tile lists per (data shard, chunk) group, at `tiles_per_row` tiles per row.
+        groups = chunks * shards
+        tiles = rows // groups * tiles_per_row
+        batch["block_pairs"] = sds((groups, tiles, 3), jnp.int32, True)
     with jax.set_mesh(mesh):
         step_fn = jax.jit(train.make_train_step(graphdef, config, tx, schedule), donate_argnums=0)
         t0 = time.perf_counter()
@@ -254,7 +271,9 @@ def estimate(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--attention", default="xla", choices=("xla", "pallas", "cudnn"))
+    p.add_argument(
+        "--attention", default="block_sparse", choices=("block_sparse", "xla", "pallas", "cudnn")
+    )
     p.add_argument("--remat", default="full", choices=("none", "full", "dots", "dots_no_batch"))
     p.add_argument("--batch", type=int, default=16, help="queries per step (each with 8 passages)")
     p.add_argument("--chunk-rows", type=int, default=4, help="rows per gradient-cache chunk")
