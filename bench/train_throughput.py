@@ -8,12 +8,13 @@
 Both sides train the same small Mistral-shaped decoder (hidden 256, 4 layers, 8 heads / 4 KV heads,
 MLP 768, vocab 32003; fp32; LoRA rank 64 / alpha 32 / dropout 0.1 on all projections) on the same
 token sequences (jax_iclemb's pipeline at the paper's lengths: query 2048 with 0-5 examples, passage
-512, examples 256/256, group 8, 8 queries a step), each side in its own subprocess so that peak RSS
-is per side. The JAX side runs once per attention path (`--attention`: block-sparse tiles and the
-dense mask by default), builds its step and batches as `train.run` does, compiles every new batch
-shape ahead of time (compile time reported apart from step time), and profiles one step: the XLA
-CPU trace's op times are attributed to source functions (attention, projections, rest) through
-the compiled HLO's metadata. Prints a Markdown report; `--append FILE` also appends it to FILE.
+512, examples 256/256, group 8, `--batch` queries a step, 8 by default), each side in its own
+subprocess so that peak RSS is per side. The JAX side runs once per attention path (`--attention`:
+block-sparse tiles and the dense mask by default), builds its step and batches as `train.run`
+does, compiles every new batch shape ahead of time (compile time reported apart from step time),
+and profiles one step: the XLA CPU trace's op times are attributed to source functions
+(attention, projections, rest) through the compiled HLO's metadata. Prints a Markdown report;
+`--append FILE` also appends it to FILE.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_DATA = "/work/shared/data/reference-sample"
 
 
-def bench_config(data_path: str, quick: bool, attention: str = "block_sparse") -> Any:
+def bench_config(
+    data_path: str, quick: bool, attention: str = "block_sparse", batch: int = 8
+) -> Any:
     from jax_iclemb.config import default_config
 
     c = default_config()
@@ -57,7 +60,7 @@ def bench_config(data_path: str, quick: bool, attention: str = "block_sparse") -
     c.model.remat = "none"  # the torch side keeps activations too (no gradient checkpointing)
     c.model.init = "fan_in"
     c.data.path = data_path
-    c.data.batch_size = 8
+    c.data.batch_size = batch
     if quick:
         c.data.batch_size = 4
         c.data.query_max_len, c.data.passage_max_len = 512, 128
@@ -314,7 +317,7 @@ def _current_rss_mb() -> float:
 
 def _side(name: str, args: argparse.Namespace, attention: str = "") -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--side", name, "--data", args.data,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
     cmd += ["--attention", attention] if attention else []
     cmd += ["--quick"] if args.quick else []
     cmd += ["--no-profile"] if args.no_profile else []
@@ -403,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--quick", action="store_true", help="short lengths, batch 4, 1+1 steps")
+    parser.add_argument("--batch", type=int, default=8, help="queries per step")
     parser.add_argument("--no-profile", action="store_true", help="skip the JAX profile")
     parser.add_argument(
         "--attention", nargs="+", default=["block_sparse", "xla"],
@@ -414,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.warmup = 1, 1
     if args.side:
-        config = bench_config(args.data, args.quick, args.attention[0])
+        config = bench_config(args.data, args.quick, args.attention[0], args.batch)
         if args.side == "jax":
             result = run_jax(config, args.steps, args.warmup, profile=not args.no_profile)
         else:

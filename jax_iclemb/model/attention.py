@@ -154,21 +154,21 @@ def dot_product_attention(
     `interpret` runs the Pallas kernels ("pallas", "splash") in the Pallas interpreter; by default
     it does so exactly when JAX runs on CPU, where they cannot compile (slow: tests and --tiny).
     """
-    if impl == "block_sparse" and block_pairs is not None:
-        return block_sparse.attention(
-            q, k, v, segment_ids, positions, block_pairs,
-            block=block, causal=causal, sliding_window=sliding_window,
-        )
-    if impl in ("xla", "block_sparse"):
-        return xla_attention(
-            q, k, v, segment_ids, positions, causal=causal, sliding_window=sliding_window
-        )
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; known: {ATTENTION_IMPLS}")
     length = q.shape[1]
     # Positions are contiguous within a segment, so a window is a band of columns; one at least
     # as long as the row never masks anything (Mistral's 4096 at rows of 2048).
     window = sliding_window if sliding_window is not None and sliding_window < length else None
+    if impl == "block_sparse" and block_pairs is not None:
+        return block_sparse.attention(
+            q, k, v, segment_ids, positions, block_pairs,
+            block=block, causal=causal, sliding_window=window,
+        )
+    if impl in ("xla", "block_sparse"):
+        return xla_attention(
+            q, k, v, segment_ids, positions, causal=causal, sliding_window=sliding_window
+        )
     if impl == "cudnn":
         if window is not None and not causal:
             raise ValueError("attention impl 'cudnn' supports a sliding window only when causal")

@@ -113,17 +113,26 @@ def _group_attention(q, k, v, segment_ids, positions, pairs, *, block, causal, s
     # block_pairs sorts the tiles by (row, query block) and puts no-op tiles last.
     target = jnp.where(valid, q_block, num_blocks)
 
-    def tiles(x: jax.Array, index: jax.Array) -> jax.Array:  # [rows, L, ...] -> [P, block, ...]
+    def tiles(x: jax.Array, index: jax.Array) -> jax.Array:  # [num_blocks, ...] -> [P, ...]
         # Indices are in range by construction; "clip" skips the bounds masking of x[index],
         # several times faster on CPU.
-        return jnp.take(x.reshape(num_blocks, block, *x.shape[2:]), index, axis=0, mode="clip")
+        return jnp.take(x, index, axis=0, mode="clip")
 
-    qt = tiles(q, q_block).reshape(-1, block, kv_heads, heads // kv_heads, head_dim)
-    kt, vt = tiles(k, k_block), tiles(v, k_block)
-    scores = jnp.einsum("pqkgd,pskd->pkgqs", qt, kt, preferred_element_type=jnp.float32)
+    def head_major(x: jax.Array) -> jax.Array:  # [rows, L, heads, D] -> [rows·nb, heads, block, D]
+        x = x.reshape(rows, nb, block, x.shape[2], head_dim).transpose(0, 1, 3, 2, 4)
+        return x.reshape(num_blocks, x.shape[2], block, head_dim)
+
+    # Blocks are made head-major once, before the gather, so that both einsums below are plain
+    # batched matmuls (batch dims first, no per-tile transposes).
+    qt = tiles(head_major(q), q_block).reshape(-1, kv_heads, heads // kv_heads, block, head_dim)
+    kt, vt = tiles(head_major(k), k_block), tiles(head_major(v), k_block)  # [P, K, block, D]
+    scores = jnp.einsum("pkgqd,pksd->pkgqs", qt, kt, preferred_element_type=jnp.float32)
     scores = scores * (head_dim**-0.5)
 
-    seg_q, seg_k = tiles(segment_ids, q_block), tiles(segment_ids, k_block)
+    def row_tiles(x: jax.Array, index: jax.Array) -> jax.Array:  # [rows, L] -> [P, block]
+        return tiles(x.reshape(num_blocks, block), index)
+
+    seg_q, seg_k = row_tiles(segment_ids, q_block), row_tiles(segment_ids, k_block)
     mask = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q[:, :, None] > 0)
     mask &= valid[:, None, None]
     if causal:
@@ -132,7 +141,7 @@ def _group_attention(q, k, v, segment_ids, positions, pairs, *, block, causal, s
         col_k = pairs[:, 2, None] * block + offset
         mask &= col_q[:, :, None] >= col_k[:, None, :]
     if sliding_window is not None:
-        dist = tiles(positions, q_block)[:, :, None] - tiles(positions, k_block)[:, None, :]
+        dist = row_tiles(positions, q_block)[:, :, None] - row_tiles(positions, k_block)[:, None, :]
         mask &= (dist if causal else jnp.abs(dist)) < sliding_window
     mask = mask[:, None, None]  # [P, 1, 1, block_q, block_k]
 
@@ -148,10 +157,10 @@ def _group_attention(q, k, v, segment_ids, positions, pairs, *, block, causal, s
     row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
     # Pass 2: unnormalised weights; masked entries go through exp(-inf) = 0, so no inf reaches a
     # gradient.
-    shift = jnp.take(row_max, q_block, axis=0, mode="clip")[..., None]
+    shift = tiles(row_max, q_block)[..., None]
     weights = jnp.exp(jnp.where(mask, scores - shift, -jnp.inf))
     denom = segment(weights.sum(axis=-1))  # [rows·nb, K, G, block_q]
-    out = segment(jnp.einsum("pkgqs,pskd->pkgqd", weights.astype(v.dtype), vt))
+    out = segment(jnp.einsum("pkgqs,pksd->pkgqd", weights.astype(v.dtype), vt))
     out = out / jnp.where(denom > 0, denom, 1.0)[..., None].astype(out.dtype)
     # [rows·nb, K, G, block, D] -> [rows, L, H, D]
     out = out.reshape(rows, nb, kv_heads, -1, block, head_dim).transpose(0, 1, 4, 2, 3, 5)
