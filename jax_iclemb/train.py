@@ -444,11 +444,14 @@ class TrainLoop:
         peak = peak_flops(jax.devices()[0]) * jax.device_count()
         history: list[float] = []
         reason = "finished"
+        upcoming = self.next_batch(start) if start < steps else None
         try:
             for step in range(start, steps):
-                batch, info = self.next_batch(step)
+                batch, info = upcoming
                 t0 = time.perf_counter()
-                state, metrics = self.train_step(state, frozen, batch)
+                state, metrics = self.train_step(state, frozen, batch)  # dispatched, not awaited
+                # The next batch is host work: build it while the device runs this step.
+                upcoming = self.next_batch(step + 1) if step + 1 < steps else None
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 seconds = time.perf_counter() - t0
                 if not all(math.isfinite(v) for v in metrics.values()):
