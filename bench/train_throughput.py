@@ -191,11 +191,14 @@ def run_jax(config: Any, steps: int, warmup: int, profile: bool) -> dict[str, An
         flops: dict[str, float] = {}
         rss_start = _current_rss_mb()
         times, host, real, slots, losses, kept, dense, work = [], [], 0, 0, [], 0, 0, 0.0
-        tiles, tile_scores = 0, 0
+        tiles_by_rows: dict[int, int] = {}  # tile high-water mark per row count
+        tile_scores = 0
         for step in range(warmup + steps):
             t0 = time.perf_counter()
             batch, info = pipeline.batch(step)
-            tile_list, tiles = train.attention_tiles(config, batch, 1, tiles)
+            at_least = tiles_by_rows.get(batch.num_rows, 0)
+            tile_list, tiles = train.attention_tiles(config, batch, 1, at_least)
+            tiles_by_rows[batch.num_rows] = tiles
             arrays = train.device_batch(mesh, batch, tile_list)
             host_s = time.perf_counter() - t0
             shape = (*batch.tokens.shape, tiles)  # (rows, length, tiles)

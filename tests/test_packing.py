@@ -107,8 +107,8 @@ def test_row_bucket():
     assert len([b for b in buckets if 256 < b <= 512]) == 8  # 8 shapes per doubling
     for n in range(1, 2000):
         b = row_bucket(n)
-        if n < 8:
-            assert b == 2 ** int(np.ceil(np.log2(n)))
+        if n < 16:
+            assert b == n
         else:
             assert n <= b < n * 1.125 + 1
         for m in (2, 8):

@@ -16,14 +16,15 @@ from jax_iclemb.data.batch import PackedBatch
 
 
 def row_bucket(num_rows: int, multiple: int = 1) -> int:
-    """The padded row count: the next power of two below 8 rows, then the next m * 2**e with m in
-    8..15 (under 12.5% padding rows, 8 shapes per doubling), then up to a multiple of `multiple`
-    (row shards)."""
+    """The padded row count: exact below 16, then the next m * 2**e with m in 8..15 (under 12.5%
+    padding rows, 8 shapes per doubling), then up to a multiple of `multiple` (row shards).
+
+    Small counts stay exact: a step of 5 rows padded to 8 would compute 60% more for good, while
+    the trainer's high-water mark (shapes only grow) already bounds the compiles to one per new
+    largest count."""
     if num_rows < 0 or multiple < 1:
         raise ValueError(f"bad row count {num_rows} or multiple {multiple}")
     rows = max(num_rows, 1)
-    if rows < 8:  # a few rows: powers of two, so the first steps of a run compile rarely
-        rows = 1 << (rows - 1).bit_length()
     step = 1 << max(rows.bit_length() - 4, 0)  # [8*step, 16*step) holds 8 multiples of `step`
     rows = -(-rows // step) * step
     return -(-rows // multiple) * multiple
