@@ -4,6 +4,7 @@
         [--warmup 2] [--append docs/benchmarks.md]
     python bench/train_throughput.py --quick        # short lengths, batch 4, 1+1 steps a side
     python bench/train_throughput.py --attention block_sparse   # skip the dense JAX side
+    python bench/train_throughput.py --batch 32 --tile 4    # bigger batches: records repeated
 
 Both sides train the same small Mistral-shaped decoder (hidden 256, 4 layers, 8 heads / 4 KV heads,
 MLP 768, vocab 32003; fp32; LoRA rank 64 / alpha 32 / dropout 0.1 on all projections) on the same
@@ -14,7 +15,8 @@ block-sparse tiles and the dense mask by default), builds its step and batches a
 does, compiles every new batch shape ahead of time (compile time reported apart from step time),
 and profiles one step: the XLA CPU trace's op times are attributed to source functions
 (attention, projections, rest) through the compiled HLO's metadata. Prints a Markdown report;
-`--append FILE` also appends it to FILE.
+`--append FILE` also appends it to FILE. `--tile N` trains on a copy of the data with every JSONL
+line repeated N times (the sample has 10 records per dataset, and a batch needs distinct records).
 """
 
 from __future__ import annotations
@@ -410,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--quick", action="store_true", help="short lengths, batch 4, 1+1 steps")
     parser.add_argument("--batch", type=int, default=8, help="queries per step")
+    parser.add_argument("--tile", type=int, default=1, help="repeat every record N times")
     parser.add_argument("--no-profile", action="store_true", help="skip the JAX profile")
     parser.add_argument(
         "--attention", nargs="+", default=["block_sparse", "xla"],
@@ -432,6 +435,23 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     command = "python bench/train_throughput.py " + " ".join(argv or sys.argv[1:])
+    with tempfile.TemporaryDirectory() as tiled:
+        if args.tile > 1:
+            args.data = tile_data(Path(args.data), Path(tiled), args.tile)
+        return drive(args, command)
+
+
+def tile_data(source: Path, out: Path, times: int) -> str:
+    """A copy of a JSONL data folder with every line repeated `times` times."""
+    for path in source.rglob("*.jsonl"):
+        target = out / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        target.write_text("".join(lines * times), encoding="utf-8")
+    return str(out)
+
+
+def drive(args: argparse.Namespace, command: str) -> int:
     jax_runs = []
     for attention in args.attention:
         t0 = time.perf_counter()
