@@ -38,6 +38,7 @@ from jax_iclemb.config import default_config, validate
 from jax_iclemb.data.packing import pad_batch
 from jax_iclemb.data.pipeline import pipeline_from_config
 from jax_iclemb.model import TRAINABLE, ModelConfig, create_model, state_shardings
+from jax_iclemb.model.block_sparse import pad_pairs
 from jax_iclemb.observe import flops_per_token, peak_flops
 from jax_iclemb.optim import make_optimizer
 
@@ -128,11 +129,12 @@ def run(config: Any, args: argparse.Namespace) -> dict[str, Any]:
         tx, schedule = make_optimizer(config.optim, 1000)
         state = train.initial_state(params, tx)
         # One tile count for all batches (block_sparse), so the step compiles once.
-        groups = chunks * shards
-        count = max(train.attention_tiles(config, b, groups)[1] for b in batches)
+        tiles = [train.attention_tiles(config, b, chunks * shards) for b in batches]
+        count = max(n for _, n in tiles)
+        num_blocks = config.data.pack_len // config.model.attention_block
         device_batches = [
-            train.device_batch(mesh, b, train.attention_tiles(config, b, groups, count)[0])
-            for b in batches
+            train.device_batch(mesh, b, None if t is None else pad_pairs(t, count, num_blocks))
+            for b, (t, _) in zip(batches, tiles)
         ]
         step_fn = jax.jit(train.make_train_step(graphdef, config, tx, schedule), donate_argnums=0)
         t0 = time.perf_counter()
