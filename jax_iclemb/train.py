@@ -108,11 +108,19 @@ def build_model(
 
 
 def embed_packed(
-    model: nnx.Module, batch: dict[str, jax.Array], pooling: str = "last_token"
+    model: nnx.Module,
+    batch: dict[str, jax.Array],
+    pooling: str = "last_token",
+    dropout_key: jax.Array | None = None,
 ) -> jax.Array:
-    """Normalised embeddings of every segment slot of a packed batch: [R * S, D]."""
+    """Normalised embeddings of every segment slot of a packed batch: [R * S, D]; LoRA dropout
+    on when a `dropout_key` is given (training)."""
     hidden = model(
-        batch["tokens"], batch["positions"], batch["segment_ids"], batch.get("block_pairs")
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+        batch.get("block_pairs"),
+        dropout_key=dropout_key,
     )
     if pooling == "mean":
         pooled = mean_pool(hidden, batch["segment_ids"], batch["last_index"].shape[1])
@@ -140,9 +148,7 @@ def make_embed_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> 
     pooling = config.model.pooling
 
     def embed(params: dict, frozen: dict, rows: dict, key: jax.Array) -> jax.Array:
-        model = nnx.merge(graphdef, frozen, params)
-        nnx.reseed(model, dropout=key)
-        return embed_packed(model, rows, pooling)
+        return embed_packed(nnx.merge(graphdef, frozen, params), rows, pooling, key)
 
     return embed
 

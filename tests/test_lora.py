@@ -18,7 +18,7 @@ from jax_iclemb.model import (
     load_lora_state,
     lora_state,
 )
-from jax_iclemb.model.lora import Linear
+from jax_iclemb.model.lora import DEFAULT_TARGETS, Linear, dropout, keep_mask, low_rank
 
 CFG = ModelConfig(
     model_type="mistral",
@@ -64,8 +64,8 @@ def randomize_adapters(model, seed=1):
 
 
 def test_linear_matches_formula_and_dropout_touches_only_adapter():
-    layer = Linear(16, 12, ("mlp", "embed"), std=0.5, bias=True, lora=LORA, rngs=nnx.Rngs(0),
-                   dtype=jnp.float32, param_dtype=jnp.float32)  # fmt: skip
+    layer = Linear(16, 12, ("mlp", "embed"), std=0.5, name="up_proj", bias=True, lora=LORA,
+                   rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)  # fmt: skip
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(12, 16)), rng.normal(size=12)
     a, bb = rng.normal(size=(4, 16)), rng.normal(size=(12, 4))
@@ -74,14 +74,47 @@ def test_linear_matches_formula_and_dropout_touches_only_adapter():
     x = rng.normal(size=(3, 5, 16)).astype(np.float32)
     expected = x @ w.T + b + (8.0 / 4) * (x @ a.T @ bb.T)
 
-    layer.eval()
-    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(layer(x), layer(x))  # eval is deterministic
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)  # no key: no dropout
 
-    layer.train()
-    assert not np.allclose(layer(x), expected, atol=1e-3)  # dropout is active in training
+    key = jax.random.key(3)
+    keep, p = keep_mask(jax.random.fold_in(key, DEFAULT_TARGETS.index("up_proj")), x.shape, 0.5)
+    dropped = np.where(keep, x / p, 0)
+    want = x @ w.T + b + (8.0 / 4) * (dropped @ a.T @ bb.T)  # the mask is on the adapter input
+    np.testing.assert_allclose(layer(x, key), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(layer(x, key), expected, atol=1e-3)
     layer.lora_b[...] = jnp.zeros((12, 4))
-    np.testing.assert_allclose(layer(x), x @ w.T + b, rtol=1e-5, atol=1e-5)  # base path untouched
+    np.testing.assert_allclose(layer(x, key), x @ w.T + b, rtol=1e-5, atol=1e-5)  # base untouched
+
+
+def test_low_rank_gradients_equal_autodiff():
+    """The hand-written backward of (x Aᵀ) Bᵀ against JAX's own differentiation of the formula."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 7, 16)), jnp.float32)
+    a = jnp.asarray(rng.normal(size=(4, 16)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(2, 7, 12)), jnp.float32)
+    ours = jax.grad(lambda *args: jnp.sum(low_rank(*args) * probe), argnums=(0, 1, 2))(x, a, b)
+    plain = jax.grad(lambda x, a, b: jnp.sum((x @ a.T) @ b.T * probe), argnums=(0, 1, 2))(x, a, b)
+    for got, want in zip(ours, plain, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_keep_mask_rate_and_independence(rate):
+    """Bernoulli(1 - rate) per entry, within 5 standard errors, at the documented 16-bit rate;
+    masks of different keys (projections) and of neighbouring entries are uncorrelated."""
+    shape = (64, 257, 33)  # odd last axis: the second draw of the last word is dropped
+    keep, p = keep_mask(jax.random.key(0), shape, rate)
+    keep2, _ = keep_mask(jax.random.key(1), shape, rate)
+    keep, keep2 = np.asarray(keep, np.float64), np.asarray(keep2, np.float64)
+    assert p == 1 - round(rate * 2**16) / 2**16 and abs(p - (1 - rate)) < 2**-16
+    se = math.sqrt(p * (1 - p) / keep.size)
+    assert abs(keep.mean() - p) < 5 * se
+    for other in (keep2, np.roll(keep, 1, axis=-1)):  # another key; the other half of a word
+        corr = np.corrcoef(keep.ravel(), other.ravel())[0, 1]
+        assert abs(corr) < 5 / math.sqrt(keep.size)
+    x = jnp.ones(shape)
+    np.testing.assert_allclose(float(dropout(x, rate, jax.random.key(0)).mean()), 1.0, atol=0.01)
 
 
 def test_adapter_init_follows_peft():
@@ -108,15 +141,15 @@ def models():
 def test_fresh_adapter_leaves_outputs_unchanged(models):
     base, adapted = models
     assert not jax.tree.leaves(nnx.state(base, TRAINABLE))  # lora=None: no adapters at all
-    adapted.train()  # even with dropout active: B = 0
-    np.testing.assert_allclose(forward(adapted, *batch()), forward(base, *batch()), atol=1e-6)
+    # Even with dropout active: B = 0.
+    hidden = adapted(*batch(), dropout_key=jax.random.key(0))
+    np.testing.assert_allclose(hidden, forward(base, *batch()), atol=1e-6)
 
 
 def test_optimizer_step_changes_only_lora_params(models):
     _, model = models
     model = nnx.clone(model)
     randomize_adapters(model)  # B ≠ 0 so that A gets a gradient too
-    model.train()
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=TRAINABLE)
 
     @nnx.jit
@@ -142,8 +175,6 @@ def test_remat_gives_the_same_gradients(models):
     randomize_adapters(model)
     remat = create_model(CFG.replace(remat="dots"), LORA, seed=9)
     nnx.update(remat, nnx.state(model, nnx.Param))
-    model.eval()
-    remat.eval()
 
     @nnx.jit
     def grads(m):

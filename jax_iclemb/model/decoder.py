@@ -118,6 +118,7 @@ def _linear_factory(cfg: ModelConfig, lora: LoraConfig | None, rngs: nnx.Rngs):
             out_f,
             axes,
             std=std,
+            name=name,
             bias=bias,
             lora=lora if lora is not None and name in lora.targets else None,
             dtype=cfg.compute_dtype,
@@ -145,12 +146,12 @@ class Attention(nnx.Module):
         self.k_norm = norm() if cfg.qk_norm else None
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, segment_ids, positions, block_pairs):
+    def __call__(self, x, cos, sin, segment_ids, positions, block_pairs, dropout_key=None):
         cfg = self.cfg
         r, length, _ = x.shape
-        q = self.q_proj(x).reshape(r, length, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(r, length, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(r, length, cfg.num_kv_heads, cfg.head_dim)
+        q = self.q_proj(x, dropout_key).reshape(r, length, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x, dropout_key).reshape(r, length, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x, dropout_key).reshape(r, length, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         q = constrain(apply_rope(q, cos, sin).astype(cfg.compute_dtype), _HEADS)
@@ -168,7 +169,7 @@ class Attention(nnx.Module):
             block_pairs=block_pairs,
             block=cfg.attention_block,
         )
-        return self.o_proj(out.reshape(r, length, cfg.num_heads * cfg.head_dim))
+        return self.o_proj(out.reshape(r, length, cfg.num_heads * cfg.head_dim), dropout_key)
 
 
 class MLP(nnx.Module):
@@ -179,9 +180,9 @@ class MLP(nnx.Module):
         self.up_proj = make("up_proj", d, m, ("mlp", "embed"))
         self.down_proj = make("down_proj", m, d, ("embed", "mlp"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(constrain(h, ("batch", "length", "act_mlp")))
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        h = jax.nn.silu(self.gate_proj(x, dropout_key)) * self.up_proj(x, dropout_key)
+        return self.down_proj(constrain(h, ("batch", "length", "act_mlp")), dropout_key)
 
 
 class Block(nnx.Module):
@@ -192,21 +193,25 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, lora, rngs=rngs)
         self.dtype = cfg.compute_dtype
 
-    def __call__(self, x, cos, sin, segment_ids, positions, block_pairs):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, positions, block_pairs)
+    def __call__(self, x, cos, sin, segment_ids, positions, block_pairs, dropout_key=None):
+        h = self.self_attn(
+            self.input_layernorm(x), cos, sin, segment_ids, positions, block_pairs, dropout_key
+        )
         x = constrain(x + h.astype(self.dtype), _HIDDEN)
-        h = self.mlp(self.post_attention_layernorm(x))
+        h = self.mlp(self.post_attention_layernorm(x), dropout_key)
         return constrain(x + h.astype(self.dtype), _HIDDEN)
 
 
-def _run_block(block: Block, x, cos, sin, segment_ids, positions, block_pairs):
-    return block(x, cos, sin, segment_ids, positions, block_pairs)
+def _run_block(block: Block, x, cos, sin, segment_ids, positions, block_pairs, dropout_key):
+    return block(x, cos, sin, segment_ids, positions, block_pairs, dropout_key)
 
 
 class Decoder(nnx.Module):
     """tokens, positions, segment_ids [R, L] -> final-norm hidden states [R, L, D] (float32).
 
-    `block_pairs`: the step's tile list for `attention_impl="block_sparse"` (else unused)."""
+    `block_pairs`: the step's tile list for `attention_impl="block_sparse"` (else unused).
+    `dropout_key`: turns on LoRA dropout (training), one key per layer and projection folded from
+    it; None (inference): no dropout."""
 
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None = None, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -221,6 +226,7 @@ class Decoder(nnx.Module):
         positions: jax.Array,
         segment_ids: jax.Array,
         block_pairs: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         x = constrain(self.embed_tokens(tokens).astype(cfg.compute_dtype), _HIDDEN)
@@ -228,8 +234,9 @@ class Decoder(nnx.Module):
         run = _run_block
         if cfg.remat != "none":
             run = nnx.remat(_run_block, policy=_REMAT_POLICIES[cfg.remat])
-        for block in self.layers:
-            x = run(block, x, cos, sin, segment_ids, positions, block_pairs)
+        for i, block in enumerate(self.layers):
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            x = run(block, x, cos, sin, segment_ids, positions, block_pairs, key)
         return constrain(self.norm(x), _HIDDEN)
 
 
@@ -252,8 +259,8 @@ def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
 
 
 def model_rngs(key: jax.Array) -> nnx.Rngs:
-    """Separate streams, so that `nnx.reseed(model, dropout=...)` changes the dropout masks only."""
-    return nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 1))
+    """Parameter initialisation only: dropout keys are passed to each call, never stored."""
+    return nnx.Rngs(params=key)
 
 
 def create_model(

@@ -44,6 +44,26 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.Array, float]:
+    """(bool mask, keep probability): each entry kept independently with probability
+    1 - round(rate · 2¹⁶) / 2¹⁶ (rate 0.1 -> keep 0.8999939).
+
+    One 32-bit random word gives two 16-bit draws: half the random bits of
+    `jax.random.bernoulli`, whose threefry hashing cost more than the adapter's matmuls on CPU.
+    The words are drawn in the input's own shape (last axis halved), so a sharded input draws its
+    shard's bits only."""
+    threshold = round(rate * 2**16)
+    words = jax.random.bits(key, (*shape[:-1], -(-shape[-1] // 2)), jnp.uint32)
+    draws = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*shape[:-1], -1)
+    return draws[..., : shape[-1]] >= threshold, 1.0 - threshold / 2**16
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout: kept entries scaled by 1 / keep probability, so E[output] = x."""
+    keep, p = keep_mask(key, x.shape, rate)
+    return jnp.where(keep, x / p, 0).astype(x.dtype)
+
+
 class Linear(nnx.Module):
     """y = x Wᵀ (+ b) (+ LoRA). `axes` are the logical names of W's (out, in) dimensions."""
 
@@ -54,6 +74,7 @@ class Linear(nnx.Module):
         axes: tuple[str, str],
         *,
         std: float,
+        name: str = "",
         bias: bool = False,
         lora: LoraConfig | None = None,
         dtype: jnp.dtype = jnp.bfloat16,
@@ -69,8 +90,11 @@ class Linear(nnx.Module):
             else None
         )
         self.scale = lora.scale if lora is not None else 0.0
+        self.dropout_rate = lora.dropout if lora is not None else 0.0
+        # Which projection this is: its dropout key is the layer's key folded with it.
+        self.stream = DEFAULT_TARGETS.index(name) if name in DEFAULT_TARGETS else 0
         if lora is None:
-            self.lora_a = self.lora_b = self.dropout = None
+            self.lora_a = self.lora_b = None
             return
         # PEFT's init: kaiming_uniform(a=√5) on (rank, in) is U(±1/√in); B = 0 so a fresh adapter
         # leaves the layer unchanged.
@@ -80,18 +104,19 @@ class Linear(nnx.Module):
         self.lora_b = nnx.LoRAParam(
             jnp.zeros((out_features, lora.rank), jnp.float32), logical_axes=(axes[0], "lora_rank")
         )
-        self.dropout = nnx.Dropout(lora.dropout, rngs=rngs) if lora.dropout else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """`dropout_key` turns on the adapter's input dropout (training); None: inference."""
         x = x.astype(self.dtype)
         y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
-            h = self.dropout(x) if self.dropout is not None else x
-            h = jnp.einsum("...i,ri->...r", h, self.lora_a[...].astype(self.dtype))
-            h = jnp.einsum("...r,or->...o", h, self.lora_b[...].astype(self.dtype))
-            y = y + (self.scale * h).astype(self.dtype)
+            h = x
+            if self.dropout_rate and dropout_key is not None:
+                h = dropout(x, self.dropout_rate, jax.random.fold_in(dropout_key, self.stream))
+            a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+            y = y + (self.scale * low_rank(h, a, b)).astype(self.dtype)
         return y
 
     def merged_weight(self) -> jax.Array:
@@ -100,6 +125,43 @@ class Linear(nnx.Module):
         if self.lora_a is None:
             return w
         return w + self.scale * (self.lora_b[...] @ self.lora_a[...])
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _contract_rows(small: jax.Array, big: jax.Array) -> jax.Array:
+    """smallᵀ @ big over the token axis: [N, r], [N, k] -> [r, k]. The narrow operand goes
+    first, so the backend transposes [N, r] rather than the wide [N, k] activation."""
+    return jax.lax.dot_general(small, big, (((0,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def low_rank(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """(x Aᵀ) Bᵀ: x [..., in], A [rank, in], B [out, rank] -> [..., out].
+
+    Written out by hand so that the weight gradients contract the token axis with the rank-sized
+    operand in front: differentiated automatically, XLA's CPU backend transposed the wide
+    activation gradients instead, which took a third of a training step (docs/performance.md)."""
+    return (x @ a.T) @ b.T
+
+
+def _low_rank_fwd(x, a, b):
+    h = x @ a.T
+    return h @ b.T, (x, a, b, h)
+
+
+def _low_rank_bwd(res, g):
+    x, a, b, h = res
+    g2 = _flat(g)
+    gh = g2 @ b  # [N, rank]
+    da = _contract_rows(gh, _flat(x))
+    db = _contract_rows(_flat(h), g2).T
+    return (gh @ a).reshape(x.shape), da.astype(a.dtype), db.astype(b.dtype)
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def lora_state(model: nnx.Module) -> nnx.State:
