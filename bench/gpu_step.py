@@ -63,6 +63,7 @@ def bench_config(args: argparse.Namespace, data_path: Path) -> Any:
     c = default_config()  # Mistral-7B shape, bf16, LoRA r64/a32/0.1 on all projections, remat full
     c.model.attention_impl = args.attention
     c.model.remat = args.remat
+    c.model.scan_layers = not args.unrolled
     c.data.path = str(data_path)
     c.data.batch_size = args.batch
     c.data.pack_len = 2048
@@ -160,6 +161,7 @@ def run(config: Any, args: argparse.Namespace) -> dict[str, Any]:
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "attention": config.model.attention_impl,
         "layers": model_config.num_layers,
+        "scan_layers": model_config.scan_layers,
         "queries_per_step": config.data.batch_size,
         "rows": int(batches[0].num_rows),
         "chunks": chunks,
@@ -257,6 +259,7 @@ def estimate(
         "backend": jax.default_backend(),
         "mesh": dict(mesh.shape),
         "layers": model_config.num_layers,
+        "scan_layers": model_config.scan_layers,
         "rows": rows,
         "chunks": chunks,
         "remat": config.model.remat,
@@ -282,6 +285,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="measured steps")
     p.add_argument("--warmup", type=int, default=1, help="steps run before measuring")
     p.add_argument("--layers", type=int, default=0, help="keep only N layers (0 = all 32)")
+    p.add_argument(
+        "--unrolled", action="store_true", help="model.scan_layers=False (compile-time comparison)"
+    )
     p.add_argument("--tiny", action="store_true", help="small model and lengths, on CPU")
     p.add_argument("--estimate", action="store_true", help="AOT memory only, on abstract inputs")
     p.add_argument("--rows", type=int, default=32, help="--estimate: rows of 2048 in the step")

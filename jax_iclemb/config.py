@@ -80,6 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.attention = "causal"
     c.model.pooling = "last_token"
     c.model.remat = "full"
+    # One compiled layer body run by lax.scan; False unrolls the layers (compile time grows with
+    # the layer count). Same parameters and numbers either way (docs/performance.md).
+    c.model.scan_layers = True
     # block_sparse | xla (dense mask) | pallas (GPU) | cudnn (GPU) | splash (TPU); docs/model.md
     c.model.attention_impl = "block_sparse"
     c.model.attention_block = 64  # block_sparse tile size; must divide the packed row length

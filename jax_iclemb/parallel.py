@@ -35,6 +35,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("norm", None),
     ("lora_rank", None),
+    ("layers", None),  # leading axis of the stacked decoder layers: a scan step each, not split
 )
 
 

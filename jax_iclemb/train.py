@@ -69,6 +69,7 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "param_dtype": m.param_dtype,
         "attention": m.attention,
         "remat": m.remat,
+        "scan_layers": m.scan_layers,
         "attention_impl": m.attention_impl,
         "attention_block": m.attention_block,
         "init": m.init,

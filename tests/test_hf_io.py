@@ -120,10 +120,10 @@ def test_export_merged_loads_in_transformers_and_matches(trained, sequences, tmp
     # And the sharded export imports back, each weight equal to W + (alpha/r) B A.
     back, back_cfg = load_pretrained(out, dtype="float32", param_dtype="float32")
     assert back_cfg.vocab_size == VOCAB and back_cfg.sliding_window == 4
-    q = model.layers[1].self_attn.q_proj
-    merged = q.weight.get_value() + 2.0 * q.lora_b.get_value() @ q.lora_a.get_value()
+    q = model.layers.self_attn.q_proj  # stacked: [layers, out, in]
+    merged = q.weight.get_value()[1] + 2.0 * q.lora_b.get_value()[1] @ q.lora_a.get_value()[1]
     np.testing.assert_allclose(
-        back.layers[1].self_attn.q_proj.weight.get_value(), merged, atol=1e-6
+        back.layers.self_attn.q_proj.weight.get_value()[1], merged, atol=1e-6
     )
 
 
@@ -226,8 +226,8 @@ def test_import_onto_a_mesh_streams_into_shards(trained, base_dir):
     sharded, _ = load_pretrained(
         base_dir, lora=LoraConfig(rank=4), vocab_size=VOCAB, mesh=mesh, param_dtype="float32"
     )
-    q = sharded.layers[0].self_attn.q_proj.weight.get_value()
-    assert q.sharding.spec == PartitionSpec("tensor", "fsdp")
+    q = sharded.layers.self_attn.q_proj.weight.get_value()
+    assert q.sharding.spec == PartitionSpec(None, "tensor", "fsdp")  # all layers on each device
     table = sharded.embed_tokens.weight.get_value()
     assert table.sharding.spec == PartitionSpec(None, "fsdp")  # 131 rows: not split over tensor
     for path, var in nnx.to_flat_state(nnx.state(sharded, FROZEN)):

@@ -195,12 +195,18 @@ def test_lora_state_round_trip_and_errors(models):
     ):
         np.testing.assert_array_equal(got.get_value(), want.get_value())
 
+    # Stacked layers: errors name each layer's tensor as Hugging Face / PEFT do.
     state = lora_state(source)
-    state["layers"][0]["self_attn"]["q_proj"]["lora_a"] = jnp.zeros((3, 32))
+    state["layers"]["self_attn"]["q_proj"]["lora_a"] = jnp.zeros((2, 3, 32))
     with pytest.raises(
         ValueError, match=r"layers\.0\.self_attn\.q_proj\.lora_a.*\(3, 32\).*\(4, 32\)"
     ):
         load_lora_state(target, state)
-    del state["layers"][1]["mlp"]["up_proj"]["lora_b"]
-    with pytest.raises(ValueError, match=r"missing \['layers\.1\.mlp\.up_proj\.lora_b'\]"):
+    state["layers"]["self_attn"]["q_proj"]["lora_a"] = jnp.zeros((3, 4, 32))  # one layer too many
+    with pytest.raises(ValueError, match=r"unexpected \['layers\.2\.self_attn\.q_proj\.lora_a'\]"):
+        load_lora_state(target, state)
+    del state["layers"]["mlp"]["up_proj"]["lora_b"]
+    with pytest.raises(
+        ValueError, match=r"missing \['layers\.0\.mlp\.up_proj\.lora_b', 'layers\.1\.mlp"
+    ):
         load_lora_state(target, state)

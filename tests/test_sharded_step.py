@@ -73,7 +73,10 @@ def test_sharded_step_equals_single_device(layout, impl, single_device_result):
     assert np.isfinite(loss_1) and loss_1 > 0
     np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5)
     leaves_1, leaves_n = jax.tree.leaves(grads_1), jax.tree.leaves(grads_n)
-    assert len(leaves_1) == 2 * 7 * ARCH["num_hidden_layers"]  # A and B of every adapter
-    assert all(np.abs(g).max() > 0 for g in leaves_1)
+    assert len(leaves_1) == 2 * 7  # A and B of every adapter, stacked over the layers
+    assert all(len(g) == ARCH["num_hidden_layers"] for g in leaves_1)
+    assert all(np.abs(layer).max() > 0 for g in leaves_1 for layer in g)
     for g1, gn in zip(leaves_1, leaves_n):
-        np.testing.assert_allclose(gn, g1, rtol=1e-4, atol=1e-6)
+        # fp32 summation order differs between layouts: absolute error relative to the leaf's
+        # scale (gradients reach ~30, where one ulp is 2e-6).
+        np.testing.assert_allclose(gn, g1, rtol=1e-4, atol=1e-6 * np.abs(g1).max())

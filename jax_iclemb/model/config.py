@@ -62,6 +62,7 @@ class ModelConfig:
     param_dtype: str = "bfloat16"  # dtype of the frozen base weights
     attention: Literal["causal", "bidirectional"] = "causal"
     remat: str = "none"
+    scan_layers: bool = True  # run the stacked layers with lax.scan (False: a Python loop)
     attention_impl: str = "xla"
     attention_block: int = 64  # tile size of attention_impl="block_sparse"
     init: Literal["normal", "fan_in"] = "normal"

@@ -1,8 +1,12 @@
 """The decoder (Mistral / Llama / Qwen2 / Qwen3) in Flax NNX, for packed rows of segments.
 
-Weights keep Hugging Face's names and layouts, so the flattened state path of every base weight
-joined by "." is its HF tensor name (e.g. `layers.0.self_attn.q_proj.weight`). Each weight carries
-`logical_axes` metadata; `state_shardings` turns it into shardings for any mesh.
+Weights keep Hugging Face's names and layouts. The decoder layers are stored stacked: one `Block`
+under `layers` whose every variable has a leading [num_layers] axis (logical axis "layers"), so
+that a `jax.lax.scan` runs them and XLA compiles one layer body, not `num_layers` copies. A state
+path joined by "." is the HF tensor name with the layer index after `layers`
+(`lora.param_name(("layers", "self_attn", "q_proj", "weight"), 0)` is
+`layers.0.self_attn.q_proj.weight`). Each weight carries `logical_axes` metadata; `state_shardings`
+turns it into shardings for any mesh.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_iclemb.model.attention import dot_product_attention
 from jax_iclemb.model.config import ModelConfig
-from jax_iclemb.model.lora import Linear, LoraConfig
+from jax_iclemb.model.lora import LAYERS, Linear, LoraConfig
 from jax_iclemb.parallel import logical_to_spec
 
 _REMAT_POLICIES = {
@@ -202,8 +206,26 @@ class Block(nnx.Module):
         return constrain(x + h.astype(self.dtype), _HIDDEN)
 
 
-def _run_block(block: Block, x, cos, sin, segment_ids, positions, block_pairs, dropout_key):
-    return block(x, cos, sin, segment_ids, positions, block_pairs, dropout_key)
+def _stacked_blocks(cfg: ModelConfig, lora: LoraConfig | None, key: jax.Array) -> Block:
+    """All decoder layers as one Block whose variables have a leading [num_layers] axis (logical
+    axis "layers"), layer i initialised from the i-th split of `key`."""
+    make = nnx.vmap(lambda k: Block(cfg, lora, rngs=nnx.Rngs(params=k)), in_axes=0, out_axes=0)
+    block = make(jax.random.split(key, cfg.num_layers))
+    for _, node in nnx.iter_graph(block):
+        if isinstance(node, nnx.Variable):
+            node.set_metadata(logical_axes=(LAYERS, *node.get_metadata()["logical_axes"]))
+    return block
+
+
+def _index(state: nnx.State, i: int | jax.Array) -> nnx.State:
+    return jax.tree.map(lambda a: a[i], state)
+
+
+def layer_view(stacked: nnx.Module, i: int) -> nnx.Module:
+    """Layer i of the stacked layers (or of a module inside them, e.g. one projection) as an
+    ordinary module: a copy of every array's slice i, for per-layer reading (export)."""
+    graphdef, state = nnx.split(stacked)
+    return nnx.merge(graphdef, _index(state, i))
 
 
 class Decoder(nnx.Module):
@@ -217,7 +239,7 @@ class Decoder(nnx.Module):
         self.config = cfg
         self.lora = lora
         self.embed_tokens = Embed(cfg, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, lora, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = _stacked_blocks(cfg, lora, rngs.params())
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.weight_dtype)
 
     def __call__(
@@ -231,12 +253,25 @@ class Decoder(nnx.Module):
         cfg = self.config
         x = constrain(self.embed_tokens(tokens).astype(cfg.compute_dtype), _HIDDEN)
         cos, sin = rope_tables(positions, rope_inv_freq(cfg))
-        run = _run_block
-        if cfg.remat != "none":
-            run = nnx.remat(_run_block, policy=_REMAT_POLICIES[cfg.remat])
-        for i, block in enumerate(self.layers):
+        graphdef, stacked = nnx.split(self.layers)
+
+        # Pure in (hidden, one layer's variables, layer index); everything else is loop-invariant.
+        def layer(x: jax.Array, params: nnx.State, i: int | jax.Array) -> jax.Array:
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            x = run(block, x, cos, sin, segment_ids, positions, block_pairs, key)
+            block = nnx.merge(graphdef, params)
+            return block(x, cos, sin, segment_ids, positions, block_pairs, key)
+
+        if cfg.remat != "none":
+            # Inside a scan the body cannot be CSE'd with its recomputation anyway, so the
+            # optimisation barriers of `prevent_cse` are only needed unrolled (jax.checkpoint docs).
+            policy = _REMAT_POLICIES[cfg.remat]
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            steps = (stacked, jnp.arange(cfg.num_layers))
+            x, _ = jax.lax.scan(lambda x, step: (layer(x, *step), None), x, steps)
+        else:  # the same layers unrolled: one compiled copy per layer (the reference in tests)
+            for i in range(cfg.num_layers):
+                x = layer(x, _index(stacked, i), i)
         return constrain(self.norm(x), _HIDDEN)
 
 

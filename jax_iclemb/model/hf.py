@@ -9,6 +9,7 @@ writes it and drops it. The safetensors container is read and written here direc
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -28,12 +29,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
 from jax_iclemb.model.config import ModelConfig
-from jax_iclemb.model.decoder import Decoder, model_rngs, state_shardings
+from jax_iclemb.model.decoder import Decoder, layer_view, model_rngs, state_shardings
 from jax_iclemb.model.lora import (
     FROZEN,
     TRAINABLE,
     Linear,
     LoraConfig,
+    hf_tensors,
+    is_stacked,
     load_lora_state,
     param_name,
 )
@@ -179,6 +182,22 @@ def _with_new_rows(table: np.ndarray, vocab_size: int) -> Callable[[tuple], np.n
     return read
 
 
+def _stacked_reader(layers: list[Callable[[tuple], np.ndarray]]) -> Callable[[tuple], np.ndarray]:
+    """Slice reader for a stacked layer variable: the index's first entry picks layers, each
+    filled in turn from its own checkpoint tensor (the host holds one device's shard)."""
+
+    def read(index: tuple) -> np.ndarray:
+        picked = range(len(layers))[index[0]]
+        first = layers[picked[0]](index[1:])
+        out = np.empty((len(picked), *first.shape), first.dtype)
+        out[0] = first
+        for j, i in enumerate(picked[1:], 1):
+            out[j] = layers[i](index[1:])
+        return out
+
+    return read
+
+
 def load_pretrained(
     path_or_hub_id: str | os.PathLike,
     *,
@@ -226,19 +245,20 @@ def load_pretrained(
     used = set()
     base = {}
     for path, var in nnx.to_flat_state(nnx.filter_state(abstract_state, FROZEN)):
-        name = param_name(path)
-        src = _lookup(tensors, name, folder)
-        used.update({name, "model." + name})
-        shape = var.get_value().shape
-        want, reader = shape, lambda index, src=src: src[index]
-        if name == "embed_tokens.weight" and cfg.base_vocab_size is not None:
-            want, reader = (cfg.base_vocab_size, *shape[1:]), _with_new_rows(src, cfg.vocab_size)
-        if tuple(src.shape) != tuple(want):
-            raise ValueError(
-                f"tensor {name!r} in {folder} has shape {tuple(src.shape)}, "
-                f"the model expects {tuple(want)}"
-            )
-        read = lambda index, r=reader: np.asarray(r(index), dtype=cfg.weight_dtype)
+        shape, readers = var.get_value().shape, []
+        for name, _, want in hf_tensors(path, shape):
+            src = _lookup(tensors, name, folder)
+            used.update({name, "model." + name})
+            reader = lambda index, src=src: src[index]
+            if name == "embed_tokens.weight" and cfg.base_vocab_size is not None:
+                want, reader = (cfg.base_vocab_size, *want[1:]), _with_new_rows(src, cfg.vocab_size)
+            if tuple(src.shape) != tuple(want):
+                raise ValueError(
+                    f"tensor {name!r} in {folder} has shape {tuple(src.shape)}, "
+                    f"the model expects {tuple(want)}"
+                )
+            readers.append(lambda index, r=reader: np.asarray(r(index), dtype=cfg.weight_dtype))
+        read = _stacked_reader(readers) if is_stacked(path) else readers[0]
         base[path] = var.replace(jax.make_array_from_callback(shape, flat_shardings[path], read))
     unused = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))
     if unused:
@@ -301,20 +321,28 @@ def _gather_only(tensors: list[_Tensor]) -> bool:
 def _module_at(model: nnx.Module, path: tuple) -> Any:
     node = model
     for p in path:
-        node = node[p] if isinstance(p, int) else getattr(node, p)
+        node = getattr(node, p)
     return node
 
 
+def _fetch_base(model: Decoder, path: tuple, layer: int | None, merge_lora: bool) -> np.ndarray:
+    """One base tensor on the host (layer `layer` of a stacked one), its LoRA folded in."""
+    owner = _module_at(model, path[:-1])
+    if layer is not None:
+        owner = layer_view(owner, layer)  # slices only this module's arrays
+    adapted = isinstance(owner, Linear) and owner.lora_a is not None
+    if merge_lora and adapted and path[-1] == "weight":
+        return _to_host(owner.merged_weight())
+    return _to_host(getattr(owner, path[-1]).get_value())
+
+
 def _merged_tensors(model: Decoder, dtype: np.dtype, merge_lora: bool) -> Iterator[_Tensor]:
-    """Every base weight, with its LoRA folded in (unless `merge_lora` is False)."""
+    """Every base weight under its HF name, with its LoRA folded in (unless `merge_lora` is
+    False); fetched only when written."""
     for path, var in nnx.to_flat_state(nnx.state(model, FROZEN)):
-        owner = _module_at(model, path[:-1])
-        is_adapted = isinstance(owner, Linear) and owner.lora_a is not None
-        if merge_lora and is_adapted and path[-1] == "weight":
-            fetch = lambda m=owner: _to_host(m.merged_weight())
-        else:
-            fetch = lambda v=var: _to_host(v.get_value())
-        yield _Tensor(param_name(path), tuple(var.get_value().shape), dtype, fetch)
+        for name, layer, shape in hf_tensors(path, var.get_value().shape):
+            fetch = functools.partial(_fetch_base, model, path, layer, merge_lora)
+            yield _Tensor(name, shape, dtype, fetch)
 
 
 def _write_sharded(out: Path, tensors: list[_Tensor], max_bytes: int) -> None:
@@ -369,6 +397,12 @@ def export_merged(
     return out
 
 
+def _peft_name(path: tuple, layer: int | None) -> str:
+    """PEFT's tensor name of an adapter (`layer`: its slice of a stacked one)."""
+    which = {"lora_a": "lora_A", "lora_b": "lora_B"}[path[-1]]
+    return f"base_model.model.{param_name(path[:-1], layer)}.{which}.weight"
+
+
 def export_peft(
     model: Decoder,
     cfg: ModelConfig,
@@ -388,10 +422,10 @@ def export_peft(
         raise ValueError("export_peft needs a model with LoRA adapters (created with lora=...)")
     tensors = []
     for path, var in nnx.to_flat_state(nnx.state(model, TRAINABLE)):
-        module, which = param_name(path[:-1]), {"lora_a": "lora_A", "lora_b": "lora_B"}[path[-1]]
-        name = f"base_model.model.{module}.{which}.weight"
-        fetch = lambda v=var: _to_host(v.get_value())
-        tensors.append(_Tensor(name, tuple(var.get_value().shape), np.dtype(np.float32), fetch))
+        value = var.get_value()
+        for _, layer, shape in hf_tensors(path, value.shape):
+            fetch = lambda v=value, i=layer: _to_host(v if i is None else v[i])
+            tensors.append(_Tensor(_peft_name(path, layer), shape, np.dtype(np.float32), fetch))
     adapter: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": "FEATURE_EXTRACTION",
@@ -447,12 +481,14 @@ def load_peft(
     )
     tensors = _read_safetensors(folder / ADAPTER_FILE)
     arrays = {}
-    for path, _ in nnx.to_flat_state(nnx.state(model, TRAINABLE)):
-        which = {"lora_a": "lora_A", "lora_b": "lora_B"}[path[-1]]
-        name = f"base_model.model.{param_name(path[:-1])}.{which}.weight"
-        if name not in tensors:
-            raise KeyError(f"{folder / ADAPTER_FILE} lacks tensor {name!r}")
-        arrays[path] = np.asarray(tensors[name])
+    for path, var in nnx.to_flat_state(nnx.state(model, TRAINABLE)):
+        layers = []
+        for _, layer, _ in hf_tensors(path, var.get_value().shape):
+            name = _peft_name(path, layer)
+            if name not in tensors:
+                raise KeyError(f"{folder / ADAPTER_FILE} lacks tensor {name!r}")
+            layers.append(np.asarray(tensors[name]))
+        arrays[path] = np.stack(layers) if is_stacked(path) else layers[0]
     load_lora_state(model, traverse_util.unflatten_dict(arrays))
     rows = (adapter.get("trainable_token_indices") or {}).get("embed_tokens")
     if rows:

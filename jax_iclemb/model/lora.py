@@ -22,6 +22,10 @@ FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# The decoder stores its layers stacked: every variable under this state path has a leading
+# [num_layers] axis, and that axis has this logical name.
+LAYERS = "layers"
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
@@ -172,24 +176,50 @@ def lora_state(model: nnx.Module) -> nnx.State:
 def load_lora_state(model: nnx.Module, arrays: Mapping) -> None:
     """Write saved adapters (a State or nested dict like `lora_state`'s) back into `model`.
 
-    Every tensor's presence and shape is checked; values keep the model's dtype and sharding.
+    Every tensor's presence and shape is checked, per layer under its Hugging Face name; values
+    keep the model's dtype and sharding.
     """
-    current = {param_name(p): v for p, v in flatten_mapping(lora_state(model)).items()}
-    given = {param_name(p): v for p, v in flatten_mapping(arrays).items()}
-    missing, extra = sorted(current.keys() - given.keys()), sorted(given.keys() - current.keys())
+    current = flatten_mapping(lora_state(model))
+    given = flatten_mapping(arrays)
+
+    def shapes(flat: Mapping) -> dict[str, tuple[int, ...]]:
+        return {name: shape for p, v in flat.items() for name, _, shape in hf_tensors(p, v.shape)}
+
+    want, got = shapes(current), shapes(given)
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
     if missing or extra:
         raise ValueError(f"LoRA state mismatch: missing {missing}, unexpected {extra}")
-    for name, var in current.items():
-        new = given[name]
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise ValueError(f"LoRA tensor {name} has shape {got[name]}, model expects {shape}")
+    for path, var in current.items():
+        new = given[path]
         new = new[...] if isinstance(new, nnx.Variable) else new
-        if tuple(new.shape) != tuple(var.shape):
-            raise ValueError(
-                f"LoRA tensor {name} has shape {tuple(new.shape)}, model expects {tuple(var.shape)}"
-            )
         old = var[...]
         var[...] = jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
 
 
-def param_name(path: Sequence) -> str:
-    """A state path as a dotted name; for base weights this is the Hugging Face tensor name."""
-    return ".".join(str(p) for p in path)
+def is_stacked(path: Sequence) -> bool:
+    """Whether a state path is one of the stacked layers' variables (leading layer axis)."""
+    return len(path) > 0 and path[0] == LAYERS
+
+
+def param_name(path: Sequence, layer: int | None = None) -> str:
+    """A state path as a dotted name; `layer` names one layer's slice of a stacked variable:
+    (("layers", "mlp", "up_proj", "weight"), 3) -> "layers.3.mlp.up_proj.weight". For base
+    weights this is the Hugging Face tensor name."""
+    parts = [str(p) for p in path]
+    if layer is not None:
+        parts.insert(1, str(layer))
+    return ".".join(parts)
+
+
+def hf_tensors(
+    path: Sequence, shape: Sequence[int]
+) -> list[tuple[str, int | None, tuple[int, ...]]]:
+    """The Hugging Face tensors a state variable holds, as (name, layer, shape): one per layer
+    of a stacked variable (layer i's slice), else the variable itself (layer None)."""
+    shape = tuple(shape)
+    if not is_stacked(path):
+        return [(param_name(path), None, shape)]
+    return [(param_name(path, i), i, shape[1:]) for i in range(shape[0])]
