@@ -1,0 +1,149 @@
+"""bench/vs_flagembedding.py's report arithmetic on hand-written measurements (the runs themselves
+need the reference's own venv and minutes, so they are not run here)."""
+
+import importlib.util
+import json
+
+import pytest
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def vs():
+    spec = importlib.util.spec_from_file_location(
+        "vs_flagembedding", REPO / "bench" / "vs_flagembedding.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Our trainer's metrics.jsonl: step 1 and 2 are warm-up; step 3 compiled a new shape (1 s);
+# step 4 is an older line without real_tokens / slots / compile_seconds; one eval line.
+METRICS = [
+    {"step": 1, "loss": 4.0, "dataset": "a", "real_tokens": 1000, "slots": 1250,
+     "tokens_per_s": 100.0, "utilisation": 0.8, "step_seconds": 10.0, "compile_seconds": 5.0},
+    {"step": 2, "loss": 3.0, "dataset": "b", "real_tokens": 1000, "slots": 1250,
+     "tokens_per_s": 500.0, "utilisation": 0.8, "step_seconds": 2.0, "compile_seconds": 0.0},
+    {"step": 3, "loss": 2.0, "dataset": "a", "real_tokens": 1200, "slots": 1500,
+     "tokens_per_s": 600.0, "utilisation": 0.8, "step_seconds": 2.0, "compile_seconds": 1.0},
+    {"step": 3, "eval": {"ndcg@10/zero": 0.1}},
+    {"step": 4, "loss": 1.5, "dataset": "b", "tokens_per_s": 500.0, "utilisation": 0.8,
+     "step_seconds": 2.0},
+]
+
+# The launcher's measurement of the reference: step walls 3, 1, 2, 2 s (from train begin).
+MEASURE = {
+    "train_begin": 100.0,
+    "losses": [5.0, 4.0, 3.0, 2.5],
+    "steps": [
+        {"step": 1, "t_begin": 100.5, "t_end": 103.0, "real": 500, "slots": 1000},
+        {"step": 2, "t_begin": 103.2, "t_end": 104.0, "real": 600, "slots": 1000},
+        {"step": 3, "t_begin": 104.1, "t_end": 106.0, "real": 800, "slots": 1600, "task": "a"},
+        {"step": 4, "t_begin": 106.5, "t_end": 108.0, "real": 700, "slots": 1400, "task": "a"},
+    ],
+}
+
+
+@pytest.fixture
+def metrics_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in METRICS) + "\n")
+    return path
+
+
+def test_metrics_parsing_skips_eval_lines(vs, metrics_file):
+    records = vs.read_metrics(metrics_file)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_ours_counts_compiles_after_warmup_only(vs, metrics_file):
+    m = vs.summarise_jax(vs.read_metrics(metrics_file), warmup=2)
+    # Timed: steps 3 and 4. Step 4's real tokens = 500 tok/s × 2 s, its slots = 1000 / 0.8.
+    assert m["timed_steps"] == 2 and m["steps"] == 4
+    assert m["real_tokens"] == pytest.approx(2200)
+    assert m["slots"] == pytest.approx(2750)
+    assert m["utilisation"] == pytest.approx(0.8)
+    assert m["tokens_per_s"] == pytest.approx(2200 / 5.0)  # 2 + 1 (compile) + 2 s
+    assert m["steady_tokens_per_s"] == pytest.approx(2200 / 4.0)
+    assert m["step_seconds_mean"] == pytest.approx(2.5)
+    assert (m["compiles"], m["compile_seconds"]) == (1, pytest.approx(1.0))
+    assert (m["compiles_all"], m["compile_seconds_all"]) == (2, pytest.approx(6.0))
+    assert (m["first_loss"], m["last_loss"]) == (4.0, 1.5)
+    assert m["tasks"] == {
+        "a": {"steps": 1, "real_tokens": 1200, "slots": 1500, "seconds": 3.0},
+        "b": {"steps": 1, "real_tokens": pytest.approx(1000), "slots": pytest.approx(1250),
+              "seconds": 2.0},
+    }
+
+
+def test_ours_without_compile_field_reports_no_compiles(vs):
+    records = [{k: v for k, v in r.items() if k != "compile_seconds"}
+               for r in METRICS if "step_seconds" in r]
+    m = vs.summarise_jax(records, warmup=1)
+    assert m["compiles"] is None and m["compile_seconds"] is None
+    assert m["tokens_per_s"] == pytest.approx((1000 + 1200 + 1000) / 6.0)
+    assert m["tokens_per_s"] == m["steady_tokens_per_s"]
+
+
+def test_reference_step_time_runs_from_the_previous_step_end(vs):
+    m = vs.summarise_flag(MEASURE, warmup=2)
+    assert m["timed_steps"] == 2
+    assert m["tokens_per_s"] == pytest.approx((800 + 700) / (2.0 + 2.0))
+    assert m["utilisation"] == pytest.approx(0.5)
+    assert m["compute_seconds"] == pytest.approx(1.9 + 1.5)
+    assert (m["first_loss"], m["last_loss"]) == (5.0, 2.5)
+    assert m["tasks"] == {"a": {"steps": 2, "real_tokens": 1500, "slots": 3000,
+                                "seconds": pytest.approx(4.0)}}
+    # No warm-up: the first step's wall starts at train begin (3 s).
+    assert vs.summarise_flag(MEASURE, warmup=0)["seconds"] == pytest.approx(8.0)
+
+
+def test_ratio_and_report(vs, metrics_file):
+    ours = vs.summarise_jax(vs.read_metrics(metrics_file), warmup=2)
+    reference = vs.summarise_flag(MEASURE, warmup=2)
+    r = vs.ratios(ours, reference)
+    assert r["tokens_per_s"] == pytest.approx(440 / 375)
+    assert r["steady_tokens_per_s"] == pytest.approx(550 / 375)
+    result = {
+        "date": "2026-01-01", "machine": "test CPU", "warmup": 2, "scratch": "/s",
+        "flag_venv": "/v", "versions": {"flag": {"torch": "x"}, "jax": {"jax": "y"}},
+        "work": {"data": "d", "tile": 1, "batch": 8, "steps": 4, "query_len": 1024,
+                 "passage_len": 256, "example_len": 128,
+                 "tasks": [{"name": "t/a", "batch": 8, "records": 10}]},
+        "sides": {
+            "flag": {"summary": reference, "time": {"peak_rss_mb": 1000.0, "wall_s": 60.0},
+                     "command": "python -m FlagEmbedding..."},
+            "jax": {"summary": ours, "time": {"peak_rss_mb": 900.0, "wall_s": 50.0},
+                    "command": "python -m jax_iclemb.train ..."},
+        },
+    }
+    text = vs.render_report(result)
+    assert "| **375** | **440** |" in text
+    assert "**1.17×**" in text and "1.47×" in text
+    assert "| 1 (1.0 s) / 2 (6.0 s) |" in text
+    assert "| 50.0% | 80.0% |" in text
+    # Per task: a = reference 2 steps at 375 tok/s, ours 1 step at 1200 / 3 s; b is ours only.
+    assert "| a | 2 / 1 | 750 / 1,200 | 50% / 80% | 375 / 400 |" in text
+    assert "| b | – / 1 | – / 1,000 | – / 80% | – / 500 |" in text
+
+
+def test_time_v_parsing(vs):
+    text = (
+        "\tCommand being timed: \"python -m x\"\n"
+        "\tUser time (seconds): 12.50\n"
+        "\tSystem time (seconds): 1.25\n"
+        "\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:05.50\n"
+        "\tMaximum resident set size (kbytes): 2048000\n"
+    )
+    t = vs.parse_time_v(text)
+    assert t == {"user_s": 12.5, "sys_s": 1.25, "wall_s": 65.5, "peak_rss_mb": 2000.0}
+    assert vs.parse_elapsed("1:02:03") == 3723
+
+
+def test_reference_batch_sizes_and_quoting(vs):
+    assert vs.reference_batch_size({"type": "symmetric_sts"}, 8) == 4
+    assert vs.reference_batch_size({"type": "normal"}, 8) == 8
+    assert vs.reference_batch_size({"type": "symmetric_class", "batch_size": 6}, 8) == 6
+    assert vs.shell_quote("<instruct>{}\n<query>{}") == "$'<instruct>{}\\n<query>{}'"
+    assert vs.shell_quote("a b") == "'a b'"
