@@ -131,11 +131,11 @@ def run(config: Any, args: argparse.Namespace) -> dict[str, Any]:
         state = train.initial_state(params, tx)
         # One tile count for all batches (block_sparse), so the step compiles once.
         tiles = [train.attention_tiles(config, b, chunks * shards) for b in batches]
-        count = max(n for _, n in tiles)
+        count = max((t.shape[1] for t in tiles if t is not None), default=0)
         num_blocks = config.data.pack_len // config.model.attention_block
         device_batches = [
             train.device_batch(mesh, b, None if t is None else pad_pairs(t, count, num_blocks))
-            for b, (t, _) in zip(batches, tiles)
+            for b, t in zip(batches, tiles)
         ]
         step_fn = jax.jit(train.make_train_step(graphdef, config, tx, schedule), donate_argnums=0)
         t0 = time.perf_counter()

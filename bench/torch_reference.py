@@ -143,6 +143,7 @@ def run(config: Any, steps: int, warmup: int) -> dict[str, Any]:
     return {
         "side": "torch",
         "steps": steps,
+        "warmup": warmup,
         "real_tokens": real,
         "tokens_per_s": real / sum(times),
         "step_s": float(np.mean(times)),

@@ -1,5 +1,6 @@
 """jax_iclemb's trainer against the paper's reference trainer (FlagEmbedding 1.4.2), each through
-its own command line, on the same work, in one run.
+its own command line, and against "the PyTorch way" (transformers + peft), on the same work, in
+one run.
 
     python bench/vs_flagembedding.py                       # built-in data, batch 8, 30 steps
     python bench/vs_flagembedding.py --data DIR --tile 4 --batch 32 --append docs/benchmarks.md
@@ -12,8 +13,11 @@ queries a step (symmetric tasks half, as the reference does), `--steps` steps, o
 the same reference-format task folders. The reference runs `python -m
 FlagEmbedding.finetune.embedder.decoder_only.icl` in a pinned venv of its own (built here on first
 use) under a small launcher that counts the tokens reaching its model and times each step; ours
-runs `python -m jax_iclemb.train` with an empty compilation cache, so compiles are counted. Each
-runs under `/usr/bin/time -v`. Prints a Markdown report (`--append FILE`, `--json FILE`).
+runs `python -m jax_iclemb.train` with an empty compilation cache, so compiles are counted. The
+PyTorch way (`bench/torch_reference.py`: transformers `MistralModel` + peft LoRA, left-padded
+eager batches, in this venv) trains on our pipeline's token sequences of the same steps; it times
+its forward, backward and update only (no batch building), which favours it. Each side runs under
+`/usr/bin/time -v`. Prints a Markdown report (`--append FILE`, `--json FILE`).
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ SIDES = {
     "flag": f"FlagEmbedding {FLAG_VERSION} (PyTorch)",
     "jax": "jax_iclemb",
     "jax_warm": "jax_iclemb, warm compile cache",
+    "torch": "PyTorch way (transformers + peft)",
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -255,19 +260,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _real_tokens(record: dict[str, Any]) -> float:
-    # Older metrics lines have no real_tokens; tokens_per_s was computed from them.
-    if "real_tokens" in record:
-        return float(record["real_tokens"])
-    return float(record["tokens_per_s"]) * float(record["step_seconds"])
-
-
-def _slots(record: dict[str, Any]) -> float:
-    if "slots" in record:
-        return float(record["slots"])
-    return _real_tokens(record) / float(record["utilisation"])
-
-
 def _by_task(steps: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Timed steps' totals per task: steps, real tokens, slots, seconds."""
     out: dict[str, dict[str, float]] = {}
@@ -281,23 +273,19 @@ def _by_task(steps: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def summarise_jax(records: Sequence[dict[str, Any]], warmup: int) -> dict[str, Any]:
-    """Real tokens/s over the steps after `warmup`: compile time counted (a user waits for it)
-    and left out ("steady"); utilisation = real tokens / token slots of the computed arrays."""
+    """Real tokens/s over the steps after `warmup`. `step_seconds` is the step's wall time with
+    the compiles made during it (a user waits for them); "steady" leaves `compile_seconds` out.
+    Utilisation = real tokens / token slots of the computed arrays."""
     timed = [r for r in records if int(r["step"]) > warmup]
     if not timed:
         raise ValueError(f"no step after the {warmup} warm-up steps in {len(records)} records")
-    real = sum(_real_tokens(r) for r in timed)
-    slots = sum(_slots(r) for r in timed)
+    real = sum(float(r["real_tokens"]) for r in timed)
+    slots = sum(float(r["slots"]) for r in timed)
     step_s = sum(float(r["step_seconds"]) for r in timed)
-    compile_s = sum(float(r.get("compile_seconds") or 0.0) for r in timed)
-    reported = any("compile_seconds" in r for r in records)
-
-    def compiles(rs: Sequence[dict[str, Any]]) -> int | None:
-        return sum(1 for r in rs if (r.get("compile_seconds") or 0) > 0) if reported else None
-
+    compile_s = sum(float(r["compile_seconds"]) for r in timed)
     tasks = _by_task([
-        {"task": r.get("dataset", "?"), "real_tokens": _real_tokens(r), "slots": _slots(r),
-         "seconds": float(r["step_seconds"]) + float(r.get("compile_seconds") or 0.0)}
+        {"task": r["dataset"], "real_tokens": float(r["real_tokens"]),
+         "slots": float(r["slots"]), "seconds": float(r["step_seconds"])}
         for r in timed
     ])
     return {
@@ -306,18 +294,16 @@ def summarise_jax(records: Sequence[dict[str, Any]], warmup: int) -> dict[str, A
         "tasks": tasks,
         "real_tokens": real,
         "slots": slots,
-        "seconds": step_s + compile_s,
-        "tokens_per_s": real / (step_s + compile_s),
-        "steady_tokens_per_s": real / step_s,
+        "seconds": step_s,
+        "tokens_per_s": real / step_s,
+        "steady_tokens_per_s": real / (step_s - compile_s),
         "utilisation": real / slots,
         "real_tokens_per_step": real / len(timed),
-        "step_seconds_mean": (step_s + compile_s) / len(timed),
-        "compile_seconds": compile_s if reported else None,
-        "compile_seconds_all": (
-            sum(float(r.get("compile_seconds") or 0.0) for r in records) if reported else None
-        ),
-        "compiles": compiles(timed),
-        "compiles_all": compiles(records),
+        "step_seconds_mean": step_s / len(timed),
+        "compile_seconds": compile_s,
+        "compile_seconds_all": sum(float(r["compile_seconds"]) for r in records),
+        "compiles": records[-1]["compiles"],  # step shapes of the whole run
+        "compile_cache_hits": records[-1]["compile_cache_hits"],
         "first_loss": records[0].get("loss"),
         "last_loss": records[-1].get("loss"),
     }
@@ -356,10 +342,6 @@ def summarise_flag(measure: dict[str, Any], warmup: int) -> dict[str, Any]:
         "real_tokens_per_step": real / len(timed),
         "step_seconds_mean": wall / len(timed),
         "compute_seconds": sum(float(s["t_end"]) - float(s["t_begin"]) for s in timed),
-        "compile_seconds": None,
-        "compile_seconds_all": None,
-        "compiles": None,
-        "compiles_all": None,
         "first_loss": losses[0],
         "last_loss": losses[-1],
     }
@@ -370,6 +352,24 @@ def ratios(ours: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
     return {
         "tokens_per_s": ours["tokens_per_s"] / reference["tokens_per_s"],
         "steady_tokens_per_s": ours["steady_tokens_per_s"] / reference["tokens_per_s"],
+    }
+
+
+def summarise_torch(measure: dict[str, Any]) -> dict[str, Any]:
+    """`bench/torch_reference.py`'s measurement of its timed steps (compute only)."""
+    times = measure["step_times"]
+    return {
+        "steps": measure["steps"] + measure["warmup"],
+        "timed_steps": len(times),
+        "real_tokens": measure["real_tokens"],
+        "seconds": sum(times),
+        "tokens_per_s": measure["tokens_per_s"],
+        "steady_tokens_per_s": measure["tokens_per_s"],
+        "utilisation": measure["utilisation"],
+        "real_tokens_per_step": measure["real_tokens"] / len(times),
+        "step_seconds_mean": sum(times) / len(times),
+        "first_loss": measure["losses"][0],
+        "last_loss": measure["losses"][-1],
     }
 
 
@@ -480,6 +480,10 @@ def render_report(result: dict[str, Any]) -> str:
     if ref:
         row("ratio to the reference", lambda s: "1×" if s == "flag" else
             f"**{summaries[s]['tokens_per_s'] / ref['tokens_per_s']:.2f}×**")
+    if "torch" in sides:
+        torch_rate = summaries["torch"]["tokens_per_s"]
+        row("ratio to the PyTorch way",
+            lambda s: f"{summaries[s]['tokens_per_s'] / torch_rate:.2f}×")
     row("real tokens/s, steady (compile time left out)",
         lambda s: _num(summaries[s]["steady_tokens_per_s"]))
     if ref:
@@ -488,19 +492,17 @@ def render_report(result: dict[str, Any]) -> str:
     row("utilisation (real / computed token slots)",
         lambda s: f"{100 * summaries[s]['utilisation']:.1f}%")
     row("real tokens / step, mean", lambda s: _num(summaries[s]["real_tokens_per_step"]))
-    row("step time, mean (s; ours: + compiles)",
+    row("step time, mean (s; ours: compiles included)",
         lambda s: _num(summaries[s]["step_seconds_mean"], ".2f"))
 
     def compiles(s: str) -> str:
         m = summaries[s]
-        if s == "flag":
+        if s in ("flag", "torch"):
             return "– (eager)"
-        if m["compiles"] is None:
-            return "not reported"
-        return (f"{m['compiles']} ({m['compile_seconds']:.1f} s) / "
-                f"{m['compiles_all']} ({m['compile_seconds_all']:.1f} s)")
+        return (f"{m['compiles']} shapes, {m['compile_cache_hits']} from the cache; "
+                f"{m['compile_seconds']:.1f} s in timed steps / {m['compile_seconds_all']:.1f} s")
 
-    row("compiles: timed steps / whole run", compiles)
+    row("compiles: step shapes; compile seconds (timed / all)", compiles)
     row("steps: trained / timed",
         lambda s: f"{summaries[s]['steps']} / {summaries[s]['timed_steps']}")
 
@@ -794,9 +796,29 @@ def run_jax(args: argparse.Namespace, scratch: Path, venv: Path, tasks: list[dic
     }
 
 
+def run_torch(args: argparse.Namespace, scratch: Path, venv: Path,
+              tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The PyTorch way on our pipeline's sequences of the same steps (the same config)."""
+    config = jax_args(args, scratch, scratch / "unused", tasks)[4:]  # no --config / --workdir
+    argv = [sys.executable, str(REPO / "bench" / "torch_reference.py"), "--config",
+            "configs/tiny.py", "--steps", str(args.steps - args.warmup), "--warmup",
+            str(args.warmup), *config]
+    _log(f"the PyTorch way: bench/torch_reference.py (log {scratch / 'torch.log'})")
+    out = run_timed(argv, dict(os.environ), scratch / "torch.log", REPO)
+    lines = (scratch / "torch.log").read_text().splitlines()
+    measure = json.loads(next(x for x in reversed(lines) if x.startswith("{")))
+    return {
+        **out,
+        "raw": measure,
+        "command": _display(shell_command(["python", *argv[1:]]), scratch, venv),
+    }
+
+
 def summarise(side: str, data: dict[str, Any], warmup: int) -> dict[str, Any]:
     if side == "flag":
         return summarise_flag(data["raw"], warmup)
+    if side == "torch":
+        return summarise_torch(data["raw"])
     return summarise_jax(data["raw"], warmup)
 
 
@@ -817,8 +839,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--passage-len", type=int, default=256)
     p.add_argument("--example-len", type=int, default=128,
                    help="example query and example passage length")
-    p.add_argument("--only", choices=("jax", "flag"),
-                   help="rerun one side; the other's last result comes from the scratch folder")
+    p.add_argument("--only", choices=("jax", "flag", "torch"),
+                   help="rerun one side; the others' last results come from the scratch folder")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch way")
     p.add_argument("--warm-cache", action="store_true",
                    help="also rerun ours with the compilation cache the first run filled")
     p.add_argument("--flag-venv", type=Path, default=None,
@@ -857,14 +880,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sides: dict[str, dict[str, Any]] = {}
     if args.only != "jax":
         sides["flag"] = run_flag(args, scratch, venv, tasks)
-    if args.only != "flag":
+    if args.only in (None, "jax"):
         sides["jax"] = run_jax(args, scratch, venv, tasks, warm=False)
         if args.warm_cache:
             sides["jax_warm"] = run_jax(args, scratch, venv, tasks, warm=True)
+    if args.only == "torch" or (args.only is None and not args.no_torch):
+        sides["torch"] = run_torch(args, scratch, venv, tasks)
     for side, data in list(sides.items()):
         (scratch / f"{side}.json").write_text(json.dumps({"work": work, **data}))
     if args.only:  # the other side's last result, if it did the same work
-        others = ["flag"] if args.only == "jax" else ["jax", "jax_warm"][: 1 + args.warm_cache]
+        others = [s for s in ("flag", "jax", "jax_warm", "torch") if s not in sides]
         for side in others:
             path = scratch / f"{side}.json"
             if not path.exists():

@@ -129,6 +129,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Gradient cache: the step's rows in this many chunks, activations of one chunk live at a
     # time (1 = off). Rows are padded to a multiple of chunks × data shards.
     c.train.grad_cache_chunks = 1
+    # Compiled steps kept across runs: "" = $JAX_COMPILATION_CACHE_DIR or ~/.cache/jax_iclemb/xla,
+    # "none" = off, else a folder (jax_iclemb/compile_cache.py).
+    c.train.compilation_cache = ""
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0

@@ -11,6 +11,7 @@ MFU, not hardware utilisation.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,11 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{key}/{name}", v, record["step"])
             elif isinstance(value, int | float) and key != "step":
                 self._tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def note(self, message: str) -> None:
+        """A line above the progress bar (compiles, for example)."""
+        if self.enabled:
+            self._bar.write(message, file=sys.stderr)
 
     def advance(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -28,10 +29,10 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jax_iclemb import checkpoint, distributed, gradcache, parallel
+from jax_iclemb import checkpoint, compile_cache, distributed, gradcache, parallel
 from jax_iclemb import config as config_lib
 from jax_iclemb.data.batch import PackedBatch
-from jax_iclemb.data.packing import pad_batch, row_bucket
+from jax_iclemb.data.packing import ladder, pad_batch
 from jax_iclemb.data.pipeline import TrainPipeline, pipeline_from_config
 from jax_iclemb.loss import contrastive_loss
 from jax_iclemb.model import (
@@ -255,28 +256,65 @@ ROW_ARRAYS = ("tokens", "segment_ids", "positions", "last_index", "block_pairs")
 SLOT_ARRAYS = ("query_slot", "passage_slot")
 
 
-def attention_tiles(
-    config: ml_collections.ConfigDict, batch: PackedBatch, groups: int, at_least: int = 0
-) -> tuple[np.ndarray | None, int]:
-    """(tile lists, count): the block-sparse attention's tile lists of the batch's rows, one per
-    contiguous row group (`block_sparse.block_pairs`), padded to a bucketed count of at least
-    `at_least`, equal on every process; (None, at_least) unless `model.attention_impl` is
+TILE_RUNGS = 4  # attention tiles: under 25% padding tiles (attention is ~10% of a CPU step)
+
+
+def attention_tiles(config: ml_collections.ConfigDict, batch: PackedBatch, groups: int):
+    """The block-sparse attention's tile lists of the batch's rows, one per contiguous row group
+    (`block_sparse.block_pairs`), not yet padded; None unless `model.attention_impl` is
     "block_sparse"."""
     m = config.model
     if m.attention_impl != "block_sparse":
-        return None, at_least
-    tiles = block_pairs(
+        return None
+    return block_pairs(
         batch.segment_ids, block=m.attention_block, causal=m.attention == "causal", groups=groups
     )
-    count = max(at_least, global_max(row_bucket(tiles.shape[1])))
-    return pad_pairs(tiles, count, batch.tokens.shape[1] // m.attention_block), count
+
+
+def gather_counts(values: Sequence[int]) -> np.ndarray:
+    """int64 [processes, len(values)]: every process's `values`, in one collective."""
+    local = np.asarray(values, np.int64)[None]
+    if jax.process_count() == 1:
+        return local
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
 def global_max(value: int) -> int:
-    """The largest `value` over all processes (every host must contribute equal shapes)."""
-    if jax.process_count() == 1:
-        return value
-    return int(np.max(multihost_utils.process_allgather(np.array([value]))))
+    """The largest `value` over all processes."""
+    return int(gather_counts([value]).max())
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What a step computes, agreed by all processes: its shape decides its executable."""
+
+    rows: int  # packed rows per process
+    length: int  # tokens per row
+    tiles: int  # block-sparse tiles per row group (0: dense attention)
+    real_tokens: int  # over all processes
+    rows_used: int  # rows holding a token, over all processes (before the ladder)
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return self.rows, self.length, self.tiles
+
+
+def step_shape(config, batch: PackedBatch, tiles, groups: int) -> StepShape:
+    """The step's shape on the ladders, a function of this step's batches only (so a resumed run
+    computes exactly what an uninterrupted one does): rows on `row_bucket`'s ladder, tile lists
+    on `ladder(·, TILE_RUNGS)`, both the largest over processes (one collective)."""
+    used = int((batch.segment_ids > 0).any(axis=1).sum())
+    real = int((batch.segment_ids > 0).sum())
+    count = 0 if tiles is None else tiles.shape[1]
+    counts = gather_counts([batch.num_rows // groups, count, real, used])
+    per_group, count = counts[:, :2].max(axis=0)
+    return StepShape(
+        rows=int(per_group) * groups,
+        length=batch.tokens.shape[1],
+        tiles=ladder(int(count), TILE_RUNGS) if tiles is not None else 0,
+        real_tokens=int(counts[:, 2].sum()),
+        rows_used=int(counts[:, 3].sum()),
+    )
 
 
 def device_batch(
@@ -337,6 +375,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     if is_main:
         (workdir / "config.json").write_text(config_lib.to_json(config))
 
+    cache = compile_cache.enable(config.train.compilation_cache)
+    log.info("compiled steps are cached in %s", cache or "(nowhere: cache off)")
     mesh = parallel.make_mesh(config.train.mesh)
     pipeline = pipeline_from_config(
         config,
@@ -364,12 +404,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
             every=config.train.checkpoint_every,
             keep=config.train.keep_checkpoints,
         )
-        rows = tiles = 0
         start = ckpt.latest_step()
         if start is not None:
-            state, meta = ckpt.restore(start, checkpoint.abstract_like(state))
-            rows = -(-int(meta.get("global_rows", 0)) // jax.process_count())
-            tiles = int(meta.get("attention_tiles", 0))
+            state, _ = ckpt.restore(start, checkpoint.abstract_like(state))
             log.info("resumed from step %d", start)
 
         train_step = jax.jit(
@@ -377,8 +414,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         )
         loop = TrainLoop(
             config, workdir, pipeline, mesh, train_step, ckpt,
-            flops_token=flops_per_token(model_config, lora_config(config)), rows=rows,
-            tiles=tiles, graphdef=graphdef,
+            flops_token=flops_per_token(model_config, lora_config(config)), graphdef=graphdef,
         )
         summary = loop.run(state, frozen, steps)
         ckpt.close()
@@ -388,43 +424,56 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 class TrainLoop:
     """Step numbers -> batches -> updates, with logging, checkpoints, signals and NaN checks.
 
-    Batch shapes only grow: rows are padded to the largest count seen so far, and so are the
-    block-sparse attention's tile lists (both kept in the checkpoint, so a resumed run compiles
-    and computes exactly what an uninterrupted one does); queries to the largest batch size of
-    any dataset.
+    Each step runs at its own shape (`step_shape`: rows, tiles and queries on small ladders), one
+    executable per shape, compiled ahead of the step the first time the shape comes up (a log
+    line and the step's `compile_seconds` say so); JAX's persistent compilation cache keeps them
+    across runs.
     """
 
-    def __init__(
-        self, config, workdir, pipeline, mesh, train_step, ckpt, *, flops_token, rows, tiles,
-        graphdef,
-    ):
+    def __init__(self, config, workdir, pipeline, mesh, train_step, ckpt, *, flops_token, graphdef):
         self.config, self.workdir, self.pipeline, self.mesh = config, workdir, pipeline, mesh
         self.train_step, self.ckpt, self.flops_token = train_step, ckpt, flops_token
-        self.rows, self.tiles, self.graphdef = rows, tiles, graphdef
+        self.graphdef = graphdef
+        self.executables: dict[tuple[int, int, int], Any] = {}
+        self.cache_hits = 0  # executables loaded from the persistent compilation cache
 
-    def next_batch(self, step: int) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    def next_batch(self, step: int) -> tuple[dict[str, jax.Array], StepShape, dict[str, Any]]:
         batch, info = self.pipeline.batch(step)
-        self.rows = max(self.rows, global_max(batch.num_rows))
+        # One row group per data shard and gradient-cache chunk (row_multiple); each group has
+        # its own tile list.
+        groups = self.pipeline.row_multiple
+        tiles = attention_tiles(self.config, batch, groups)
+        shape = step_shape(self.config, batch, tiles, groups)
         batch = pad_batch(
             batch,
-            num_rows=self.rows,
+            num_rows=shape.rows,
             num_queries=self.pipeline.max_local_queries,
             pad_id=self.pipeline.tokenizer.pad_token_id or 0,
+            groups=groups,
         )
-        # One tile list per row group of a data shard and gradient-cache chunk (row_multiple).
-        tiles, self.tiles = attention_tiles(
-            self.config, batch, self.pipeline.row_multiple, self.tiles
+        if tiles is not None:
+            tiles = pad_pairs(tiles, shape.tiles, shape.length // self.config.model.attention_block)
+        return device_batch(self.mesh, batch, tiles), shape, info
+
+    def compile(self, shape: StepShape, state, frozen, batch, writer) -> float:
+        """Compile the step for `shape` unless done already; the seconds it took (0 if known)."""
+        if shape.key in self.executables:
+            return 0.0
+        t0, hits = time.perf_counter(), compile_cache.hits()
+        self.executables[shape.key] = self.train_step.lower(state, frozen, batch).compile()
+        seconds = time.perf_counter() - t0
+        cached = compile_cache.hits() > hits
+        self.cache_hits += cached
+        writer.note(
+            f"step shape {len(self.executables)}: {shape.rows * jax.process_count()} rows x "
+            f"{shape.length} tokens, {shape.tiles} attention tiles per row group; "
+            f"{'loaded from the compilation cache' if cached else 'compiled'} in {seconds:.1f} s"
         )
-        return device_batch(self.mesh, batch, tiles), info
+        return seconds
 
     def save(self, state: TrainState, *, force: bool = False) -> None:
         step = int(state["step"])
-        meta = {
-            "step": step,
-            "global_rows": self.rows * jax.process_count(),
-            "attention_tiles": self.tiles,
-        }
-        self.ckpt.save(step, state, meta, force=force)
+        self.ckpt.save(step, state, {"step": step}, force=force)
 
     def maybe_evaluate(
         self, state: TrainState, frozen: dict, writer: MetricsWriter, steps: int
@@ -454,11 +503,15 @@ class TrainLoop:
         upcoming = self.next_batch(start) if start < steps else None
         try:
             for step in range(start, steps):
-                batch, info = upcoming
                 t0 = time.perf_counter()
-                state, metrics = self.train_step(state, frozen, batch)  # dispatched, not awaited
-                # The next batch is host work: build it while the device runs this step.
-                upcoming = self.next_batch(step + 1) if step + 1 < steps else None
+                batch, shape, info = upcoming
+                compile_seconds = self.compile(shape, state, frozen, batch, writer)
+                state, metrics = self.executables[shape.key](state, frozen, batch)  # not awaited
+                # Host work while the device runs this step: the next batch and, when its shape
+                # is new, its executable.
+                if step + 1 < steps:
+                    upcoming = self.next_batch(step + 1)
+                    compile_seconds += self.compile(upcoming[1], state, frozen, upcoming[0], writer)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 seconds = time.perf_counter() - t0
                 if not all(math.isfinite(v) for v in metrics.values()):
@@ -468,17 +521,26 @@ class TrainLoop:
                         f"{workdir / 'checkpoints'}."
                     )
                 history.append(metrics["loss"])
-                tokens_per_s = info["real_tokens"] * jax.process_count() / seconds
+                rows = shape.rows * jax.process_count()
+                slots = rows * shape.length
                 record = {
                     "step": step + 1,
                     **metrics,
                     "dataset": info["dataset"],
-                    "tokens_per_s": tokens_per_s,
-                    "utilisation": info["real_tokens"] / batch["tokens"].size * jax.process_count(),
-                    "step_seconds": seconds,
+                    "tokens_per_s": shape.real_tokens / seconds,
+                    "real_tokens": shape.real_tokens,
+                    "slots": slots,
+                    "utilisation": shape.real_tokens / slots,
+                    "rows": rows,
+                    "row_padding": 1 - shape.rows_used / rows,
+                    "tiles": shape.tiles,
+                    "step_seconds": seconds,  # wall time of the step, compiles included
+                    "compile_seconds": compile_seconds,
+                    "compiles": len(self.executables),  # step shapes so far
+                    "compile_cache_hits": self.cache_hits,
                 }
                 if peak:
-                    record["mfu"] = tokens_per_s * self.flops_token / peak
+                    record["mfu"] = record["tokens_per_s"] * self.flops_token / peak
                 if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
                     writer.write(record)
                 writer.advance(record)

@@ -1,6 +1,7 @@
 """Test set-up: 8 emulated CPU devices, fp32, offline; paths to the shared sample data."""
 
 import os
+import tempfile
 from pathlib import Path
 
 # Must happen before JAX initialises its backends.
@@ -9,6 +10,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compilation cache for the session (training CLIs in subprocesses too), never the user's.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax_iclemb_xla_"))
 
 import pytest
 

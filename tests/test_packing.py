@@ -5,7 +5,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jax_iclemb.data.packing import first_fit_decreasing, pack_batch, pad_batch, row_bucket
+from jax_iclemb.data.packing import (
+    first_fit_decreasing,
+    ladder,
+    pack_batch,
+    pad_batch,
+    row_bucket,
+)
+from jax_iclemb.model.block_sparse import block_pairs
 
 EOS = 2
 
@@ -113,6 +120,56 @@ def test_row_bucket():
             assert n <= b < n * 1.125 + 1
         for m in (2, 8):
             assert row_bucket(n, m) % m == 0 and row_bucket(n, m) >= b
+
+
+@pytest.mark.parametrize("per", [1, 2, 4, 8])
+def test_ladder_has_per_doubling_rungs_and_bounded_padding(per):
+    rungs = {ladder(n, per) for n in range(1, 4097)}
+    assert len([r for r in rungs if 1024 < r <= 2048]) == per
+    for n in range(1, 4097):
+        r = ladder(n, per)
+        assert ladder(r, per) == r  # a rung is its own rung
+        assert r == n if n < 2 * per else n <= r < n * (1 + 1 / per)
+    with pytest.raises(ValueError):
+        ladder(5, 3)
+
+
+def sequence_at(batch, slot: int) -> list[int]:
+    row, segment = divmod(int(slot), batch.max_segments)
+    return batch.tokens[row][batch.segment_ids[row] == segment + 1].tolist()
+
+
+def test_pad_batch_in_groups_keeps_rows_slots_and_tiles():
+    """Padding rows go to the end of each row group: every query and passage slot still points at
+    its tokens, and each group's block-sparse tile list is unchanged."""
+    rng = np.random.default_rng(0)
+    queries = [rng.integers(3, 50, size=int(n)).tolist() for n in rng.integers(5, 30, size=6)]
+    passages = [
+        [rng.integers(3, 50, size=int(n)).tolist() for n in rng.integers(2, 20, size=3)]
+        for _ in queries
+    ]
+    batch = pack_batch(
+        queries, passages, group_size=3, pack_len=32, max_segments=4,
+        teacher_scores=np.zeros((6, 3)), has_teacher=np.zeros(6, bool),
+        in_batch_negatives=True, row_multiple=2,
+    )  # fmt: skip
+    groups, old = 2, batch.num_rows // 2
+    padded = pad_batch(batch, num_rows=batch.num_rows + 6, num_queries=8, groups=groups)
+    new = padded.num_rows // groups
+    for g in range(groups):
+        np.testing.assert_array_equal(
+            padded.tokens[g * new : g * new + old], batch.tokens[g * old : (g + 1) * old]
+        )
+        assert not padded.segment_ids[g * new + old : (g + 1) * new].any()
+    for i, q in enumerate(queries):
+        assert sequence_at(padded, padded.query_slot[i]) == q
+        for j, p in enumerate(passages[i]):
+            assert sequence_at(padded, padded.passage_slot[i, j]) == p
+    want = block_pairs(batch.segment_ids, block=8, causal=True, groups=groups)
+    got = block_pairs(padded.segment_ids, block=8, causal=True, groups=groups)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="row groups"):
+        pad_batch(batch, num_rows=batch.num_rows + 3, num_queries=8, groups=groups)
 
 
 def test_pad_batch_adds_empty_rows_and_padding_queries():

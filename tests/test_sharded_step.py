@@ -40,7 +40,7 @@ def loss_and_grads(mesh, batch, impl="xla"):
     config.loss.temperature = 0.05
     config.loss.distill_weight = 1.0  # InfoNCE + distillation: both terms cross devices
     config.model.attention_impl, config.model.attention_block = impl, 8
-    tiles, _ = attention_tiles(config, batch, parallel.data_parallel_size(mesh))
+    tiles = attention_tiles(config, batch, parallel.data_parallel_size(mesh))
     cfg = ModelConfig.from_hf(
         ARCH, dtype="float32", param_dtype="float32", attention_impl=impl, attention_block=8
     )

@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 from conftest import TINY_OVERRIDES
 
+from jax_iclemb import train
+from jax_iclemb.config import load_config
 from jax_iclemb.data.builtin import builtin_data_dir
+from jax_iclemb.data.packing import ladder, row_bucket
+from jax_iclemb.data.pipeline import pipeline_from_config
+from jax_iclemb.model.block_sparse import block_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,9 +29,9 @@ FAST = [
 ]
 
 
-def train_cmd(workdir: Path, *overrides: str) -> list[str]:
+def train_cmd(workdir: Path, *overrides: str, data: Path | None = None) -> list[str]:
     # One task of the built-in data, so that losses of different steps are comparable.
-    data = f"--config.data.path={builtin_data_dir() / 'retrieval'}"
+    data = f"--config.data.path={data or builtin_data_dir() / 'retrieval'}"
     config = str(REPO / "configs" / "tiny.py")
     return [
         sys.executable, "-m", "jax_iclemb.train", "--config", config, "--workdir", str(workdir),
@@ -41,9 +46,13 @@ def env() -> dict[str, str]:
     return e
 
 
-def run_cli(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def run_cli(
+    workdir: Path, *overrides: str, data: Path | None = None, cache: Path | None = None
+) -> subprocess.CompletedProcess:
+    e = env() if cache is None else dict(env(), JAX_COMPILATION_CACHE_DIR=str(cache))
     return subprocess.run(
-        train_cmd(workdir, *overrides), env=env(), capture_output=True, text=True, timeout=600
+        train_cmd(workdir, *overrides, data=data), env=e, capture_output=True, text=True,
+        timeout=600,
     )
 
 
@@ -132,3 +141,40 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     logged = losses(tmp_path)
     assert checkpoint_steps(tmp_path), "no checkpoint survived"
     assert max(checkpoint_steps(tmp_path)) == max(logged)  # the last finite step, not the NaN one
+
+
+def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tmp_path):
+    """Four tasks of different lengths: each step's rows and tiles are the rungs of its own batch
+    (recomputed here from the pipeline alone), one compile per distinct shape; the same run again
+    loads every executable from the persistent compilation cache."""
+    steps = ["--config.train.steps=12", "--config.train.checkpoint_every=100"]
+    cache = tmp_path / "xla"
+    first = run_cli(tmp_path / "a", *steps, data=builtin_data_dir(), cache=cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+
+    config = load_config(
+        REPO / "configs" / "tiny.py",
+        [*FAST, f"--config.data.path={builtin_data_dir()}", *steps],
+    )
+    groups = 2  # 2 devices: one row group per data shard
+    pipeline = pipeline_from_config(config, row_multiple=groups)
+    for r in records:
+        batch, info = pipeline.batch(r["step"] - 1)
+        tiles = block_pairs(batch.segment_ids, block=64, causal=True, groups=groups)
+        assert r["rows"] == row_bucket(info["rows_used"], groups), r
+        assert r["tiles"] == ladder(tiles.shape[1], train.TILE_RUNGS), r
+        assert r["real_tokens"] == info["real_tokens"]
+        assert r["utilisation"] == r["real_tokens"] / (r["rows"] * config.data.pack_len)
+    shapes = {(r["rows"], r["tiles"]) for r in records}
+    assert len({r["dataset"] for r in records}) > 1 and len(shapes) > 1
+    assert records[-1]["compiles"] == len(shapes)  # one executable per shape, no more
+    assert sum(r["compile_seconds"] > 0 for r in records) <= len(shapes)
+    assert records[-1]["compile_cache_hits"] == 0
+    assert first.stderr.count("compiled in") == len(shapes)
+
+    again = run_cli(tmp_path / "b", *steps, data=builtin_data_dir(), cache=cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert rerun[-1]["compile_cache_hits"] == rerun[-1]["compiles"] == len(shapes)
+    assert [r["loss"] for r in rerun] == [r["loss"] for r in records]

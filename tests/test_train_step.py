@@ -4,8 +4,9 @@ import jax
 import numpy as np
 from test_sharded_step import ARCH, random_batch
 
-from jax_iclemb import parallel
+from jax_iclemb import parallel, train
 from jax_iclemb.config import default_config
+from jax_iclemb.data.packing import ladder, row_bucket
 from jax_iclemb.model import LoraConfig, ModelConfig, create_model
 from jax_iclemb.train import device_batch, make_loss_fn, same_label_passages, split_model
 
@@ -39,3 +40,28 @@ def test_same_label_passages_against_a_loop():
                     want[i, j * 3 + g] = True
     np.testing.assert_array_equal(got, want)
     assert want[0, 3] and want[0, 13] and want[3, 2] and not want[2].any()
+
+
+def test_step_shape_is_the_largest_rung_over_processes(monkeypatch):
+    """Two processes: rows per group and tiles are the larger of the two (tiles on the tile
+    ladder), real tokens and used rows their sums; one exchange of four numbers."""
+    batch = random_batch(np.random.default_rng(0))  # 8 rows in 8 row groups
+    config = default_config()
+    config.model.attention_block = 8
+    tiles = train.attention_tiles(config, batch, 2)
+    local = [batch.num_rows // 2, tiles.shape[1]]
+    other = [local[0] + 3, 2 * tiles.shape[1] + 1, 100, 2]
+    calls = []
+
+    def gather(values):
+        calls.append(list(values))
+        return np.array([list(values), other])
+
+    monkeypatch.setattr(train, "gather_counts", gather)
+    shape = train.step_shape(config, batch, tiles, groups=2)
+    assert len(calls) == 1 and calls[0][:2] == local
+    assert shape.rows == 2 * other[0] and shape.length == batch.tokens.shape[1]
+    assert shape.tiles == ladder(other[1], train.TILE_RUNGS) >= other[1]
+    assert shape.real_tokens == int((batch.segment_ids > 0).sum()) + 100
+    assert shape.rows_used == int((batch.segment_ids > 0).any(axis=1).sum()) + 2
+    assert row_bucket(shape.rows // 2) >= shape.rows // 2

@@ -18,18 +18,21 @@ def vs():
     return module
 
 
-# Our trainer's metrics.jsonl: step 1 and 2 are warm-up; step 3 compiled a new shape (1 s);
-# step 4 is an older line without real_tokens / slots / compile_seconds; one eval line.
+# Our trainer's metrics.jsonl: step 1 and 2 are warm-up; step 3 compiled a new shape (1 s of its
+# 3 s); one eval line.
+def step(n, dataset, real, seconds, compile_seconds, compiles):
+    return {"step": n, "loss": 5.0 - n, "dataset": dataset, "real_tokens": real,
+            "slots": real * 1.25, "tokens_per_s": real / seconds, "utilisation": 0.8,
+            "step_seconds": seconds, "compile_seconds": compile_seconds, "compiles": compiles,
+            "compile_cache_hits": 0}
+
+
 METRICS = [
-    {"step": 1, "loss": 4.0, "dataset": "a", "real_tokens": 1000, "slots": 1250,
-     "tokens_per_s": 100.0, "utilisation": 0.8, "step_seconds": 10.0, "compile_seconds": 5.0},
-    {"step": 2, "loss": 3.0, "dataset": "b", "real_tokens": 1000, "slots": 1250,
-     "tokens_per_s": 500.0, "utilisation": 0.8, "step_seconds": 2.0, "compile_seconds": 0.0},
-    {"step": 3, "loss": 2.0, "dataset": "a", "real_tokens": 1200, "slots": 1500,
-     "tokens_per_s": 600.0, "utilisation": 0.8, "step_seconds": 2.0, "compile_seconds": 1.0},
+    step(1, "a", 1000, 10.0, 5.0, 1),
+    step(2, "b", 1000, 2.0, 0.0, 1),
+    step(3, "a", 1200, 3.0, 1.0, 2),
     {"step": 3, "eval": {"ndcg@10/zero": 0.1}},
-    {"step": 4, "loss": 1.5, "dataset": "b", "tokens_per_s": 500.0, "utilisation": 0.8,
-     "step_seconds": 2.0},
+    step(4, "b", 1000, 2.0, 0.0, 2),
 ]
 
 # The launcher's measurement of the reference: step walls 3, 1, 2, 2 s (from train begin).
@@ -59,31 +62,20 @@ def test_metrics_parsing_skips_eval_lines(vs, metrics_file):
 
 def test_ours_counts_compiles_after_warmup_only(vs, metrics_file):
     m = vs.summarise_jax(vs.read_metrics(metrics_file), warmup=2)
-    # Timed: steps 3 and 4. Step 4's real tokens = 500 tok/s × 2 s, its slots = 1000 / 0.8.
     assert m["timed_steps"] == 2 and m["steps"] == 4
     assert m["real_tokens"] == pytest.approx(2200)
     assert m["slots"] == pytest.approx(2750)
     assert m["utilisation"] == pytest.approx(0.8)
-    assert m["tokens_per_s"] == pytest.approx(2200 / 5.0)  # 2 + 1 (compile) + 2 s
+    assert m["tokens_per_s"] == pytest.approx(2200 / 5.0)  # 3 s (1 of them compiling) + 2 s
     assert m["steady_tokens_per_s"] == pytest.approx(2200 / 4.0)
     assert m["step_seconds_mean"] == pytest.approx(2.5)
-    assert (m["compiles"], m["compile_seconds"]) == (1, pytest.approx(1.0))
-    assert (m["compiles_all"], m["compile_seconds_all"]) == (2, pytest.approx(6.0))
-    assert (m["first_loss"], m["last_loss"]) == (4.0, 1.5)
+    assert (m["compiles"], m["compile_seconds"]) == (2, pytest.approx(1.0))
+    assert m["compile_seconds_all"] == pytest.approx(6.0)
+    assert (m["first_loss"], m["last_loss"]) == (4.0, 1.0)
     assert m["tasks"] == {
         "a": {"steps": 1, "real_tokens": 1200, "slots": 1500, "seconds": 3.0},
-        "b": {"steps": 1, "real_tokens": pytest.approx(1000), "slots": pytest.approx(1250),
-              "seconds": 2.0},
+        "b": {"steps": 1, "real_tokens": 1000, "slots": 1250, "seconds": 2.0},
     }
-
-
-def test_ours_without_compile_field_reports_no_compiles(vs):
-    records = [{k: v for k, v in r.items() if k != "compile_seconds"}
-               for r in METRICS if "step_seconds" in r]
-    m = vs.summarise_jax(records, warmup=1)
-    assert m["compiles"] is None and m["compile_seconds"] is None
-    assert m["tokens_per_s"] == pytest.approx((1000 + 1200 + 1000) / 6.0)
-    assert m["tokens_per_s"] == m["steady_tokens_per_s"]
 
 
 def test_reference_step_time_runs_from_the_previous_step_end(vs):
@@ -121,7 +113,7 @@ def test_ratio_and_report(vs, metrics_file):
     text = vs.render_report(result)
     assert "| **375** | **440** |" in text
     assert "**1.17×**" in text and "1.47×" in text
-    assert "| 1 (1.0 s) / 2 (6.0 s) |" in text
+    assert "| 2 shapes, 0 from the cache; 1.0 s in timed steps / 6.0 s |" in text
     assert "| 50.0% | 80.0% |" in text
     # Per task: a = reference 2 steps at 375 tok/s, ours 1 step at 1200 / 3 s; b is ours only.
     assert "| a | 2 / 1 | 750 / 1,200 | 50% / 80% | 375 / 400 |" in text
@@ -147,3 +139,12 @@ def test_reference_batch_sizes_and_quoting(vs):
     assert vs.reference_batch_size({"type": "symmetric_class", "batch_size": 6}, 8) == 6
     assert vs.shell_quote("<instruct>{}\n<query>{}") == "$'<instruct>{}\\n<query>{}'"
     assert vs.shell_quote("a b") == "'a b'"
+
+
+def test_pytorch_way_summary(vs):
+    measure = {"steps": 2, "warmup": 1, "real_tokens": 3000, "tokens_per_s": 600.0,
+               "step_times": [2.0, 3.0], "utilisation": 0.5, "losses": [3.0, 2.0, 1.5]}
+    m = vs.summarise_torch(measure)
+    assert (m["steps"], m["timed_steps"]) == (3, 2)
+    assert m["real_tokens_per_step"] == 1500 and m["step_seconds_mean"] == 2.5
+    assert (m["first_loss"], m["last_loss"]) == (3.0, 1.5)

@@ -1,8 +1,8 @@
 """Pack a step's token sequences, whole, into fixed-length rows (first-fit decreasing).
 
 Each row holds at most `max_segments` sequences; segment ids run 1..n along a row (0 = padding),
-positions restart at 0 in every segment. The row count is rounded up to a bucket (see
-`row_bucket`) so that jax.jit sees only a few distinct shapes.
+positions restart at 0 in every segment. The row count is rounded up to a rung of a shape ladder
+(`row_bucket`) so that jax.jit sees only a few distinct shapes.
 """
 
 from __future__ import annotations
@@ -15,19 +15,26 @@ import numpy as np
 from jax_iclemb.data.batch import PackedBatch
 
 
-def row_bucket(num_rows: int, multiple: int = 1) -> int:
-    """The padded row count: exact below 16, then the next m * 2**e with m in 8..15 (under 12.5%
-    padding rows, 8 shapes per doubling), then up to a multiple of `multiple` (row shards).
+def ladder(n: int, per_doubling: int) -> int:
+    """The smallest rung >= n of a shape ladder with `per_doubling` rungs per doubling: n itself
+    below 2 · per_doubling, then m · 2**e with per_doubling <= m < 2 · per_doubling, so a rung
+    pads by less than 1 / per_doubling. `per_doubling` is a power of two."""
+    if n < 0 or per_doubling < 1 or per_doubling & (per_doubling - 1):
+        raise ValueError(f"bad count {n} or rungs per doubling {per_doubling}")
+    n = max(n, 1)
+    step = 1 << max(n.bit_length() - per_doubling.bit_length(), 0)
+    return -(-n // step) * step
 
-    Small counts stay exact: a step of 5 rows padded to 8 would compute 60% more for good, while
-    the trainer's high-water mark (shapes only grow) already bounds the compiles to one per new
-    largest count."""
-    if num_rows < 0 or multiple < 1:
-        raise ValueError(f"bad row count {num_rows} or multiple {multiple}")
-    rows = max(num_rows, 1)
-    step = 1 << max(rows.bit_length() - 4, 0)  # [8*step, 16*step) holds 8 multiples of `step`
-    rows = -(-rows // step) * step
-    return -(-rows // multiple) * multiple
+
+ROW_RUNGS = 8  # rows: under 12.5% padding rows; exact below 16
+
+
+def row_bucket(num_rows: int, multiple: int = 1) -> int:
+    """The padded row count: `ladder(num_rows, ROW_RUNGS)` (exact below 16, then 8 shapes per
+    doubling, under 12.5% padding rows), then up to a multiple of `multiple` (row shards)."""
+    if multiple < 1:
+        raise ValueError(f"bad row multiple {multiple}")
+    return -(-ladder(num_rows, ROW_RUNGS) // multiple) * multiple
 
 
 def first_fit_decreasing(
@@ -163,31 +170,47 @@ def pack_batch(
 
 
 def pad_batch(
-    batch: PackedBatch, *, num_rows: int, num_queries: int, pad_id: int = 0
+    batch: PackedBatch, *, num_rows: int, num_queries: int, pad_id: int = 0, groups: int = 1
 ) -> PackedBatch:
     """Append empty rows (all padding) and padding queries (no valid passage, so no loss) up to
-    the given counts: fixed shapes across steps and hosts, hence no recompiles."""
-    extra_rows, extra_queries = num_rows - batch.num_rows, num_queries - len(batch.query_slot)
-    if extra_rows < 0 or extra_queries < 0:
-        raise ValueError(
-            f"cannot pad {batch.num_rows} rows / {len(batch.query_slot)} queries down to "
-            f"{num_rows} / {num_queries}"
-        )
+    the given counts: fixed shapes across steps and hosts, hence few compiles.
 
-    def grow(a: np.ndarray, extra: int, fill: int | bool | float = 0) -> np.ndarray:
-        return np.concatenate([a, np.full((extra, *a.shape[1:]), fill, dtype=a.dtype)])
+    Rows are `groups` contiguous groups (data shards × gradient-cache chunks); each group gets its
+    share of the new rows at its end, so a row keeps its index within its group (and the
+    block-sparse tile lists, which index rows within their group, stay valid)."""
+    extra_queries = num_queries - len(batch.query_slot)
+    uneven = batch.num_rows % groups or num_rows % groups
+    if num_rows < batch.num_rows or extra_queries < 0 or uneven:
+        raise ValueError(
+            f"cannot pad {batch.num_rows} rows / {len(batch.query_slot)} queries to "
+            f"{num_rows} / {num_queries} in {groups} row groups"
+        )
+    old, new = batch.num_rows // groups, num_rows // groups
+
+    def grow_rows(a: np.ndarray, fill: int = 0) -> np.ndarray:
+        out = np.full((groups, new, *a.shape[1:]), fill, dtype=a.dtype)
+        out[:, :old] = a.reshape(groups, old, *a.shape[1:])
+        return out.reshape(num_rows, *a.shape[1:])
+
+    def grow(a: np.ndarray, fill: int | bool | float = 0) -> np.ndarray:
+        return np.concatenate([a, np.full((extra_queries, *a.shape[1:]), fill, dtype=a.dtype)])
+
+    def move(slot: np.ndarray) -> np.ndarray:  # flat slot row * S + segment, in the new rows
+        row, segment = np.divmod(slot, batch.max_segments)
+        group, index = np.divmod(row, old)
+        return ((group * new + index) * batch.max_segments + segment).astype(slot.dtype)
 
     return dataclasses.replace(
         batch,
-        tokens=grow(batch.tokens, extra_rows, pad_id),
-        segment_ids=grow(batch.segment_ids, extra_rows),
-        positions=grow(batch.positions, extra_rows),
-        last_index=grow(batch.last_index, extra_rows),
-        query_slot=grow(batch.query_slot, extra_queries),
-        passage_slot=grow(batch.passage_slot, extra_queries),
-        passage_mask=grow(batch.passage_mask, extra_queries, False),
-        teacher_scores=grow(batch.teacher_scores, extra_queries),
-        has_teacher=grow(batch.has_teacher, extra_queries, False),
-        query_label=grow(batch.query_label, extra_queries, -1),
-        passage_label=grow(batch.passage_label, extra_queries, -1),
+        tokens=grow_rows(batch.tokens, pad_id),
+        segment_ids=grow_rows(batch.segment_ids),
+        positions=grow_rows(batch.positions),
+        last_index=grow_rows(batch.last_index),
+        query_slot=grow(move(batch.query_slot)),
+        passage_slot=grow(move(batch.passage_slot)),
+        passage_mask=grow(batch.passage_mask, False),
+        teacher_scores=grow(batch.teacher_scores),
+        has_teacher=grow(batch.has_teacher, False),
+        query_label=grow(batch.query_label, -1),
+        passage_label=grow(batch.passage_label, -1),
     )
