@@ -3,7 +3,8 @@
     python bench/profile_step.py --config configs/tiny.py [--step 0] [--config.KEY=VALUE ...]
 
 The step is the trainer's own: `TrainLoop.next_batch` builds step `--step`'s batch at its ladder
-shape and `TrainLoop.compile` compiles it, exactly as `python -m jax_iclemb.train` does. It runs
+shape and `StepCompiler` compiles its gradient program (the shape-dependent part of a step; the
+optimizer update is a separate, tiny program), exactly as `python -m jax_iclemb.train` does. It runs
 twice untraced, then once under `jax.profiler.trace`; each XLA op's time (summed over the
 runtime's threads) is attributed to the innermost jax_iclemb function behind it through the
 compiled HLO's metadata, split into forward and backward. A diagnostic, not a benchmark: speed is
@@ -106,7 +107,6 @@ def profile(config_path: str, overrides: list[str], step: int, top: int) -> str:
     from jax_iclemb import config as config_lib
     from jax_iclemb import parallel, train
     from jax_iclemb.data.pipeline import pipeline_from_config
-    from jax_iclemb.observe import MetricsWriter
     from jax_iclemb.optim import make_optimizer
 
     config = config_lib.load_config(config_path, overrides)
@@ -119,26 +119,27 @@ def profile(config_path: str, overrides: list[str], step: int, top: int) -> str:
         model, _ = train.build_model(config, mesh, len(pipeline.tokenizer))
         graphdef, params, frozen = train.split_model(model, config.train.trainable)
         del model
-        tx, schedule = make_optimizer(config.optim, max(step + 1, 100))
+        tx, _ = make_optimizer(config.optim, max(step + 1, 100))
         state = train.initial_state(params, tx)
-        step_fn = jax.jit(train.make_train_step(graphdef, config, tx, schedule))
+        grad_step = jax.jit(train.make_grad_fn(graphdef, config))
         loop = train.TrainLoop(
-            config, Path(tempfile.mkdtemp()), pipeline, mesh, step_fn, None, flops_token=0.0,
-            graphdef=graphdef,
+            config, Path(tempfile.mkdtemp()), pipeline, mesh, grad_step, None, None,
+            flops_token=0.0, graphdef=graphdef,
         )
         batch, shape, info = loop.next_batch(step)
-        compile_s = loop.compile(shape, state, frozen, batch, MetricsWriter(
-            Path("."), enabled=False, total=0, initial=0))
-        executable = loop.executables[shape.key]
+        compiler = train.StepCompiler(grad_step, state, frozen, note=lambda _: None)
+        executable, compile_s = compiler.get(shape, batch)
+        compiler.close()
+        args = (state["params"], frozen, batch, state["step"])
         times = []
         for _ in range(2):
             t0 = time.perf_counter()
-            jax.block_until_ready(executable(state, frozen, batch))
+            jax.block_until_ready(executable(*args))
             times.append(time.perf_counter() - t0)
         sources = hlo_sources(executable.as_text())
         with tempfile.TemporaryDirectory() as trace_dir:
             with jax.profiler.trace(trace_dir):
-                jax.block_until_ready(executable(state, frozen, batch))
+                jax.block_until_ready(executable(*args))
             op_times = trace_op_times(trace_dir)
     total = sum(op_times.values())
     kinds: collections.Counter = collections.Counter()

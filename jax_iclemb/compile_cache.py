@@ -11,26 +11,27 @@ do not share it with users you do not trust.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-_hits = 0
+# Per thread: the trainer compiles on a background thread while the main thread runs steps.
+_hits = threading.local()
 
 
 def _count_hit(event: str, **_: object) -> None:
-    global _hits
     if event == "/jax/compilation_cache/cache_hits":
-        _hits += 1
+        _hits.count = hits() + 1
 
 
 jax.monitoring.register_event_listener(_count_hit)
 
 
 def hits() -> int:
-    """How many programs this process has loaded from the persistent cache so far."""
-    return _hits
+    """How many programs this thread has loaded from the persistent cache so far."""
+    return getattr(_hits, "count", 0)
 
 
 def default_dir() -> Path:

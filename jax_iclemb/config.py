@@ -64,6 +64,7 @@ POSITIVE = (
 NON_NEGATIVE = (
     "data.max_examples", "data.pack_len", "lora.dropout", "loss.distill_weight", "optim.lr",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.steps", "eval.every",
+    "train.compile_ahead",
 )
 
 
@@ -132,6 +133,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Compiled steps kept across runs: "" = $JAX_COMPILATION_CACHE_DIR or ~/.cache/jax_iclemb/xla,
     # "none" = off, else a folder (jax_iclemb/compile_cache.py).
     c.train.compilation_cache = ""
+    # Steps whose batches are built ahead; their new shapes compile on a background thread.
+    c.train.compile_ahead = 4
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0

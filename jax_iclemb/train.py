@@ -9,6 +9,8 @@ jitted update over the global batch, log, and checkpoint. Everything a step need
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -215,23 +217,39 @@ def make_grad_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> C
     return grad_fn
 
 
+def make_update(
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+) -> Callable:
+    """Pure (state, grads) -> (state, {grad_norm, lr}): the optimizer's part of a step. It does not
+    depend on the batch's shape, so the trainer compiles it once per run, apart from the
+    gradient, which compiles once per step shape (a quarter less to compile for every shape)."""
+    accumulate = max(1, config.optim.accumulate_steps)
+
+    def update(state: TrainState, grads: dict):
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"grad_norm": global_norm(grads), "lr": schedule(state["step"] // accumulate)}
+        return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
+
+    return update
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     config: ml_collections.ConfigDict,
     tx: optax.GradientTransformation,
     schedule: Callable,
 ) -> Callable:
-    """Pure (state, frozen, batch) -> (state, metrics): one update on the global batch."""
-    grad_fn = make_grad_fn(graphdef, config)
-    accumulate = max(1, config.optim.accumulate_steps)
+    """Pure (state, frozen, batch) -> (state, metrics): one update on the global batch, as one
+    function (the trainer runs its two parts, `make_grad_fn` and `make_update`, as two programs)."""
+    grad_fn, update = make_grad_fn(graphdef, config), make_update(config, tx, schedule)
 
     def train_step(state: TrainState, frozen: dict, batch: dict):
         (loss, metrics), grads = grad_fn(state["params"], frozen, batch, state["step"])
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, loss=loss, grad_norm=global_norm(grads))
-        metrics["lr"] = schedule(state["step"] // accumulate)
-        return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
+        state, more = update(state, grads)
+        return state, dict(metrics, loss=loss, **more)
 
     return train_step
 
@@ -409,11 +427,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
             state, _ = ckpt.restore(start, checkpoint.abstract_like(state))
             log.info("resumed from step %d", start)
 
-        train_step = jax.jit(
-            make_train_step(graphdef, config, tx, schedule), donate_argnums=(0,)
-        )
         loop = TrainLoop(
-            config, workdir, pipeline, mesh, train_step, ckpt,
+            config, workdir, pipeline, mesh,
+            jax.jit(make_grad_fn(graphdef, config)),
+            jax.jit(make_update(config, tx, schedule), donate_argnums=(0, 1)),
+            ckpt,
             flops_token=flops_per_token(model_config, lora_config(config)), graphdef=graphdef,
         )
         summary = loop.run(state, frozen, steps)
@@ -421,21 +439,79 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     return summary
 
 
+def abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs with the shardings of `tree`'s arrays: what lowering needs."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class StepCompiler:
+    """One gradient executable per step shape, compiled on a background thread in the order the
+    steps need them, so that compiling a shape that comes up overlaps the steps before it.
+
+    `grad_step` is the jitted `make_grad_fn` (params, frozen, batch, step). `note` gets a line per
+    shape (what it is, compiled or loaded from the persistent cache, how long it took)."""
+
+    def __init__(self, grad_step: Any, state: TrainState, frozen: dict, note: Callable):
+        self._grad_step, self._note = grad_step, note
+        self._params, self._frozen, self._step = abstract((state["params"], frozen, state["step"]))
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+        self._futures: dict[tuple[int, int, int], concurrent.futures.Future] = {}
+        self.cache_hits = 0  # executables loaded from the persistent compilation cache
+
+    @property
+    def count(self) -> int:
+        """Shapes compiled or being compiled."""
+        return len(self._futures)
+
+    def submit(self, shape: StepShape, batch: dict[str, jax.Array]) -> None:
+        if shape.key not in self._futures:
+            self._futures[shape.key] = self._pool.submit(
+                self._compile, shape, abstract(batch), len(self._futures) + 1
+            )
+
+    def _compile(self, shape: StepShape, batch: dict, index: int) -> Any:
+        t0, hits = time.perf_counter(), compile_cache.hits()
+        compiled = self._grad_step.lower(self._params, self._frozen, batch, self._step).compile()
+        cached = compile_cache.hits() > hits
+        self.cache_hits += cached
+        self._note(
+            f"step shape {index}: {shape.rows * jax.process_count()} rows x {shape.length} "
+            f"tokens, {shape.tiles} attention tiles per row group; "
+            f"{'loaded from the compilation cache' if cached else 'compiled'} in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+        return compiled
+
+    def get(self, shape: StepShape, batch: dict[str, jax.Array]) -> tuple[Any, float]:
+        """The executable for `shape` and the seconds spent waiting for it."""
+        self.submit(shape, batch)
+        future = self._futures[shape.key]
+        if future.done():
+            return future.result(), 0.0
+        t0 = time.perf_counter()
+        compiled = future.result()
+        return compiled, time.perf_counter() - t0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class TrainLoop:
     """Step numbers -> batches -> updates, with logging, checkpoints, signals and NaN checks.
 
     Each step runs at its own shape (`step_shape`: rows, tiles and queries on small ladders), one
-    executable per shape, compiled ahead of the step the first time the shape comes up (a log
-    line and the step's `compile_seconds` say so); JAX's persistent compilation cache keeps them
-    across runs.
+    gradient executable per shape; the optimizer update is shape-free (one for the run). The
+    batches of the next `train.compile_ahead` steps are built while the device runs the current
+    one, and their new shapes compile on a background thread (`StepCompiler`); JAX's persistent
+    compilation cache keeps the executables across runs.
     """
 
-    def __init__(self, config, workdir, pipeline, mesh, train_step, ckpt, *, flops_token, graphdef):
+    def __init__(
+        self, config, workdir, pipeline, mesh, grad_step, update, ckpt, *, flops_token, graphdef
+    ):
         self.config, self.workdir, self.pipeline, self.mesh = config, workdir, pipeline, mesh
-        self.train_step, self.ckpt, self.flops_token = train_step, ckpt, flops_token
-        self.graphdef = graphdef
-        self.executables: dict[tuple[int, int, int], Any] = {}
-        self.cache_hits = 0  # executables loaded from the persistent compilation cache
+        self.grad_step, self.update, self.ckpt = grad_step, update, ckpt
+        self.flops_token, self.graphdef = flops_token, graphdef
 
     def next_batch(self, step: int) -> tuple[dict[str, jax.Array], StepShape, dict[str, Any]]:
         batch, info = self.pipeline.batch(step)
@@ -454,22 +530,6 @@ class TrainLoop:
         if tiles is not None:
             tiles = pad_pairs(tiles, shape.tiles, shape.length // self.config.model.attention_block)
         return device_batch(self.mesh, batch, tiles), shape, info
-
-    def compile(self, shape: StepShape, state, frozen, batch, writer) -> float:
-        """Compile the step for `shape` unless done already; the seconds it took (0 if known)."""
-        if shape.key in self.executables:
-            return 0.0
-        t0, hits = time.perf_counter(), compile_cache.hits()
-        self.executables[shape.key] = self.train_step.lower(state, frozen, batch).compile()
-        seconds = time.perf_counter() - t0
-        cached = compile_cache.hits() > hits
-        self.cache_hits += cached
-        writer.note(
-            f"step shape {len(self.executables)}: {shape.rows * jax.process_count()} rows x "
-            f"{shape.length} tokens, {shape.tiles} attention tiles per row group; "
-            f"{'loaded from the compilation cache' if cached else 'compiled'} in {seconds:.1f} s"
-        )
-        return seconds
 
     def save(self, state: TrainState, *, force: bool = False) -> None:
         step = int(state["step"])
@@ -500,18 +560,33 @@ class TrainLoop:
         peak = peak_flops(jax.devices()[0]) * jax.device_count()
         history: list[float] = []
         reason = "finished"
-        upcoming = self.next_batch(start) if start < steps else None
+        compiler = StepCompiler(self.grad_step, state, frozen, writer.note)
+        upcoming: collections.deque = collections.deque()  # (batch, shape, info) of next steps
+        ahead = max(1, int(config.train.compile_ahead))
+
+        built = start  # the batches of the steps before `built` exist
+
+        def prepare(until: int) -> None:
+            """Build the batches of the steps before `until`; queue their new shapes."""
+            nonlocal built
+            for s in range(built, min(until, steps)):
+                upcoming.append(self.next_batch(s))
+                compiler.submit(upcoming[-1][1], upcoming[-1][0])
+            built = max(built, min(until, steps))
+
         try:
             for step in range(start, steps):
                 t0 = time.perf_counter()
-                batch, shape, info = upcoming
-                compile_seconds = self.compile(shape, state, frozen, batch, writer)
-                state, metrics = self.executables[shape.key](state, frozen, batch)  # not awaited
-                # Host work while the device runs this step: the next batch and, when its shape
-                # is new, its executable.
-                if step + 1 < steps:
-                    upcoming = self.next_batch(step + 1)
-                    compile_seconds += self.compile(upcoming[1], state, frozen, upcoming[0], writer)
+                prepare(step + 1)
+                batch, shape, info = upcoming.popleft()
+                compiled, compile_seconds = compiler.get(shape, batch)
+                # Dispatched, not awaited:
+                (loss, metrics), grads = compiled(state["params"], frozen, batch, state["step"])
+                state, more = self.update(state, grads)
+                metrics = dict(metrics, loss=loss, **more)
+                # Host work while the device runs this step: the next steps' batches, whose
+                # new shapes compile in the background.
+                prepare(step + 1 + ahead)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 seconds = time.perf_counter() - t0
                 if not all(math.isfinite(v) for v in metrics.values()):
@@ -535,9 +610,9 @@ class TrainLoop:
                     "row_padding": 1 - shape.rows_used / rows,
                     "tiles": shape.tiles,
                     "step_seconds": seconds,  # wall time of the step, compiles included
-                    "compile_seconds": compile_seconds,
-                    "compiles": len(self.executables),  # step shapes so far
-                    "compile_cache_hits": self.cache_hits,
+                    "compile_seconds": compile_seconds,  # of which waiting for its executable
+                    "compiles": compiler.count,  # step shapes so far (some still compiling)
+                    "compile_cache_hits": compiler.cache_hits,
                 }
                 if peak:
                     record["mfu"] = record["tokens_per_s"] * self.flops_token / peak
@@ -553,6 +628,7 @@ class TrainLoop:
                     break
             self.save(state, force=True)
         finally:
+            compiler.close()
             self.ckpt.wait()
             writer.close()
             for s, handler in previous.items():
