@@ -18,7 +18,14 @@ from jax_iclemb.model import (
     load_lora_state,
     lora_state,
 )
-from jax_iclemb.model.lora import DEFAULT_TARGETS, Linear, dropout, keep_mask, low_rank
+from jax_iclemb.model.lora import (
+    DEFAULT_TARGETS,
+    Linear,
+    dense,
+    dropout,
+    keep_mask,
+    low_rank,
+)
 
 CFG = ModelConfig(
     model_type="mistral",
@@ -86,17 +93,29 @@ def test_linear_matches_formula_and_dropout_touches_only_adapter():
     np.testing.assert_allclose(layer(x, key), x @ w.T + b, rtol=1e-5, atol=1e-5)  # base untouched
 
 
-def test_low_rank_gradients_equal_autodiff():
-    """The hand-written backward of (x Aᵀ) Bᵀ against JAX's own differentiation of the formula."""
+def test_hand_written_backwards_equal_autodiff():
+    """The hand-written backward of x Wᵀ and of (x Aᵀ) Bᵀ against JAX's own differentiation of
+    the formulas, for every input."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 7, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(12, 16)), jnp.float32)
     a = jnp.asarray(rng.normal(size=(4, 16)), jnp.float32)
     b = jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)
     probe = jnp.asarray(rng.normal(size=(2, 7, 12)), jnp.float32)
-    ours = jax.grad(lambda *args: jnp.sum(low_rank(*args) * probe), argnums=(0, 1, 2))(x, a, b)
-    plain = jax.grad(lambda x, a, b: jnp.sum((x @ a.T) @ b.T * probe), argnums=(0, 1, 2))(x, a, b)
-    for got, want in zip(ours, plain, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    cases = [
+        (dense, lambda x, w: x @ w.T, (x, w)),
+        (low_rank, lambda x, a, b: (x @ a.T) @ b.T, (x, a, b)),
+    ]
+    def probed(fn):
+        return lambda *z: jnp.sum(fn(*z) * probe)
+
+    for ours, formula, args in cases:
+        argnums = tuple(range(len(args)))
+        got = jax.grad(probed(ours), argnums=argnums)(*args)
+        want = jax.grad(probed(formula), argnums=argnums)(*args)
+        np.testing.assert_allclose(ours(*args), formula(*args), rtol=1e-6)
+        for g, v in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])

@@ -112,7 +112,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """`dropout_key` turns on the adapter's input dropout (training); None: inference."""
         x = x.astype(self.dtype)
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
+        y = dense(x, self.weight[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
@@ -139,6 +139,27 @@ def _contract_rows(small: jax.Array, big: jax.Array) -> jax.Array:
     """smallᵀ @ big over the token axis: [N, r], [N, k] -> [r, k]. The narrow operand goes
     first, so the backend transposes [N, r] rather than the wide [N, k] activation."""
     return jax.lax.dot_general(small, big, (((0,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x Wᵀ: x [..., in], W [out, in] -> [..., out], with the weight gradient contracting the token
+    axis with the saved input in front (see `low_rank`); when W is frozen XLA drops that
+    gradient."""
+    return x @ w.T
+
+
+def _dense_fwd(x, w):
+    return x @ w.T, (x, w)
+
+
+def _dense_bwd(res, g):
+    x, w = res
+    g2 = _flat(g)
+    return (g2 @ w).reshape(x.shape), _contract_rows(_flat(x), g2).T.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 @jax.custom_vjp
