@@ -15,7 +15,8 @@ GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"], "prompt": "Find it.", "
 
 
 def expected_record(d: dict) -> Record:
-    """The Record a reference-format JSON object should become, per the spec (DESIGN §2)."""
+    """The Record a reference-format JSON object should become: missing `neg` = none, missing
+    `type` = normal, optional prompt, category and teacher scores (docs/data_format.md)."""
     scores = lambda key: tuple(float(x) for x in d[key]) if key in d else None
     return Record(
         query=d["query"],
