@@ -1,13 +1,14 @@
 """Data pipeline benchmark: token utilisation of packing vs per-batch padding, and examples/s.
 
-    taskset -c 0 python bench/data_pipeline.py [--data ../shared/data/reference-sample]
-        [--batch 10] [--tile 1] [--segments 32] [--epochs 20]
+    taskset -c 0 python bench/data_pipeline.py [--data builtin|DIR] [--batch 10] [--tile 1]
+        [--segments 32] [--epochs 20]
 
-Paper lengths (query 2048, passage 512, examples 256 + 256, group 8). `--tile N` repeats every
-dataset's records N times (as distinct records) to reach paper-sized batches from the 10-record
-sample. The reference pads each step's queries to its longest query and passages to its longest
-passage; that utilisation is computed from the same token sequences. Run single-threaded
-(taskset + the thread variables set below) to measure one core.
+Paper lengths (query 2048, passage 512, examples 256 + 256, group 8). `--data`: the built-in data
+(default) or a folder of reference-format JSONL tasks, e.g. the 10-record ones of `tests/data`.
+`--tile N` repeats every dataset's records N times (as distinct records) to reach paper-sized
+batches from a small sample. The reference pads each step's queries to its longest query and
+passages to its longest passage; that utilisation is computed from the same token sequences.
+Run single-threaded (taskset + the thread variables set below) to measure one core.
 """
 
 from __future__ import annotations
@@ -57,12 +58,7 @@ def lengths(batch, slots):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--data",
-        default=os.path.join(
-            os.path.dirname(__file__), "..", "..", "shared", "data", "reference-sample"
-        ),
-    )
+    parser.add_argument("--data", default="builtin", help="builtin, or a folder of JSONL tasks")
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--tile", type=int, default=1)
     parser.add_argument("--segments", type=int, default=32)

@@ -69,7 +69,8 @@ NON_NEGATIVE = (
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Every key the project reads, with the paper's recipe (DESIGN §4) as the default values."""
+    """Every key the project reads, with the paper's recipe (`paper_recipe`'s docstring lists it)
+    as the default values."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -291,7 +292,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 def paper_recipe(hf_path: str, tokenizer: str) -> ml_collections.ConfigDict:
-    """The bge-en-icl recipe (DESIGN §4) for a Hugging Face base model.
+    """The bge-en-icl recipe (the paper's hyperparameters) for a Hugging Face base model.
 
     LoRA rank 64 / alpha 32 / dropout 0.1 on all projections; τ = 0.02; group size 8; 0–5
     in-context examples; query 2048 / passage 512 / example 256+256 tokens; lr 1e-4 with 100

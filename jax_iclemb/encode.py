@@ -9,8 +9,10 @@
     d = emb.encode_corpus(["To reset your PIN ..."])
     scores = q @ d.T  # rows are L2-normalised float32
 
-Texts are tokenized with the inference templates of DESIGN §3 (the same code that builds training
-queries), packed whole into rows of a bucketed length, and embedded `rows_per_call` rows at a time:
+Texts are tokenized with the inference templates (the same code that builds training queries):
+a query is its examples, each `<instruct>{instruction}\\n<query>{q}\\n<response>{r}\\n\\n`, then
+`<instruct>{instruction}\\n<query>{query}\\n<response>`; a passage is its raw text. They are
+packed whole into rows of a bucketed length, and embedded `rows_per_call` rows at a time:
 one compiled shape per row-length bucket, however many texts and whatever their lengths.
 """
 

@@ -65,8 +65,10 @@ def write_sentence_transformers_config(
 ) -> None:
     """What `SentenceTransformer(out)` needs: the HF model, last-token pooling, normalisation.
 
-    The `query` prompt is the instruction part of DESIGN §3's inference query; the caller still
-    ends each query with "\n<response>" (or formats it with `format_inference_query`).
+    The `query` prompt is the part of the inference query
+    `<instruct>{instruction}\\n<query>{query}\\n<response>` before the query text:
+    `<instruct>{instruction}\\n<query>`; the caller still ends each query with "\\n<response>" (or
+    formats it with `format_inference_query`).
     """
     out = Path(out)
     modules = [

@@ -1,4 +1,4 @@
-"""Test set-up: 8 emulated CPU devices, fp32, offline; paths to the shared sample data."""
+"""Test set-up: 8 emulated CPU devices, fp32, offline; the sample data shipped in tests/data."""
 
 import os
 import tempfile
@@ -16,14 +16,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax_
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SAMPLE_DATA = SHARED / "data" / "reference-sample"
+SAMPLE_DATA = REPO / "tests" / "data"  # reference-format records, see tests/data/README.md
 
 
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
-    if not SAMPLE_DATA.is_dir():
-        pytest.fail(f"shared sample data not found at {SAMPLE_DATA}")
     return SAMPLE_DATA
 
 

@@ -143,7 +143,8 @@ def test_record_response_is_the_example_response(folder):
         records = [pipeline.datasets[plan.dataset][int(i)] for i in plan.records]
         for ex in pipeline.examples(step):
             shots = [records[j] for j in ex["example_slots"]]
-            # Written out by hand from DESIGN §3 with "\n" dropped: response = the value word.
+            # Written out by hand: the example template `<instruct>{prompt}\n<query>{q}\n<response>
+            # {r}\n\n` and the query template without their "\n"s; response = the value word.
             text = "".join(
                 f"<instruct>{r.prompt}<query>{r.query}<response>{r.response}" for r in shots
             )

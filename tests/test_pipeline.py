@@ -153,9 +153,10 @@ def test_sample_data_flags_and_teacher_scores(tok, sample_data):
             assert batch.has_teacher[i]
             np.testing.assert_allclose(batch.teacher_scores[i], want, rtol=1e-6)
     assert flags == {
-        "retrieval/msmarco": True,
-        "classification-no_in_batch_neg/Banking77Classification": False,
-        "clustering-no_in_batch_neg/arXiv_title": False,
+        "retrieval/web_search": True,
+        "sts/sentence_pairs": True,
+        "classification-no_in_batch_neg/bank_intents": False,
+        "clustering-no_in_batch_neg/paper_titles": False,
     }
 
 
@@ -199,11 +200,8 @@ def test_inspect_cli(tmp_path, sample_data, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     head, queries = lines[0], lines[1:]
     assert head["kind"] == "step" and head["step"] == 4 and 0 < head["utilisation"] <= 1
-    assert head["dataset"] in {
-        "retrieval/msmarco",
-        "classification-no_in_batch_neg/Banking77Classification",
-        "clustering-no_in_batch_neg/arXiv_title",
-    }
+    assert head["dataset"] in {p.relative_to(sample_data).with_suffix("").as_posix()
+                               for p in sample_data.rglob("*.jsonl")}
     assert len(queries) == 10
     for q in queries:
         assert q["query"].startswith("<s><instruct>") and q["query"].endswith("\n<response></s>")

@@ -15,7 +15,8 @@ GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"], "prompt": "Find it.", "
 
 
 def expected_record(d: dict) -> Record:
-    """The Record a reference-format JSON object should become, per the spec (DESIGN §2)."""
+    """The Record a reference-format JSON object should become: missing `neg` = none, missing
+    `type` = normal, optional prompt, category and teacher scores (docs/data_format.md)."""
     scores = lambda key: tuple(float(x) for x in d[key]) if key in d else None
     return Record(
         query=d["query"],
@@ -38,10 +39,11 @@ def write_lines(path: Path, lines: list[bytes | dict]) -> Path:
 
 def test_sample_data_opens_as_reference_records(sample_data):
     datasets = open_datasets(str(sample_data))
-    assert [(d.name, len(d), d.in_batch_negatives) for d in datasets] == [
-        ("classification-no_in_batch_neg/Banking77Classification", 10, False),
-        ("clustering-no_in_batch_neg/arXiv_title", 10, False),
-        ("retrieval/msmarco", 10, True),
+    assert [(d.name, d.in_batch_negatives) for d in datasets] == [
+        ("classification-no_in_batch_neg/bank_intents", False),
+        ("clustering-no_in_batch_neg/paper_titles", False),
+        ("retrieval/web_search", True),
+        ("sts/sentence_pairs", True),
     ]
     for d in datasets:
         lines = (sample_data / f"{d.name}.jsonl").read_text(encoding="utf-8").splitlines()
@@ -49,6 +51,23 @@ def test_sample_data_opens_as_reference_records(sample_data):
         assert d[-1] == d[len(d) - 1]
         with pytest.raises(IndexError):
             d[len(d)]
+
+
+def test_sample_data_covers_the_edge_cases(sample_data):
+    """What tests/data/README.md promises, so that the tests reading the sample exercise it."""
+    raw = [
+        json.loads(line)
+        for path in sample_data.rglob("*.jsonl")
+        for line in path.read_text(encoding="utf-8").splitlines()
+    ]
+    types = {r.get("type", "normal") for r in raw}
+    assert types == {"normal", "symmetric_sts", "symmetric_class", "symmetric_clustering"}
+    assert any("type" not in r and "pos_scores" not in r for r in raw)
+    assert any(r.get("prompt", "") is None for r in raw)
+    assert any(len(r["pos"]) > 1 and len(r["pos_scores"]) == len(r["pos"]) for r in raw)
+    assert {r.get("type", "normal") for r in raw if len(r["neg"]) < 7} == types  # repeated
+    texts = [t for r in raw for t in [r["query"], *r["pos"], *r["neg"]]]
+    assert any("\n" in t for t in texts) and any(not t.isascii() for t in texts)
 
 
 def test_single_file_and_name_rules(tmp_path):

@@ -1,6 +1,6 @@
 """ICL templates and token-level assembly: one source of truth for training and inference.
 
-Strings (DESIGN §3):
+Strings (the reference's templates; the special tokens are added to the tokenizer):
     task query   "<instruct>{prompt}\\n<query>{query}"  then "\\n<response>"
     one example  "<instruct>{prompt}\\n<query>{q}\\n<response>{r}\\n\\n"
     symmetric passage = a task query without examples; other passages are raw text.
