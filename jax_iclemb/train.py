@@ -556,7 +556,9 @@ class TrainLoop:
         start = int(state["step"])
         stop = _StopFlag()
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        writer = MetricsWriter(workdir, enabled=is_main, total=steps, initial=start)
+        writer = MetricsWriter(
+            workdir, enabled=is_main, total=steps, initial=start, config=config_lib.to_json(config)
+        )
         peak = peak_flops(jax.devices()[0]) * jax.device_count()
         history: list[float] = []
         reason = "finished"
