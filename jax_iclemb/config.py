@@ -251,11 +251,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def recipe_names() -> list[str]:
+    """The recipes shipped with the package (the repository's configs/, `jax_iclemb.configs`)."""
+    return sorted(p.stem for p in _recipe_dir().glob("*.py") if not p.stem.startswith("_"))
+
+
+def _recipe_dir() -> Path:
+    spec = importlib.util.find_spec("jax_iclemb.configs")
+    if spec is None:  # a source checkout on sys.path, not installed: configs/ beside the package
+        return Path(__file__).resolve().parents[1] / "configs"
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file: an existing path, else a shipped recipe's name (`tiny`, `tiny.py`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    recipe = _recipe_dir() / f"{path.stem}.py"
+    if path.parent == Path() and path.suffix in ("", ".py") and recipe.is_file():
+        return recipe
+    raise ConfigError(
+        f"config file {name_or_path} does not exist and is not a recipe name "
+        f"(recipes: {', '.join(recipe_names())})"
+    )
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load `get_config()` from a Python file, apply overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    """Load `get_config()` from a Python file or a shipped recipe's name, apply overrides,
+    validate."""
+    path = resolve_config_path(path)
     spec = importlib.util.spec_from_file_location(f"_jax_iclemb_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -58,17 +58,27 @@ def flops_per_token(model_config: Any, lora: Any, mean_context: float = 512.0) -
 
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard + a tqdm bar; all no-ops off process 0."""
+    """metrics.jsonl + TensorBoard + a tqdm bar; all no-ops off process 0.
 
-    def __init__(self, workdir: Path, *, enabled: bool, total: int, initial: int):
+    A run resumed at step `initial` first drops what a killed run logged after its checkpoint:
+    records past `initial` leave metrics.jsonl, and TensorBoard is told to purge them
+    (`purge_step`), so every step is plotted and listed once. `config` (JSON) is logged as text.
+    """
+
+    def __init__(self, workdir: Path, *, enabled: bool, total: int, initial: int, config: str):
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
-        self._file = open(Path(workdir) / "metrics.jsonl", "a")  # noqa: SIM115
-        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        metrics = Path(workdir) / "metrics.jsonl"
+        if metrics.exists():
+            kept = [x for x in metrics.read_text().splitlines() if json.loads(x)["step"] <= initial]
+            metrics.write_text("".join(f"{x}\n" for x in kept))
+        self._file = open(metrics, "a")  # noqa: SIM115
+        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=initial + 1)
+        self._tb.add_text("config", f"```json\n{config}\n```", initial)
         self._bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -82,6 +92,7 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{key}/{name}", v, record["step"])
             elif isinstance(value, int | float) and key != "step":
                 self._tb.add_scalar(f"train/{key}", value, record["step"])
+        self._tb.flush()  # as metrics.jsonl: a killed run keeps what it logged
 
     def note(self, message: str) -> None:
         """A line above the progress bar (compiles, for example)."""

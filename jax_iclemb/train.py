@@ -556,7 +556,9 @@ class TrainLoop:
         start = int(state["step"])
         stop = _StopFlag()
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        writer = MetricsWriter(workdir, enabled=is_main, total=steps, initial=start)
+        writer = MetricsWriter(
+            workdir, enabled=is_main, total=steps, initial=start, config=config_lib.to_json(config)
+        )
         peak = peak_flops(jax.devices()[0]) * jax.device_count()
         history: list[float] = []
         reason = "finished"
@@ -644,7 +646,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         description="Train a few-shot (in-context) text embedder.",
         epilog="Any --config.KEY=VALUE overrides a config field, e.g. --config.train.steps=20.",
     )
-    parser.add_argument("--config", required=True, help="a configs/*.py file")
+    parser.add_argument(
+        "--config", required=True, help="a config file, or a recipe name from configs/ (e.g. tiny)"
+    )
     parser.add_argument("--workdir", default=None, help="default: runs/<config name>")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]

@@ -10,17 +10,30 @@ from jax_iclemb.config import (
     default_config,
     from_json,
     load_config,
+    recipe_names,
     to_json,
     validate,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted(p for p in CONFIGS.glob("*.py") if not p.stem.startswith("_"))
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.py")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_shipped_configs_validate(path):
     config = load_config(path)
     assert config.data.train_group_size >= 2
+
+
+def test_recipes_load_by_name():
+    assert recipe_names() == [p.stem for p in RECIPES]
+    by_path = load_config(CONFIGS / "tiny.py", ["--config.train.steps=7"])
+    for name in ("tiny", "tiny.py"):
+        assert load_config(name, ["--config.train.steps=7"]).to_dict() == by_path.to_dict()
+    with pytest.raises(ConfigError, match=r"tyni.*not a recipe name.*bge_en_icl_mistral7b.*tiny"):
+        load_config("tyni")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("some/dir/tiny.py")  # a path that is not there never falls back to a recipe
 
 
 def test_paper_recipe_values():

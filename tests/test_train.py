@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -103,6 +104,31 @@ def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
     result = run_cli(tmp_path, "--config.train.steps=8", "--config.train.checkpoint_every=3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(tmp_path) == losses(reference_run)  # bitwise, every step
+    # Each step is listed and plotted once: the killed run's steps after its checkpoint are gone.
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    scalars = tensorboard_scalars(tmp_path / "tensorboard", "train/loss")
+    assert scalars == pytest.approx(losses(reference_run), rel=1e-6)  # TensorBoard keeps float32
+
+
+def tensorboard_scalars(logdir: Path, tag: str) -> dict[int, float]:
+    """step -> value as TensorBoard shows it: event files in order, a session START at step s
+    (`purge_step`) drops what earlier files logged at steps >= s."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    values: dict[int, float] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # TFRecord: length (8 bytes), its CRC (4), payload, CRC (4)
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 16 + length
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                values = {s: v for s, v in values.items() if s < event.step}
+            for value in event.summary.value if event.HasField("summary") else ():
+                if value.tag == tag:
+                    values[event.step] = value.simple_value
+    return values
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):

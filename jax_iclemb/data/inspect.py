@@ -19,7 +19,9 @@ from jax_iclemb.data.pipeline import pipeline_from_config
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="a config file (Python, get_config())")
+    parser.add_argument(
+        "--config", required=True, help="a config file, or a recipe name from configs/ (e.g. tiny)"
+    )
     parser.add_argument("--step", type=int, required=True, help="global training step")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]

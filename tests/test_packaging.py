@@ -1,0 +1,92 @@
+"""The sdist and wheel as a user gets them: built offline from the tracked files, the sdist builds
+a wheel again, and the wheel carries the recipes, console scripts and declared dependencies."""
+
+import email
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("train", "export", "evaluate", "prepare", "inspect")
+
+
+def _normal(requirement: str) -> str:
+    return str(Requirement(requirement))
+
+
+def _build(source: Path, out: Path, *kinds: str) -> None:
+    command = [sys.executable, "-m", "build", "--no-isolation", *kinds, "--outdir", str(out)]
+    subprocess.run([*command, str(source)], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory) -> dict[str, Path]:
+    """sdist from a copy of the tracked files; the wheel built from that sdist (as pip does)."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs the git checkout to list the tracked files")
+    tmp = tmp_path_factory.mktemp("dist")
+    source = tmp / "source"
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    _build(source, tmp / "sdist", "--sdist")
+    (sdist,) = (tmp / "sdist").glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp / "unpacked", filter="data")
+    (unpacked,) = (tmp / "unpacked").iterdir()
+    _build(unpacked, tmp / "wheel", "--wheel")
+    (wheel,) = (tmp / "wheel").glob("*.whl")
+    return {"sdist": sdist, "wheel": wheel, "tmp": tmp}
+
+
+def test_sdist_has_what_the_build_reads(dists):
+    with tarfile.open(dists["sdist"]) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert {"requirements.txt", "LICENSE", "pyproject.toml", "configs/tiny.py"} <= names
+
+
+def test_wheel_metadata_scripts_and_recipes(dists):
+    with zipfile.ZipFile(dists["wheel"]) as whl:
+        names = set(whl.namelist())
+        info = next(n for n in names if n.endswith(".dist-info/METADATA")).rsplit("/", 1)[0]
+        metadata = email.message_from_bytes(whl.read(f"{info}/METADATA"))
+        entry_points = whl.read(f"{info}/entry_points.txt").decode()
+    recipes = {p.name for p in (REPO / "configs").glob("*.py")}
+    assert {f"jax_iclemb/configs/{name}" for name in recipes} <= names
+    for script in SCRIPTS:
+        assert f"jax-iclemb-{script} = jax_iclemb." in entry_points
+    requirements = [
+        line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    required = [r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r]
+    assert sorted(map(_normal, required)) == sorted(map(_normal, requirements))
+    assert metadata["License-Expression"] == "Apache-2.0"
+    assert {"torch", "mteb", "gpu", "tpu", "test"} <= set(metadata.get_all("Provides-Extra"))
+
+
+def test_installed_wheel_loads_recipes_by_name(dists, tmp_path):
+    """The wheel's own files (not this checkout) resolve `--config tiny`."""
+    site = tmp_path / "site"
+    with zipfile.ZipFile(dists["wheel"]) as whl:
+        whl.extractall(site)
+    code = (
+        "import jax_iclemb.config as c; "
+        "print(c.resolve_config_path('tiny')); print(c.load_config('tiny').train.steps)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""},
+        check=True, capture_output=True, text=True,
+    ).stdout.split()
+    assert Path(out[0]) == site / "jax_iclemb" / "configs" / "tiny.py"
+    assert int(out[1]) > 0
