@@ -25,7 +25,8 @@ setup(
         "test": [
             "torch==2.13.0",
             "peft>=0.17",
-            "sentence-transformers>=5.0",
+            # 5.4: the "message" modality that exports use for the query suffix (docs/export.md)
+            "sentence-transformers>=5.4",
             "pytest>=8",
             "hypothesis>=6.100",
             "pytrec-eval-terrier>=0.5",
