@@ -3,12 +3,16 @@
 Turns a training workdir into Hugging Face weights: `merged` (LoRA folded into the base; loads in
 `transformers.AutoModel` and sentence-transformers) or `peft` (an adapter for
 `peft.PeftModel.from_pretrained` on the base). A run whose base was random-initialised has no base
-on the Hub, so its `peft` export also writes that base, LoRA-free, into `OUT/base`.
+on the Hub, so its `peft` export also writes that base, LoRA-free, into `OUT/base` (named relative
+to the adapter). The exported tokenizer adds BOS/EOS the way training did, and its chat template
+renders the training sequence (docs/export.md). `--overwrite` replaces an earlier export in OUT.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import sys
 from collections.abc import Sequence
@@ -17,12 +21,15 @@ from typing import Any
 
 import jax
 import ml_collections
+import transformers
 from flax import nnx
 
 from jax_iclemb import checkpoint, parallel
 from jax_iclemb import config as config_lib
+from jax_iclemb.data.icl import chat_template, format_query
 from jax_iclemb.data.tokenizer import load_tokenizer
 from jax_iclemb.model import ModelConfig, export_merged, export_peft
+from jax_iclemb.model.hf import parse_size, remove_export
 from jax_iclemb.optim import make_optimizer
 from jax_iclemb.train import build_model, initial_state, split_model
 
@@ -60,22 +67,30 @@ def load_trained(
     return model, model_config, tokenizer, config, step
 
 
+ST_MODULES = (("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize"))
+ST_DIRS = tuple(path for path, _ in ST_MODULES[1:])
+ST_FILES = (
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+    *(f"{d}/config.json" for d in ST_DIRS),
+)
+BASE_DIR = "base"  # a random-init run's base, next to its PEFT adapter
+
+
 def write_sentence_transformers_config(
     out: str | Path, *, hidden_size: int, max_seq_length: int, query_instruction: str
 ) -> None:
     """What `SentenceTransformer(out)` needs: the HF model, last-token pooling, normalisation.
 
-    The `query` prompt is the part of the inference query
-    `<instruct>{instruction}\\n<query>{query}\\n<response>` before the query text:
-    `<instruct>{instruction}\\n<query>`; the caller still ends each query with "\\n<response>" (or
-    formats it with `format_inference_query`).
+    The `query` prompt is the head of the training query
+    `<instruct>{instruction}\n<query>{query}\n<response>`: "<instruct>{instruction}\n<query>".
+    Sentence-transformers prompts are prefixes only, so the "\n<response>" suffix comes from the
+    exported tokenizer's chat template (`icl.chat_template`): the "message" modality makes
+    sentence-transformers (>= 5.4) render every text, its prompt as a system message, through it.
     """
     out = Path(out)
     modules = [
         {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
-        for i, (path, kind) in enumerate(
-            [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
-        )
+        for i, (path, kind) in enumerate(ST_MODULES)
     ]
     pooling = {
         "word_embedding_dimension": hidden_size,
@@ -87,20 +102,75 @@ def write_sentence_transformers_config(
         "pooling_mode_lasttoken": True,
         "include_prompt": True,
     }
-    files = {
-        "modules.json": modules,
-        "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
-        "config_sentence_transformers.json": {
-            "prompts": {"query": f"<instruct>{query_instruction}\n<query>", "document": ""},
+    forward = {"method": "forward", "method_output_name": "last_hidden_state"}
+    contents = [
+        modules,
+        {
+            "max_seq_length": max_seq_length,
+            "do_lower_case": False,
+            # Text goes through the tokenizer's chat template ("message"), as a prompt plus text.
+            "transformer_task": "feature-extraction",
+            "modality_config": {"text": forward, "message": {**forward, "format": "flat"}},
+            "module_output_name": "token_embeddings",
+        },
+        {
+            "prompts": {"query": format_query(query_instruction, ""), "document": ""},
             "default_prompt_name": None,
             "similarity_fn_name": "cosine",
         },
-        "1_Pooling/config.json": pooling,
-        "2_Normalize/config.json": {},
-    }
-    for name, content in files.items():
+        pooling,
+        {},
+    ]
+    for name, content in zip(ST_FILES, contents, strict=True):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(json.dumps(content, indent=2))
+
+
+def export_tokenizer(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+) -> transformers.PreTrainedTokenizerBase:
+    """A copy of the training tokenizer for an export: `tokenizer(text)` adds BOS/EOS as training
+    did (`load_tokenizer` set that up), and the chat template renders the training sequence. The
+    base's own chat template (Qwen's ChatML, Llama 3's headers) would otherwise wrap every text
+    that sentence-transformers encodes."""
+    if not tokenizer.is_fast:
+        raise ValueError(
+            f"the workdir's tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer: an "
+            "export must append EOS through tokenizer.json"
+        )
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = chat_template()
+    return tokenizer
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse, before anything is loaded or written, an OUT that holds files without --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace the export in it")
+
+
+def remove_previous_export(out: Path) -> None:
+    """What an earlier export of either format left in `out` (sentence-transformers modules, the
+    base of a PEFT export); the weight files are removed by export_merged / export_peft."""
+    for name in ST_FILES:
+        (out / name).unlink(missing_ok=True)
+    base = out / BASE_DIR
+    if base.is_dir():
+        remove_export(base)
+    for folder in (*ST_DIRS, BASE_DIR):
+        with contextlib.suppress(OSError):  # absent, or holds files that are not ours
+            (out / folder).rmdir()
+
+
+def peft_base(config: ml_collections.ConfigDict) -> str:
+    """The adapter's base_model_name_or_path: the hub id or (absolute) folder the run started
+    from, else BASE_DIR, relative to the adapter folder, so that the export can move."""
+    hf_path = config.model.hf_path
+    if not hf_path:
+        return BASE_DIR
+    return str(Path(hf_path).absolute()) if Path(hf_path).is_dir() else hf_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,12 +179,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--format", choices=("merged", "peft"), default="merged")
     parser.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
-    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--max-shard-size", default="5GB", type=parse_size)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
-    model, model_config, tokenizer, config, step = load_trained(args.workdir, args.step)
     out = Path(args.out)
+    try:
+        check_out(out, args.overwrite)
+        model, model_config, tokenizer, config, step = load_trained(args.workdir, args.step)
+        tokenizer = export_tokenizer(tokenizer)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.overwrite and out.is_dir() and jax.process_index() == 0:
+        remove_previous_export(out)
     if args.format == "merged":
         export_merged(
             model, model_config, out, tokenizer=tokenizer,
@@ -130,14 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 query_instruction=config.data.default_prompt,
             )
     else:
-        base = config.model.hf_path or str((out / "base").absolute())
+        base = peft_base(config)
         export_peft(
             model, model_config, out, base_model_name_or_path=base, tokenizer=tokenizer,
             overwrite=args.overwrite,
         )
-        if not config.model.hf_path:
+        if base == BASE_DIR:
             export_merged(
-                model, model_config, base, tokenizer=tokenizer, merge_lora=False,
+                model, model_config, out / BASE_DIR, tokenizer=tokenizer, merge_lora=False,
                 max_shard_size=args.max_shard_size,
             )
     print(f"exported step {step} of {args.workdir} as {args.format} to {out}")

@@ -218,6 +218,11 @@ def test_export_refuses_a_non_empty_folder(trained, tmp_path):
     export_merged(model, cfg, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "keep me"
     assert set(read_checkpoint(out)) >= {"embed_tokens.weight", "norm.weight"}
+    # Overwriting with the other kind leaves no model files that would make it look like both.
+    export_peft(model, cfg, out, base_model_name_or_path="base", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "notes.txt"
+    ]
 
 
 def test_import_onto_a_mesh_streams_into_shards(trained, base_dir):

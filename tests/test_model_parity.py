@@ -56,10 +56,11 @@ PACKING = [[0, 1], [2, 3, 4]]
 ROWS, LENGTH, SEGMENTS = len(LENGTHS), 16, 3
 
 
-def save_torch_checkpoint(family: str, folder) -> None:
+def save_torch_checkpoint(family: str, folder, **changes) -> None:
+    """A tiny random checkpoint of `family`; `changes` override TINY (e.g. the vocabulary)."""
     cls_name, config_name, extra = FAMILIES[family]
     torch.manual_seed(0)
-    config = getattr(transformers, config_name)(**TINY, **extra)
+    config = getattr(transformers, config_name)(**{**TINY, **extra, **changes})
     model = getattr(transformers, cls_name)(config)
     with torch.no_grad():  # norms start at 1 and biases at 0: make them matter
         for name, p in model.named_parameters():

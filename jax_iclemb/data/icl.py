@@ -15,6 +15,7 @@ continuation (`Encoder.tail_ids`), so no spurious "▁" word-prefix pieces are e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 
 import transformers
@@ -45,6 +46,30 @@ def format_inference_query(
         format_example(instruction, *_example_pair(e, i)) for i, e in enumerate(examples)
     )
     return prefix + format_query(instruction, query) + SUFFIX
+
+
+def chat_template() -> str:
+    """A Jinja chat template that renders messages as the training sequence of their joined text.
+
+    The messages' contents are concatenated (sentence-transformers sends a prompt as a system
+    message before the text); a query-formatted result (it starts with "<instruct>") gets the
+    "\\n<response>" suffix unless it already ends with it; BOS (when the tokenizer has one) and EOS
+    enclose the whole. Tokenized, the rendering gives the ids `encode_inference_query` /
+    `encode_passage` build (untruncated): the tokenizer splits at the same special tokens.
+    """
+    suffix, head = json.dumps(SUFFIX), json.dumps(ICL_SPECIAL_TOKENS[0])
+    return (
+        "{%- set text = namespace(value='') -%}"
+        "{%- for message in messages -%}"
+        "{%- if message.content is string -%}{%- set text.value = text.value + message.content -%}"
+        "{%- else -%}{%- for part in message.content -%}"
+        "{%- set text.value = text.value + part.text -%}{%- endfor -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if bos_token -%}{{ bos_token }}{%- endif -%}{{ text.value }}"
+        f"{{%- if text.value.startswith({head}) and not text.value.endswith({suffix}) -%}}"
+        f"{{{{ {suffix} }}}}{{%- endif -%}}"
+        "{{ eos_token }}"
+    )
 
 
 class Encoder:

@@ -1,7 +1,8 @@
 """Tokenizer loading: the built-in offline Mistral vocabulary, or any Hugging Face tokenizer.
 
-Every tokenizer gets the three ICL special tokens (`<instruct>`, `<query>`, `<response>`) and pads
-on the left. Sequence assembly (BOS/EOS, truncation) is done on token ids in `icl.py`, not here.
+Every tokenizer gets the three ICL special tokens (`<instruct>`, `<query>`, `<response>`), pads
+on the left, and (when fast) adds BOS/EOS to `tokenizer(text)` the way training sequences get them.
+Training itself assembles sequences (BOS/EOS, truncation) on token ids in `icl.py`, not here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 import transformers
+from tokenizers import processors
 
 MISTRAL_V01 = "mistral-7b-v0.1"
 ICL_SPECIAL_TOKENS = ("<instruct>", "<query>", "<response>")
@@ -72,6 +74,30 @@ def add_icl_tokens(tok: transformers.PreTrainedTokenizerBase) -> None:
         tok.add_special_tokens({"additional_special_tokens": missing})
 
 
+def add_training_special_tokens(tok: transformers.PreTrainedTokenizerBase) -> None:
+    """Make `tok(text)` give BOS (when the tokenizer has one) + ids + EOS, as `icl.py` builds every
+    training sequence, by setting the post-processor of the fast tokenizer's backend (saved in
+    tokenizer.json, which transformers 5 reads instead of add_bos_token/add_eos_token flags).
+
+    Base tokenizers differ: Mistral adds BOS only, Llama 3 adds BOS only, Qwen adds neither; an
+    embedder read at EOS needs EOS on every sequence, whoever tokenizes it.
+    """
+    if not tok.is_fast:
+        raise ValueError(f"{type(tok).__name__} is not a fast tokenizer (no tokenizer.json)")
+    if tok.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; the embedding is read at EOS")
+    specials = [(tok.eos_token, tok.eos_token_id)]
+    bos = ""
+    if tok.bos_token_id is not None:
+        specials.insert(0, (tok.bos_token, tok.bos_token_id))
+        bos = f"{tok.bos_token} "
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos}$A {tok.eos_token}",
+        pair=f"{bos}$A {tok.eos_token} {bos}$B:1 {tok.eos_token}:1",
+        special_tokens=specials,
+    )
+
+
 def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
     """`"mistral-7b-v0.1"` (offline, from mistral-common), an HF tokenizer folder, or a hub id."""
     if spec == MISTRAL_V01:
@@ -87,8 +113,12 @@ def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
     add_icl_tokens(tok)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {spec!r} has no EOS token; the embedding is read at EOS")
+    if tok.is_fast:  # a slow tokenizer still trains: `icl.py` adds BOS/EOS on ids
+        add_training_special_tokens(tok)
     if tok.pad_token is None:
         # Mistral/Llama have no pad token; <unk> (id 0) is what the reference pads with.
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     tok.padding_side = "left"
+    # save_pretrained writes the init kwargs: a saved (exported) tokenizer pads left too.
+    tok.init_kwargs["padding_side"] = "left"
     return tok

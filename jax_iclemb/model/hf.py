@@ -47,6 +47,11 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# What export_merged / export_peft write besides weight shards (overwrite=True removes them).
+EXPORT_FILES = (
+    "config.json", INDEX_FILE, ADAPTER_FILE, ADAPTER_CONFIG,
+    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+)
 _IGNORED = re.compile(r"^(lm_head\.weight|.*rotary_emb\.inv_freq)$")  # never needed by an embedder
 
 _DTYPES = {
@@ -277,7 +282,8 @@ def load_pretrained(
 # ---- export ----
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
+    """Bytes of a shard size: an int, or '5GB', '500MB', '2GiB'."""
     if isinstance(size, int):
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
@@ -286,6 +292,14 @@ def _parse_size(size: int | str) -> int:
     unit = (match.group(2) or "B").upper()
     power = " KMGT".index(unit[0]) if unit != "B" else 0
     return int(float(match.group(1)) * (1024 if "I" in unit else 1000) ** power)
+
+
+def remove_export(folder: Path) -> None:
+    """Delete the files an earlier export of either kind wrote into `folder` (nothing else): stale
+    shards would load next to new ones, and a model config.json left beside an adapter makes the
+    folder look like both."""
+    for f in [*folder.glob("model*.safetensors"), *(folder / n for n in EXPORT_FILES)]:
+        f.unlink(missing_ok=True)
 
 
 def _prepare_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -297,10 +311,7 @@ def _prepare_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
             raise FileExistsError(
                 f"{out} is not empty; pass overwrite=True to write into it anyway"
             )
-        # Stale shards of an earlier export would be picked up next to the new ones.
-        stale = [*out.glob("model*.safetensors"), out / INDEX_FILE, out / ADAPTER_FILE]
-        for f in stale:
-            f.unlink(missing_ok=True)
+        remove_export(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -388,7 +399,7 @@ def export_merged(
     if _gather_only(tensors):
         return Path(out_dir)
     out = _prepare_dir(out_dir, overwrite)
-    _write_sharded(out, tensors, _parse_size(max_shard_size))
+    _write_sharded(out, tensors, parse_size(max_shard_size))
     hf = cfg.to_hf()
     hf["dtype"] = out_dtype.name
     (out / "config.json").write_text(json.dumps(hf, indent=2))
@@ -460,6 +471,15 @@ def export_peft(
     return out
 
 
+def resolve_base(adapter_dir: str | os.PathLike, base_model_name_or_path: str) -> str:
+    """An adapter's base: a folder relative to the adapter folder (an export's "base", so that the
+    export can move), else the name as written (an absolute folder, or a hub id)."""
+    here = Path(adapter_dir) / base_model_name_or_path
+    if not Path(base_model_name_or_path).is_absolute() and here.is_dir():
+        return str(here)
+    return base_model_name_or_path
+
+
 def load_peft(
     folder: str | os.PathLike, *, vocab_size: int | None = None, **options: Any
 ) -> tuple[Decoder, ModelConfig]:
@@ -477,7 +497,8 @@ def load_peft(
         targets=tuple(adapter["target_modules"]),
     )
     model, cfg = load_pretrained(
-        adapter["base_model_name_or_path"], lora=lora, vocab_size=vocab_size, **options
+        resolve_base(folder, adapter["base_model_name_or_path"]),
+        lora=lora, vocab_size=vocab_size, **options,
     )
     tensors = _read_safetensors(folder / ADAPTER_FILE)
     arrays = {}
