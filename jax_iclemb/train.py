@@ -662,7 +662,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-    distributed.initialize()
+    try:
+        distributed.initialize()
+    except distributed.LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         summary = run(config, workdir)
     except TrainingError as e:
