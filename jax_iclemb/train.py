@@ -654,7 +654,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # force: importing orbax already gave the root logger absl's handler. Our INFO lines only;
+    # other libraries stay at WARNING.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
+    logging.getLogger("jax_iclemb").setLevel(logging.INFO)
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = config_lib.load_config(args.config, overrides)
