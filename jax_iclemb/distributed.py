@@ -56,7 +56,8 @@ def local_device_ids(env: Mapping[str, str]) -> list[int] | None:
 
 
 def launcher(env: Mapping[str, str]) -> str | None:
-    """"explicit", "slurm", "tpu_pod", or None (one process: nothing to start)."""
+    """Which launcher started this process: "explicit", "slurm", "tpu_pod", or None (a single
+    process: nothing to start)."""
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "explicit"
     if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
