@@ -666,10 +666,6 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # force: importing orbax already gave the root logger absl's handler. Our INFO lines only;
-    # other libraries stay at WARNING.
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
-    logging.getLogger("jax_iclemb").setLevel(logging.INFO)
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = config_lib.load_config(args.config, overrides)
@@ -695,5 +691,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def log_to_stderr() -> None:
+    """The CLI's logging: our INFO lines, other libraries' warnings. `force`: importing orbax
+    already gave the root logger absl's handler, at WARNING (so a plain basicConfig did nothing)."""
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
+    logging.getLogger("jax_iclemb").setLevel(logging.INFO)
+
+
+if __name__ == "__main__":  # not in main(): a caller in-process keeps its own logging
+    log_to_stderr()
     sys.exit(main())
