@@ -377,7 +377,10 @@ def run_suite(args: argparse.Namespace, attentions: list[str], report: Path) -> 
     results = {a: {"attention": a, "status": "not started"} for a in attentions}
 
     def read(path: Path, attention: str) -> dict:
-        return json.loads(path.read_text()) if path.exists() else {"attention": attention}
+        """What the process wrote so far (nothing before its compile ends)."""
+        if path.exists():
+            return json.loads(path.read_text())
+        return {"attention": attention, "status": "compiling"}
 
     while pending or running:
         if time.monotonic() - start > args.timeout:
@@ -394,7 +397,6 @@ def run_suite(args: argparse.Namespace, attentions: list[str], report: Path) -> 
                     stderr=subprocess.STDOUT,
                 )
             running[attention] = (proc, time.monotonic(), result)
-            results[attention]["status"] = "compiling"
         now = time.monotonic()
         for attention, (proc, started, result) in list(running.items()):
             got = read(result, attention)
