@@ -1,12 +1,13 @@
-"""The paper's training step on one accelerator: step time, real tokens/s and MFU.
+"""The paper's training step on one accelerator: compile time, step time, real tokens/s, MFU and
+peak memory, for several attention implementations in one command, written as a report.
 
-    python bench/gpu_step.py [--attention block_sparse|xla|pallas|cudnn] [--batch 16] \
-        [--chunk-rows 4]
-    python bench/gpu_step.py --tiny            # the same code path, small model, on CPU, < 60 s
+    python bench/gpu_step.py [--attention block_sparse,cudnn,xla] [--layers N] [--batch 16] \
+        [--chunk-rows 4] [--compile-timeout S] [--timeout S] [--serial] [--report DIR]
+    python bench/gpu_step.py --smoke           # the same code path, small model, on CPU, ~1 min
     python bench/gpu_step.py --estimate [--rows 32]   # AOT memory of the 7B step, nothing allocated
 
 A random-initialised Mistral-7B-shaped decoder (`MISTRAL_7B_ARCH`; `--layers N` keeps the first N
-layers if memory forces it), bf16 weights and compute, LoRA r64 / alpha 32 / dropout 0.1 on all
+layers, to bound the compile), bf16 weights and compute, LoRA r64 / alpha 32 / dropout 0.1 on all
 seven projections, full rematerialisation, the gradient cache (`--chunk-rows` rows per chunk), at
 the paper's lengths (query 2048 with 0-5 in-context examples, passage 512, examples 256+256, group
 8). Batches come from the real pipeline (sampling, templates, Mistral tokenizer, packing) over a
@@ -15,13 +16,26 @@ synthetic retrieval dataset with realistic lengths (queries of ~50-200 tokens, p
 so the step compiles once (compile time is reported apart). The step is `train.make_train_step`,
 the trainer's own. MFU uses `observe.flops_per_token` (4·N_base + 6·N_lora + attention at the
 batches' real mean causal context) over the device's dense bf16 peak.
+
+Each attention implementation runs in its own process (its own peak memory; a compile that
+overruns `--compile-timeout` is killed without stopping the others). The processes compile at
+the same time (compiling is mostly host work) but run their steps one at a time, so step times
+are the device's alone; `--serial` runs them one after another instead (XLA's autotuning then has
+the device to itself too). DIR/gpu_step.json and DIR/gpu_step.md are rewritten as results arrive,
+so a run stopped from outside still leaves what it measured; DIR/gpu_step-<attention>.log holds
+each process's output.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
+import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,10 +44,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from flax import nnx
 
-from jax_iclemb import parallel, train
+from jax_iclemb import compile_cache, parallel, train
 from jax_iclemb.config import default_config, validate
 from jax_iclemb.data.packing import pad_batch
 from jax_iclemb.data.pipeline import pipeline_from_config
@@ -70,7 +85,7 @@ def bench_config(args: argparse.Namespace, data_path: Path) -> Any:
     c.optim.warmup_steps = 1
     if args.layers:
         c.model.arch.num_hidden_layers = args.layers
-    if args.tiny:
+    if args.smoke:
         c.model.arch.update(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16,
@@ -116,7 +131,41 @@ def model_config_of(config: Any, vocab_size: int) -> ModelConfig:
     return ModelConfig.from_hf(arch, **train.model_options(config))
 
 
-def run(config: Any, args: argparse.Namespace) -> dict[str, Any]:
+def device_info() -> dict[str, Any]:
+    """The card and the software that measured."""
+    return {
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "platform": jax.default_backend(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def peak_memory_gib() -> float | None:
+    """The device allocator's peak since the process started (None where JAX reports none, as
+    on CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return _gib(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+@contextlib.contextmanager
+def alone_on_device(lock: Path | None):
+    """Hold `lock` (an flock) while timing, so that steps of concurrent runs never overlap."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run(config: Any, args: argparse.Namespace, note=lambda result: None) -> dict[str, Any]:
+    """Compile and time the step for `config`'s attention; `note` gets the result so far after
+    the compile and at the end."""
     mesh = parallel.make_mesh(config.train.mesh)
     shards = parallel.data_parallel_size(mesh)
     batches, infos, chunks, vocab = make_batches(
@@ -137,46 +186,57 @@ def run(config: Any, args: argparse.Namespace) -> dict[str, Any]:
             train.device_batch(mesh, b, None if t is None else pad_pairs(t, count, num_blocks))
             for b, t in zip(batches, tiles)
         ]
+        context = float(np.mean([mean_causal_context(b.segment_ids) for b in batches]))
+        result: dict[str, Any] = {
+            **device_info(),
+            "attention": config.model.attention_impl,
+            "layers": model_config.num_layers,
+            "scan_layers": model_config.scan_layers,
+            "queries_per_step": config.data.batch_size,
+            "rows": int(batches[0].num_rows),
+            "chunks": chunks,
+            "utilisation": float(np.mean([(b.segment_ids > 0).mean() for b in batches])),
+            "mean_query_tokens_with_examples": _mean_query_tokens(batches),
+            "mean_causal_context": context,
+        }
         step_fn = jax.jit(train.make_train_step(graphdef, config, tx, schedule), donate_argnums=0)
-        t0 = time.perf_counter()
+        t0, hits = time.perf_counter(), compile_cache.hits()
         compiled = step_fn.lower(state, frozen, device_batches[0]).compile()
-        compile_s = time.perf_counter() - t0
+        memory = compiled.memory_analysis()
+        result.update(
+            status="compiled",
+            compile_s=time.perf_counter() - t0,
+            compile_cache_hit=compile_cache.hits() > hits,  # then compile_s is a load
+            temp_gib=_gib(getattr(memory, "temp_size_in_bytes", 0)),
+            argument_gib=_gib(getattr(memory, "argument_size_in_bytes", 0)),
+        )
+        note(result)
         times = []
-        for batch in device_batches:
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, frozen, batch)
-            loss = float(metrics["loss"])
-            times.append(time.perf_counter() - t0)
-            if not math.isfinite(loss):
-                raise RuntimeError(f"non-finite loss {loss} at step {len(times)}")
+        with alone_on_device(args.step_lock):
+            for batch in device_batches:
+                t0 = time.perf_counter()
+                state, metrics = compiled(state, frozen, batch)
+                loss = float(metrics["loss"])
+                times.append(time.perf_counter() - t0)
+                if not math.isfinite(loss):
+                    raise RuntimeError(f"non-finite loss {loss} at step {len(times)}")
     measured = slice(args.warmup, None)
     seconds = float(np.sum(times[measured]))
     tokens = sum(i["real_tokens"] for i in infos[measured])
-    context = float(np.mean([mean_causal_context(b.segment_ids) for b in batches]))
     flops = flops_per_token(model_config, train.lora_config(config), mean_context=context)
     peak = peak_flops(jax.devices()[0]) * jax.device_count()
     tokens_per_s = tokens / seconds
-    memory = compiled.memory_analysis()
-    return {
-        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "attention": config.model.attention_impl,
-        "layers": model_config.num_layers,
-        "scan_layers": model_config.scan_layers,
-        "queries_per_step": config.data.batch_size,
-        "rows": int(batches[0].num_rows),
-        "chunks": chunks,
-        "utilisation": float(np.mean([(b.segment_ids > 0).mean() for b in batches])),
-        "mean_query_tokens_with_examples": _mean_query_tokens(batches),
-        "mean_causal_context": context,
-        "compile_s": compile_s,
-        "step_s": seconds / len(times[measured]),
-        "real_tokens_per_s": tokens_per_s,
-        "tflop_per_token_model": flops / 1e12,
-        "mfu": tokens_per_s * flops / peak if peak else None,
-        "temp_gib": _gib(getattr(memory, "temp_size_in_bytes", 0)),
-        "argument_gib": _gib(getattr(memory, "argument_size_in_bytes", 0)),
-        "last_loss": loss,
-    }
+    result.update(
+        status="ok",
+        step_s=seconds / len(times[measured]),
+        real_tokens_per_s=tokens_per_s,
+        tflop_per_token_model=flops / 1e12,
+        mfu=tokens_per_s * flops / peak if peak else None,
+        peak_memory_gib=peak_memory_gib(),
+        last_loss=loss,
+    )
+    note(result)
+    return result
 
 
 def _mean_query_tokens(batches) -> float:
@@ -274,10 +334,148 @@ def estimate(
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# One process per attention implementation, and the report
+# ---------------------------------------------------------------------------------------------
+
+ATTENTIONS = ("block_sparse", "xla", "pallas", "cudnn")
+REPORT_COLUMNS = (
+    ("attention", "attention", "{}"),
+    ("status", "status", "{}"),
+    ("compile_s", "compile s", "{:.1f}"),
+    ("step_s", "step s", "{:.3f}"),
+    ("real_tokens_per_s", "real tokens/s", "{:,.0f}"),
+    ("mfu", "MFU", "{:.1%}"),
+    ("peak_memory_gib", "peak GiB", "{:.2f}"),
+    ("temp_gib", "XLA temp GiB", "{:.2f}"),
+)
+
+
+def child_command(args: argparse.Namespace, attention: str, result: Path, lock: Path) -> list[str]:
+    """This script, measuring one attention implementation, with the suite's settings."""
+    cmd = [
+        sys.executable, __file__, "--attention", attention, "--remat", args.remat,
+        "--batch", str(args.batch), "--chunk-rows", str(args.chunk_rows),
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--layers", str(args.layers),
+        "--result", str(result), "--step-lock", str(lock),
+    ]
+    return cmd + ["--unrolled"] * args.unrolled + ["--smoke"] * args.smoke
+
+
+def run_suite(args: argparse.Namespace, attentions: list[str], report: Path) -> list[dict]:
+    """Each attention in its own process (at most one at a time with --serial), killed when its
+    compile overruns --compile-timeout (from its start) or the suite overruns --timeout; the
+    report is rewritten whenever something changes."""
+    report.mkdir(parents=True, exist_ok=True)
+    lock = report / "gpu_step.lock"
+    start = time.monotonic()
+    env = dict(os.environ)
+    if not args.serial:  # several processes share the device: allocate on demand
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    pending = list(attentions)
+    running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
+    results = {a: {"attention": a, "status": "not started"} for a in attentions}
+
+    def read(path: Path, attention: str) -> dict:
+        """What the process wrote so far (nothing before its compile ends)."""
+        if path.exists():
+            return json.loads(path.read_text())
+        return {"attention": attention, "status": "compiling"}
+
+    while pending or running:
+        if time.monotonic() - start > args.timeout:
+            for attention in pending:
+                results[attention]["status"] = f"not started in the suite's {args.timeout:.0f} s"
+            pending = []
+        if pending and (not args.serial or not running):
+            attention = pending.pop(0)
+            result = report / f"gpu_step-{attention}.json"
+            result.unlink(missing_ok=True)
+            with open(report / f"gpu_step-{attention}.log", "w") as log:
+                proc = subprocess.Popen(
+                    child_command(args, attention, result, lock), env=env, stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            running[attention] = (proc, time.monotonic(), result)
+        now = time.monotonic()
+        for attention, (proc, started, result) in list(running.items()):
+            got = read(result, attention)
+            compiled = got.get("status") in ("compiled", "ok")
+            if proc.poll() is not None:
+                if proc.returncode and got.get("status") != "ok":
+                    log = (report / f"gpu_step-{attention}.log").read_text()
+                    got["status"] = f"failed: {last_error(log)}"
+                del running[attention]
+            elif not compiled and now - started > args.compile_timeout:
+                got["status"] = f"compile not done in {args.compile_timeout:.0f} s: killed"
+                proc.kill()
+                proc.wait()
+                del running[attention]
+            elif now - start > args.timeout:
+                got["status"] = (
+                    f"{'steps' if compiled else 'compile'} not done when the suite's "
+                    f"{args.timeout:.0f} s ran out: killed"
+                )
+                proc.kill()
+                proc.wait()
+                del running[attention]
+            elif compiled:
+                got["status"] = "running steps"
+            results[attention] = got
+        write_report(report, list(results.values()), args)
+        time.sleep(0.5)
+    lock.unlink(missing_ok=True)
+    return list(results.values())
+
+
+def last_error(log: str) -> str:
+    """The exception a process died of (its last "SomeError: ..." line), else its last line."""
+    lines = log.strip().splitlines() or ["no output"]
+    errors = [x for x in lines if re.match(r"\w+(Error|Exception|Interrupt)\b", x)]
+    return (errors or lines)[-1][:200]
+
+
+def markdown(results: list[dict], args: argparse.Namespace) -> str:
+    """The report: one row per attention implementation, the setting above it."""
+    first = next((r for r in results if "device" in r), {})
+    lines = [
+        "# bench/gpu_step.py",
+        "",
+        f"- device: {first.get('device', '?')} ({first.get('platform', '?')}); jax "
+        f"{first.get('jax', '?')}, jaxlib {first.get('jaxlib', '?')}; "
+        f"XLA_FLAGS: `{first.get('xla_flags') or '(none)'}`",
+        f"- model: {first.get('layers', '?')} layers "
+        f"({'scanned' if first.get('scan_layers', True) else 'unrolled'}), "
+        f"{'smoke (tiny, fp32)' if args.smoke else 'Mistral-7B width, bf16'}, LoRA r"
+        f"{'8' if args.smoke else '64'}, remat {args.remat}",
+        f"- step: {first.get('queries_per_step', '?')} queries, {first.get('rows', '?')} rows in "
+        f"{first.get('chunks', '?')} gradient-cache chunks, {args.warmup} warm-up + {args.steps} "
+        f"timed steps; compiles {'one after another' if args.serial else 'concurrent'}, steps "
+        "alone on the device",
+        "",
+        "| " + " | ".join(title for _, title, _ in REPORT_COLUMNS) + " |",
+        "|" + "---|" * len(REPORT_COLUMNS),
+    ]
+    for r in results:
+        cells = [
+            fmt.format(r[key]).replace("|", "\\|") if r.get(key) is not None else "–"
+            for key, _, fmt in REPORT_COLUMNS
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Path, results: list[dict], args: argparse.Namespace) -> None:
+    write_atomically(report / "gpu_step.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(report / "gpu_step.md", markdown(results, args))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--attention", default="block_sparse", choices=("block_sparse", "xla", "pallas", "cudnn")
+        "--attention", default=None,
+        help=f"comma-separated, of {', '.join(ATTENTIONS)} "
+        "[block_sparse,cudnn,xla; --smoke: block_sparse,xla]",
     )
     p.add_argument("--remat", default="full", choices=("none", "full", "dots", "dots_no_batch"))
     p.add_argument("--batch", type=int, default=16, help="queries per step (each with 8 passages)")
@@ -288,32 +486,63 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--unrolled", action="store_true", help="model.scan_layers=False (compile-time comparison)"
     )
-    p.add_argument("--tiny", action="store_true", help="small model and lengths, on CPU")
+    p.add_argument("--smoke", action="store_true", help="small model and lengths, on CPU")
+    p.add_argument(
+        "--compile-timeout", type=float, default=600,
+        help="seconds from an implementation's start until its step must have compiled [600]",
+    )
+    p.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run [3600]")
+    p.add_argument("--serial", action="store_true", help="one implementation at a time")
+    p.add_argument("--report", type=Path, default=Path("runs") / "gpu_step", help="[runs/gpu_step]")
     p.add_argument("--estimate", action="store_true", help="AOT memory only, on abstract inputs")
     p.add_argument("--rows", type=int, default=32, help="--estimate: rows of 2048 in the step")
     p.add_argument(
         "--mesh", default="1,1,1",
         help="--estimate: data,fsdp,tensor (emulate devices with XLA_FLAGS on CPU)",
     )
+    # One implementation's process, started by the suite.
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--step-lock", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.tiny:
+    default = "block_sparse,xla" if args.smoke else "block_sparse,cudnn,xla"
+    args.attentions = (args.attention or default).split(",")
+    unknown = [a for a in args.attentions if a not in ATTENTIONS]
+    if unknown:
+        p.error(f"unknown attention {', '.join(unknown)}; known: {', '.join(ATTENTIONS)}")
+    if args.result and len(args.attentions) != 1:
+        p.error("--result measures one attention")
+    args.attention = args.attentions[0]
+    if args.smoke:
         args.batch, args.chunk_rows, args.steps, args.warmup = 4, 1, 2, 1
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> list[dict] | dict:
     args = parse_args(argv)
+    if not (args.estimate or args.result):
+        results = run_suite(args, args.attentions, args.report)
+        print(markdown(results, args))
+        print(f"report: {args.report / 'gpu_step.md'}, {args.report / 'gpu_step.json'}")
+        return results
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_data(Path(tmp), records=max(64, 4 * args.batch))
         config = bench_config(args, data)
         if args.estimate:
             mesh = tuple(int(x) for x in args.mesh.split(","))
             result = estimate(config, args.rows, args.chunk_rows, mesh)
-        else:
-            result = run(config, args)
-    print(json.dumps(result, indent=2))
-    return result
+            print(json.dumps(result, indent=2))
+            return result
+        return run(config, args, note=lambda r: write_atomically(args.result, json.dumps(r)))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers (the suite, polling) see the old text or the new, never half of it."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    part.replace(path)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    out = main(sys.argv[1:])
+    # The suite fails unless every implementation measured.
+    sys.exit(isinstance(out, list) and any(r.get("status") != "ok" for r in out))

@@ -341,11 +341,22 @@ def device_batch(
     """This host's packed rows (and their attention tile lists) -> global arrays on the mesh.
 
     Rows are split over the data axes; each host contributes its own rows
-    (`make_array_from_process_local_data`). The small per-query arrays are gathered to every host
-    and replicated, with slot indices shifted by the host's row offset. The batch must already have
-    the same shape on every host (`pad_batch`).
+    (`make_array_from_process_local_data`), which land where its devices' shards are: one block
+    or several, depending on the mesh's device order. The small per-query arrays are gathered to
+    every host and replicated, with slot indices moved to the global rows their local rows became
+    (`parallel.process_rows`). The batch must already have the same shape on every host
+    (`pad_batch`).
     """
-    offset = jax.process_index() * batch.num_rows * batch.max_segments
+    global_shape = (batch.num_rows * jax.process_count(), batch.tokens.shape[1])
+    rows = parallel.process_rows(
+        parallel.named_sharding(mesh, ("batch", None), global_shape), global_shape
+    )
+    if len(rows) != batch.num_rows:
+        raise ValueError(
+            f"this process's devices hold {len(rows)} of the step's {global_shape[0]} rows, but "
+            f"it packed {batch.num_rows}: the mesh's data axes must split the rows evenly over "
+            f"processes (mesh {dict(mesh.shape)})"
+        )
     arrays = batch.arrays()
     if block_pairs is not None:
         arrays["block_pairs"] = block_pairs
@@ -358,7 +369,8 @@ def device_batch(
             out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
             continue
         if name in SLOT_ARRAYS:
-            value = value + offset
+            row, segment = np.divmod(value, batch.max_segments)
+            value = (rows[row] * batch.max_segments + segment).astype(value.dtype)
         if jax.process_count() > 1 and value.ndim:
             value = multihost_utils.process_allgather(value, tiled=True)
         out[name] = jax.device_put(value, parallel.named_sharding(mesh, (None,) * value.ndim))
@@ -658,7 +670,6 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = config_lib.load_config(args.config, overrides)
@@ -666,7 +677,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-    distributed.initialize()
+    try:
+        distributed.initialize()
+    except distributed.LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         summary = run(config, workdir)
     except TrainingError as e:
@@ -680,5 +695,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def log_to_stderr() -> None:
+    """The CLI's logging: our INFO lines, other libraries' warnings. `force`: importing orbax
+    already gave the root logger absl's handler, at WARNING (so a plain basicConfig did nothing)."""
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
+    logging.getLogger("jax_iclemb").setLevel(logging.INFO)
+
+
+if __name__ == "__main__":  # not in main(): a caller in-process keeps its own logging
+    log_to_stderr()
     sys.exit(main())

@@ -8,12 +8,18 @@
 # (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) plus
 # XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES_PER_PROC, so the job sees
 # N_PROCS * DEVICES_PER_PROC devices, exactly as N hosts of DEVICES_PER_PROC accelerators would.
+# With EMULATE=slurm they get what a one-node `srun --ntasks=N_PROCS` step sets instead
+# (SLURM_JOB_ID, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID, SLURM_NODELIST and
+# SLURM_STEP_NODELIST=localhost, SLURM_STEP_NUM_NODES=1), JAX_COORDINATOR_PORT and
+# JAX_LOCAL_DEVICE_IDS=0,..,DEVICES_PER_PROC-1, and run launch/gpu_single_host.sh, the per-node
+# body of launch/gpu_slurm.sbatch: the SLURM start-up path, on CPU.
 #
 # Variables:
 #   PYTHON        interpreter that has jax_iclemb installed   (default: python)
 #   LOG_DIR       where proc-<i>.log are written              (default: a new temporary folder)
 #   PORT          coordinator port on 127.0.0.1               (default: a free port)
 #   JAX_PLATFORMS platform the processes use                  (default: cpu)
+#   EMULATE       explicit or slurm: the launcher emulated     (default: explicit)
 #   KILL_AFTER    seconds the surviving processes get to exit after one fails, before SIGKILL
 #                 (a process blocked in a collective never sees its SIGTERM handler)  (default: 30)
 #
@@ -40,6 +46,13 @@ shift 3
 
 python=${PYTHON:-python}
 kill_after=${KILL_AFTER:-30}
+emulate=${EMULATE:-explicit}
+case $emulate in
+explicit) body=("$python" -m jax_iclemb.train) ;;
+slurm) body=("$(dirname "${BASH_SOURCE[0]}")/gpu_single_host.sh") ;;
+*) usage "EMULATE must be explicit or slurm, got '$emulate'" ;;
+esac
+
 log_dir=${LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/jax_iclemb_local.XXXXXX")}
 mkdir -p "$log_dir"
 port=${PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
@@ -49,15 +62,23 @@ xla_flags=$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<<"${XL
 
 pids=()
 for ((i = 0; i < n_procs; i++)); do
-    JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" \
-        JAX_NUM_PROCESSES="$n_procs" \
-        JAX_PROCESS_ID="$i" \
+    if [[ $emulate == slurm ]]; then
+        identity=(SLURM_JOB_ID="$$" SLURM_NTASKS="$n_procs" SLURM_PROCID="$i" SLURM_LOCALID="$i"
+            SLURM_NODELIST=localhost SLURM_STEP_NODELIST=localhost SLURM_STEP_NUM_NODES=1
+            JAX_COORDINATOR_PORT="$port" JAX_LOCAL_DEVICE_IDS="$(seq -s, 0 $((devices - 1)))")
+    else
+        identity=(JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$n_procs"
+            JAX_PROCESS_ID="$i")
+    fi
+    # env execs the body: the pid is the process's own. The other launcher's variables go.
+    env -u JAX_COORDINATOR_ADDRESS -u JAX_NUM_PROCESSES -u JAX_PROCESS_ID -u SLURM_JOB_ID \
+        "${identity[@]}" \
         JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" \
         XLA_FLAGS="$xla_flags --xla_force_host_platform_device_count=$devices" \
-        "$python" -m jax_iclemb.train "$@" >"$log_dir/proc-$i.log" 2>&1 &
+        "${body[@]}" "$@" >"$log_dir/proc-$i.log" 2>&1 &
     pids+=("$!")
 done
-echo "started $n_procs processes x $devices devices, coordinator 127.0.0.1:$port, logs in $log_dir" >&2
+echo "started $n_procs processes x $devices devices ($emulate), coordinator port $port, logs in $log_dir" >&2
 tail -n +1 -f --pid="${pids[0]}" "$log_dir/proc-0.log" &
 tail_pid=$!
 

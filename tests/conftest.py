@@ -1,22 +1,51 @@
-"""Test set-up: 8 emulated CPU devices, fp32, offline; the sample data shipped in tests/data."""
+"""Test set-up: 8 emulated CPU devices, fp32, offline; the sample data shipped in tests/data.
+
+The tests run on CPU unless JAX_ICLEMB_TEST_PLATFORM names another platform (gpu, tpu). Tests
+marked `accelerator(PLATFORM)` compile a fused attention kernel for that platform for real; on
+any other platform they are skipped, saying so. On a GPU machine:
+`JAX_ICLEMB_TEST_PLATFORM=gpu pytest -m accelerator`.
+"""
 
 import os
 import tempfile
 from pathlib import Path
 
-# Must happen before JAX initialises its backends.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import pytest
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+TEST_PLATFORM = os.environ.get("JAX_ICLEMB_TEST_PLATFORM", "cpu")
+if TEST_PLATFORM not in PLATFORMS:
+    raise SystemExit(
+        f"JAX_ICLEMB_TEST_PLATFORM must be one of {', '.join(PLATFORMS)}, got {TEST_PLATFORM!r}"
+    )
+# Must happen before JAX initialises its backends. One platform, never a silent fallback to CPU.
+os.environ["JAX_PLATFORMS"] = TEST_PLATFORM
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# On a GPU the test process and the training CLIs it starts share the card: allocate on demand.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One compilation cache for the session (training CLIs in subprocesses too), never the user's.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax_iclemb_xla_"))
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "tests" / "data"  # reference-format records, see tests/data/README.md
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `accelerator(PLATFORM)` tests off that platform, with the command that runs them."""
+    for item in items:
+        mark = item.get_closest_marker("accelerator")
+        if mark is None:
+            continue
+        (platform,) = mark.args
+        if platform != TEST_PLATFORM:
+            item.add_marker(pytest.mark.skip(reason=(
+                f"compiles for a {platform.upper()} (this run's platform is {TEST_PLATFORM}; "
+                f"on a {platform.upper()} machine: JAX_ICLEMB_TEST_PLATFORM={platform} "
+                "pytest -m accelerator)"
+            )))
 
 
 @pytest.fixture(scope="session")

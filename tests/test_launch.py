@@ -79,6 +79,46 @@ def test_every_process_gets_its_identity_devices_and_the_arguments(tmp_path):
     assert result.stdout.splitlines()[0] == "127.0.0.1:41234"  # process 0 mirrored to stdout
 
 
+def test_slurm_emulation_sets_what_srun_sets_and_runs_the_per_node_script(tmp_path):
+    python = fake_python(
+        tmp_path, 'env | grep -E "^(SLURM_|JAX_)" | sort; echo "XLA_FLAGS=$XLA_FLAGS"\n'
+    )
+    logs = tmp_path / "logs"
+    env = dict(launcher_env(python, logs), EMULATE="slurm", JAX_COORDINATOR_ADDRESS="x:1")
+    result = subprocess.run(
+        [str(LOCAL), "2", "3", "--", "--config", "c.py"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    for i in range(2):
+        lines = (logs / f"proc-{i}.log").read_text().splitlines()
+        seen = dict(line.split("=", 1) for line in lines)
+        assert {k: seen.get(k) for k in (
+            "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST",
+            "JAX_COORDINATOR_PORT", "JAX_LOCAL_DEVICE_IDS",
+        )} == {
+            "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+            "SLURM_STEP_NODELIST": "localhost", "JAX_COORDINATOR_PORT": "41234",
+            "JAX_LOCAL_DEVICE_IDS": "0,1,2",
+        }
+        assert "JAX_COORDINATOR_ADDRESS" not in seen  # the explicit path would win over SLURM
+        # Through gpu_single_host.sh: its GPU flags, then ours.
+        flags = seen["XLA_FLAGS"].split()
+        assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
+        assert flags[-1] == "--xla_force_host_platform_device_count=3"
+
+
+def test_unknown_emulation_is_a_usage_error(tmp_path):
+    logs = tmp_path / "logs"
+    result = subprocess.run(
+        [str(LOCAL), "2", "1", "--", "c.py"],
+        env=dict(os.environ, EMULATE="mpi", LOG_DIR=str(logs)), capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "EMULATE must be explicit or slurm, got 'mpi'" in result.stderr
+    assert not logs.exists()
+
+
 def test_one_failure_stops_the_others_and_fails_the_launch(tmp_path):
     # Process 1 fails; the others ignore SIGTERM, as a process blocked in a collective does.
     python = fake_python(tmp_path, 'if [ "$JAX_PROCESS_ID" = 1 ]; then echo boom; exit 3; fi\n'

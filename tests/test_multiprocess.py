@@ -41,8 +41,14 @@ def single_process(workdir: Path, *overrides: str) -> subprocess.Popen:
     )
 
 
-def two_processes(workdir: Path, logs: Path, *overrides: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(logs), KILL_AFTER="10")
+def two_processes(
+    workdir: Path, logs: Path, *overrides: str, emulate: str = "explicit"
+) -> subprocess.Popen:
+    """2 processes x 2 CPU devices, started as the explicit-coordinator launcher or as a 2-task
+    srun step on one node would start them (`EMULATE`, launch/local_multiprocess.sh)."""
+    env = dict(
+        os.environ, PYTHON=sys.executable, LOG_DIR=str(logs), KILL_AFTER="10", EMULATE=emulate
+    )
     return subprocess.Popen(
         [str(LAUNCHER), "2", "2", "--", *TRAIN_ARGS, "--workdir", str(workdir), *overrides],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -103,7 +109,7 @@ def signal_one_process(launcher: subprocess.Popen, workdir: Path, logged: int) -
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
-    paths = {name: root / name for name in ("single", "multi", "signalled")}
+    paths = {name: root / name for name in ("single", "multi", "slurm", "signalled")}
     procs = {
         "single": single_process(
             paths["single"], f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=100"
@@ -111,6 +117,10 @@ def runs(tmp_path_factory):
         "multi": two_processes(
             paths["multi"], root / "multi-logs", f"--config.train.steps={STEPS}",
             "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=5",
+        ),
+        "slurm": two_processes(
+            paths["slurm"], root / "slurm-logs", f"--config.train.steps={STEPS}",
+            "--config.train.checkpoint_every=100", emulate="slurm",
         ),
         # Runs until stopped: only JAX process 1 gets the SIGTERM (as when one host of a pod is
         # preempted); the job must still stop at one step and save it.
@@ -130,8 +140,8 @@ def runs(tmp_path_factory):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    paths["multi-logs"] = root / "multi-logs"
-    paths["signalled-logs"] = root / "signalled-logs"
+    for name in ("multi", "slurm", "signalled"):
+        paths[f"{name}-logs"] = root / f"{name}-logs"
     return paths, results
 
 
@@ -149,6 +159,29 @@ def test_two_processes_match_one_process(runs):
     steps = sorted(one)
     # Same batches and parameters; only the order of reductions may differ.
     np.testing.assert_allclose([two[s] for s in steps], [one[s] for s in steps], rtol=1e-5)
+
+
+@pytest.mark.parametrize("launcher", ["multi", "slurm"])
+def test_every_process_starts_with_all_its_local_devices(runs, launcher):
+    paths, results = runs
+    assert_ok(results, launcher)
+    name = "explicit" if launcher == "multi" else "slurm"
+    for i in range(2):
+        log = (paths[f"{launcher}-logs"] / f"proc-{i}.log").read_text()
+        assert f"{name}: 2 processes x 2 local devices (this is process {i}; 4 devices" in log
+
+
+def test_slurm_step_matches_one_process(runs):
+    """The SLURM path (JAX's own detection from the variables of a 2-task srun, through
+    launch/gpu_single_host.sh with JAX_LOCAL_DEVICE_IDS=0,1) trains as 1 process does."""
+    paths, results = runs
+    assert_ok(results, "single")
+    assert_ok(results, "slurm")
+    one, slurm = losses(paths["single"]), losses(paths["slurm"])
+    assert sorted(slurm) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([slurm[s] for s in sorted(one)], [one[s] for s in sorted(one)],
+                               rtol=1e-5)
+    assert "JAX_LOCAL_DEVICE_IDS=0,1" in (paths["slurm-logs"] / "proc-1.log").read_text()
 
 
 def test_only_process_zero_writes_metrics_logs_and_config(runs):

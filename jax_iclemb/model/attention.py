@@ -152,7 +152,8 @@ def dot_product_attention(
     these rows with this `block`).
 
     `interpret` runs the Pallas kernels ("pallas", "splash") in the Pallas interpreter; by default
-    it does so exactly when JAX runs on CPU, where they cannot compile (slow: tests and --tiny).
+    it does so exactly when JAX runs on CPU, where they cannot compile (slow: tests and
+    `bench/gpu_step.py --smoke`).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; known: {ATTENTION_IMPLS}")
