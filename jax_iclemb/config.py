@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from jax_iclemb.errors import BadValue
 from jax_iclemb.model.attention import ATTENTION_IMPLS
 from jax_iclemb.optim import OPTIM_DEFAULTS
 
@@ -144,8 +145,8 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(BadValue):
+    """A config key that does not exist or a value it does not allow; the message names both."""
 
 
 def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

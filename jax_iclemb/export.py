@@ -22,33 +22,54 @@ from flax import nnx
 from jax_iclemb import checkpoint, parallel
 from jax_iclemb import config as config_lib
 from jax_iclemb.data.tokenizer import load_tokenizer
+from jax_iclemb.errors import BadValue, MissingPath, add_debug_flag, cli
 from jax_iclemb.model import ModelConfig, export_merged, export_peft
 from jax_iclemb.optim import make_optimizer
 from jax_iclemb.train import build_model, initial_state, split_model
 
 
+def is_workdir(path: str | Path) -> bool:
+    """Whether `path` is a training workdir (its config.json is a run's config, not an HF
+    model's), with or without checkpoints yet."""
+    config = Path(path) / "config.json"
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and {"train", "data", "model"} <= raw.keys()
+
+
 def load_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{workdir} is not a training workdir: {path.name} is missing")
-    return config_lib.from_json(path.read_text())
+    if not is_workdir(workdir):
+        what = "does not exist" if not Path(workdir).exists() else "has no run's config.json"
+        raise MissingPath(f"{workdir} is not a training workdir: it {what}")
+    return config_lib.from_json((Path(workdir) / "config.json").read_text())
 
 
 def load_trained(
     workdir: str | Path, step: int | None = None, mesh: jax.sharding.Mesh | None = None
 ) -> tuple[nnx.Module, ModelConfig, Any, ml_collections.ConfigDict, int]:
-    """(model with trained adapters, its config, tokenizer, run config, step) from a workdir."""
+    """(model with trained adapters, its config, tokenizer, run config, step) from a workdir,
+    which is only read."""
     workdir = Path(workdir)
     config = load_workdir_config(workdir)
-    tokenizer = load_tokenizer(str(workdir / "tokenizer"))
-    mesh = mesh or parallel.make_mesh((1, -1, 1))
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=1 << 30)
-    steps = ckpt.all_steps()
+    folder = workdir / "checkpoints"
+    ckpt = (
+        checkpoint.Checkpointer(folder, every=1, keep=1 << 30, read_only=True)
+        if folder.is_dir() else None
+    )
+    steps = ckpt.all_steps() if ckpt else []
     if not steps:
-        raise FileNotFoundError(f"{workdir}: no finished checkpoint")
+        raise MissingPath(
+            f"{workdir}: no checkpoint yet (the run saves every train.checkpoint_every="
+            f"{config.train.checkpoint_every} steps and at its end); resume it with its "
+            f"train command"
+        )
     step = steps[-1] if step is None else step
     if step not in steps:
-        raise ValueError(f"{workdir}: no checkpoint for step {step}; available: {steps}")
+        raise BadValue(f"{workdir}: no checkpoint for step {step}; available: {steps}")
+    tokenizer = load_tokenizer(str(workdir / "tokenizer"))
+    mesh = mesh or parallel.make_mesh((1, -1, 1))
     with jax.set_mesh(mesh):
         model, model_config = build_model(config, mesh, vocab_size=len(tokenizer))
         _, params, _ = split_model(model, config.train.trainable)
@@ -101,7 +122,8 @@ def write_sentence_transformers_config(
         (out / name).write_text(json.dumps(content, indent=2))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@cli
+def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m jax_iclemb.export", description=__doc__)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
@@ -109,8 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     parser.add_argument("--max-shard-size", default="5GB")
     parser.add_argument("--overwrite", action="store_true")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
 
+    config = load_workdir_config(args.workdir)
+    if args.format == "peft" and config.train.trainable == "all":
+        raise BadValue(
+            f"{args.workdir} trained every parameter (train.trainable='all'): it has no adapter; "
+            f"export it with --format merged"
+        )
     model, model_config, tokenizer, config, step = load_trained(args.workdir, args.step)
     out = Path(args.out)
     if args.format == "merged":

@@ -36,6 +36,7 @@ from jax_iclemb import config as config_lib
 from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.data.packing import ladder, pad_batch
 from jax_iclemb.data.pipeline import TrainPipeline, pipeline_from_config
+from jax_iclemb.errors import PathExists, ReportedError, add_debug_flag, cli
 from jax_iclemb.loss import contrastive_loss
 from jax_iclemb.model import (
     TRAINABLE,
@@ -56,8 +57,8 @@ log = logging.getLogger("jax_iclemb.train")
 TrainState = dict[str, Any]  # {"step": int32[], "params": trainable (pure dict), "opt": optax}
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(ReportedError):
+    """The run cannot go on (a non-finite loss): the message says why and what was kept."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,12 +387,12 @@ def total_steps(config: ml_collections.ConfigDict, pipeline: TrainPipeline) -> i
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Train until `train.steps` (resuming from the latest checkpoint); returns a summary."""
+    """Train until `train.steps` (resuming from the latest checkpoint); returns a summary.
+
+    Nothing is written to the workdir before the data, tokenizer and model have loaded: a bad
+    path, record or config key fails with the workdir as it was."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    if is_main:
-        (workdir / "config.json").write_text(config_lib.to_json(config))
 
     cache = compile_cache.enable(config.train.compilation_cache)
     log.info("compiled steps are cached in %s", cache or "(nowhere: cache off)")
@@ -410,7 +411,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 
     with jax.set_mesh(mesh):
         model, model_config = build_model(config, mesh, vocab_size=len(tokenizer))
+        workdir.mkdir(parents=True, exist_ok=True)
         if is_main:
+            (workdir / "config.json").write_text(config_lib.to_json(config))
             tokenizer.save_pretrained(workdir / "tokenizer")
             (workdir / "model_config.json").write_text(json.dumps(model_config.to_hf(), indent=2))
         graphdef, params, frozen = split_model(model, config.train.trainable)
@@ -646,6 +649,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--config", required=True, help="a configs/*.py file")
     parser.add_argument("--workdir", default=None, help="default: runs/<config name>")
+    add_debug_flag(parser)
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -653,21 +657,16 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@cli
+def main(argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = config_lib.load_config(args.config, overrides)
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+    args, overrides = parse_args(argv)
+    config = config_lib.load_config(args.config, overrides)
+    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    if workdir.exists() and not workdir.is_dir():
+        raise PathExists(f"--workdir {workdir} exists and is not a folder")
     distributed.initialize()
-    try:
-        summary = run(config, workdir)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    summary = run(config, workdir)
     with contextlib.suppress(IndexError):
         log.info(
             "%s at step %d; loss %.4f -> %.4f", summary["reason"], summary["step"],

@@ -126,7 +126,7 @@ def test_peft_export_loads_on_the_base(tiny_workdir, embedder, tmp_path):
     )
 
 
-def test_export_refuses_a_non_empty_folder(tiny_workdir, merged_dir):
-    with pytest.raises(FileExistsError):
-        export_main(["--workdir", str(tiny_workdir), "--out", str(merged_dir)])
+def test_export_refuses_a_non_empty_folder(tiny_workdir, merged_dir, capsys):
+    assert export_main(["--workdir", str(tiny_workdir), "--out", str(merged_dir)]) == 2
+    assert f"error: {merged_dir} is not empty" in capsys.readouterr().err
     assert jax.device_count() == 8

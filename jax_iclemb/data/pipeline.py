@@ -20,6 +20,7 @@ from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.data.packing import pack_batch
 from jax_iclemb.data.records import Dataset, Record, open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
+from jax_iclemb.errors import BadValue
 
 # Types whose queries are scored only against their own group (no in-batch negatives).
 NO_IN_BATCH_TYPES = ("symmetric_class", "symmetric_clustering")
@@ -88,13 +89,13 @@ class TrainPipeline:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         for name, b in zip(self.layout.names, self.layout.batch_sizes):
             if b % process_count:
-                raise ValueError(
+                raise BadValue(
                     f"batch size {b} of dataset {name!r} is not divisible by "
                     f"{process_count} processes"
                 )
         longest = max(data_config.query_max_len, data_config.passage_max_len)
         if self.pack_len < longest:
-            raise ValueError(
+            raise BadValue(
                 f"data.pack_len={self.pack_len} is shorter than a sequence ({longest})"
             )
 

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from jax_iclemb.errors import BadValue
+
 # Stream tags keep the generators for different purposes independent.
 _RECORD_ORDER, _BATCH_ORDER, _QUERY = 1, 2, 3
 
@@ -56,7 +58,7 @@ class EpochLayout:
             raise ValueError("no datasets to sample from")
         for name, n, b in zip(self.names, self.sizes, self.batch_sizes, strict=True):
             if b < 1 or n < b:
-                raise ValueError(
+                raise BadValue(
                     f"dataset {name!r} has {n} records but batch size {b}: a batch needs that "
                     f"many distinct records (set it with data.batch_size_overrides)"
                 )
