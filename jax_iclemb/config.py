@@ -9,6 +9,7 @@ allowed set, stops with a message that names the key and what is allowed.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import ml_collections
 
 from jax_iclemb.errors import BadValue
 from jax_iclemb.model.attention import ATTENTION_IMPLS
+from jax_iclemb.model.config import HF_CONFIG_KEYS
 from jax_iclemb.optim import OPTIM_DEFAULTS
 
 MISTRAL_7B_ARCH: dict[str, Any] = {
@@ -59,11 +61,11 @@ POSITIVE = (
     "data.query_max_len", "data.passage_max_len", "data.example_query_max_len",
     "data.example_passage_max_len", "data.train_group_size", "data.batch_size",
     "data.max_segments_per_row", "model.attention_block", "lora.rank", "loss.temperature",
-    "optim.accumulate_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.grad_cache_chunks",
+    "optim.lr", "optim.accumulate_steps", "train.log_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.grad_cache_chunks",
 )
 NON_NEGATIVE = (
-    "data.max_examples", "data.pack_len", "lora.dropout", "loss.distill_weight", "optim.lr",
+    "data.max_examples", "data.pack_len", "lora.dropout", "loss.distill_weight",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.steps", "eval.every",
     "train.compile_ahead",
 )
@@ -149,6 +151,14 @@ class ConfigError(BadValue):
     """A config key that does not exist or a value it does not allow; the message names both."""
 
 
+def _unknown_key(key: str, allowed: Sequence[str], what: str = "Keys here") -> ConfigError:
+    """The error for an unknown key: the closest allowed one, and all of them."""
+    leaf = key.rpartition(".")[2]
+    close = difflib.get_close_matches(leaf, allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "."
+    return ConfigError(f"unknown config key {key!r}{hint} {what}: {', '.join(sorted(allowed))}")
+
+
 def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in config.items():
@@ -199,15 +209,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         parent = config
         for part in parent_key.split(".") if parent_key else ():
             if part not in parent or not isinstance(parent[part], ml_collections.ConfigDict):
-                raise ConfigError(f"unknown config key {key!r}: no section {part!r}")
+                sections = [k for k, v in parent.items() if isinstance(v, type(config))]
+                close = difflib.get_close_matches(part, sections, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"unknown config key {key!r}: no section {part!r}{hint}")
             parent = parent[part]
         if leaf not in parent:
             # Free-form sections (per-dataset batch sizes, HF architecture fields) accept new keys.
             if parent_key in ("data.batch_size_overrides", "model.arch"):
                 parent[leaf] = _literal_or_text(text)
                 continue
-            allowed = ", ".join(sorted(parent.keys()))
-            raise ConfigError(f"unknown config key {key!r}; keys here: {allowed}")
+            raise _unknown_key(key, list(parent.keys()))
         parent[leaf] = _parse_value(key, text, parent[leaf])
 
 
@@ -215,10 +227,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Check the whole config against the schema of `default_config()`."""
     schema = _flat_keys(default_config())
     values = _flat_keys(config)
+    for key in config.model.arch:
+        if key not in HF_CONFIG_KEYS:
+            raise _unknown_key(
+                f"model.arch.{key}", HF_CONFIG_KEYS,
+                "model.arch holds the Hugging Face config fields the decoder reads",
+            )
     for key, value in values.items():
         free = key.startswith(("model.arch.", "data.batch_size_overrides."))
         if key not in schema and not free:
-            raise ConfigError(f"unknown config key {key!r}")
+            section = key.rpartition(".")[0]
+            siblings = [k.rpartition(".")[2] for k in schema if k.rpartition(".")[0] == section]
+            raise _unknown_key(key, siblings or sorted({k.split(".")[0] for k in schema}))
         default = schema.get(key)
         if free or default is None or isinstance(value, type(default)):
             continue
@@ -233,6 +253,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in NON_NEGATIVE:
         if not values[key] >= 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {values[key]!r}")
+    if not 0 <= config.optim.end_lr_ratio <= 1:
+        raise ConfigError(f"optim.end_lr_ratio must be in [0, 1], got {config.optim.end_lr_ratio}")
     if len(config.train.mesh) != 3:
         raise ConfigError(f"train.mesh must be (data, fsdp, tensor), got {config.train.mesh}")
     for name, size in config.data.batch_size_overrides.items():

@@ -22,6 +22,15 @@ FAMILIES = {
     "qwen3": "Qwen3Model",
 }
 ROPE_TYPES = ("default", "llama3")
+# The Hugging Face config fields `ModelConfig.from_hf` reads (the rest of a config.json is ignored):
+# what `model.arch` may hold.
+HF_CONFIG_KEYS = (
+    "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+    "mlp_bias", "attention_bias", "use_sliding_window", "sliding_window", "rope_theta",
+    "rope_parameters", "rope_scaling", "rms_norm_eps", "tie_word_embeddings",
+    "max_position_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
