@@ -65,7 +65,8 @@ POSITIVE = (
     "train.keep_checkpoints", "train.grad_cache_chunks",
 )
 NON_NEGATIVE = (
-    "data.max_examples", "data.pack_len", "lora.dropout", "loss.distill_weight",
+    "data.max_examples", "data.pack_len", "data.batch_size_by_kind.retrieval",
+    "data.batch_size_by_kind.symmetric", "lora.dropout", "loss.distill_weight",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.steps", "eval.every",
     "train.compile_ahead",
 )
@@ -110,6 +111,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train_group_size = 8
     c.data.max_examples = 5
     c.data.batch_size = 512
+    # By the task kind of a dataset's records (records.TASK_KINDS): retrieval (normal,
+    # only_1neg) or symmetric (STS, classification, clustering); 0 = data.batch_size.
+    c.data.batch_size_by_kind = ml_collections.ConfigDict({"retrieval": 0, "symmetric": 0})
+    # Per dataset name (fnmatch patterns, the most specific wins): before the kinds' sizes.
     c.data.batch_size_overrides = ml_collections.ConfigDict()
     c.data.default_prompt = (
         "Given a web search query, retrieve relevant passages that answer the query."
@@ -319,14 +324,15 @@ def paper_recipe(hf_path: str, tokenizer: str) -> ml_collections.ConfigDict:
     LoRA rank 64 / alpha 32 / dropout 0.1 on all projections; τ = 0.02; group size 8; 0–5
     in-context examples; query 2048 / passage 512 / example 256+256 tokens; lr 1e-4 with 100
     warm-up steps and linear decay; AdamW without weight decay; clip 1.0; one epoch; batch 512 for
-    retrieval datasets and 256 for the others. Parameters are sharded over all devices (FSDP).
+    retrieval datasets and 256 for the others, by the task kind of each dataset's records
+    (`records.TASK_KINDS`), whatever its file name. Parameters are sharded over all devices (FSDP).
     """
     c = default_config()
     c.model.hf_path = hf_path
     c.data.tokenizer = tokenizer
     c.data.path = "data/bge-icl-train"  # a directory of reference-format JSONL datasets
     c.data.batch_size = 256
-    c.data.batch_size_overrides = {"retrieval*": 512, "*msmarco*": 512}
+    c.data.batch_size_by_kind.retrieval = 512
     c.train.mesh = (1, -1, 1)
     c.train.log_every = 10
     c.train.checkpoint_every = 200

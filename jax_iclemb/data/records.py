@@ -30,6 +30,15 @@ RECORD_TYPES = (
     "symmetric_class",
     "symmetric_clustering",
 )
+# A dataset's task kind, from its records' type: retrieval (a query and its passages) or a
+# symmetric task (STS, classification, clustering). The paper's recipe batches them differently.
+TASK_KINDS = {
+    "normal": "retrieval",
+    "only_1neg": "retrieval",
+    "symmetric_sts": "symmetric",
+    "symmetric_class": "symmetric",
+    "symmetric_clustering": "symmetric",
+}
 NO_IN_BATCH_SUFFIX = "no_in_batch_neg"
 BAD_RECORD_MODES = ("error", "skip")
 _READ_CHUNK = 1 << 14
@@ -310,6 +319,12 @@ def _jsonl_files(path: Path) -> tuple[Path, list[Path]]:
     if not files:
         raise MissingPath(f"no *.jsonl files under data directory: {path}")
     return path, files
+
+
+def task_kind(dataset: Dataset) -> str:
+    """"retrieval" or "symmetric" (`TASK_KINDS`), read from the dataset's first record: a
+    dataset is one task."""
+    return TASK_KINDS[dataset[0].type]
 
 
 def _drop_empty(datasets: list[Any], on_bad_record: str) -> list[Any]:
