@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import logging
 import math
+import shlex
 import signal
 import sys
 import time
@@ -562,6 +562,7 @@ class TrainLoop:
         writer = MetricsWriter(workdir, enabled=is_main, total=steps, initial=start)
         peak = peak_flops(jax.devices()[0]) * jax.device_count()
         history: list[float] = []
+        totals = {"real_tokens": 0, "seconds": 0.0, "compile_seconds": 0.0}  # this run's steps
         reason = "finished"
         compiler = StepCompiler(self.grad_step, state, frozen, writer.note)
         upcoming: collections.deque = collections.deque()  # (batch, shape, info) of next steps
@@ -599,6 +600,9 @@ class TrainLoop:
                         f"{workdir / 'checkpoints'}."
                     )
                 history.append(metrics["loss"])
+                totals["real_tokens"] += shape.real_tokens
+                totals["seconds"] += seconds
+                totals["compile_seconds"] += compile_seconds
                 rows = shape.rows * jax.process_count()
                 slots = rows * shape.length
                 record = {
@@ -636,9 +640,55 @@ class TrainLoop:
             writer.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        if reason != "finished":
+        if reason != "finished":  # every process says so in its own log
             print(f"{reason}: saved step {int(state['step'])} in {workdir}", file=sys.stderr)
-        return {"reason": reason, "step": int(state["step"]), "losses": history}
+        saved = self.ckpt.latest_step()
+        return {
+            "reason": reason,
+            "step": int(state["step"]),
+            "steps": steps,
+            "losses": history,
+            **totals,
+            "checkpoint": None if saved is None else str(self.ckpt.directory / str(saved)),
+        }
+
+
+def closing_summary(summary: dict[str, Any], workdir: str | Path, config) -> str:
+    """What a finished (or stopped) run tells its user: where it ended, its final loss and speed,
+    where the weights are, and the commands to run next with this workdir filled in."""
+    step, steps, losses = summary["step"], summary["steps"], summary["losses"]
+    lines = [f"training {summary['reason']}: step {step} of {steps}"]
+    if losses:
+        first = step - len(losses) + 1
+        lines[0] += f", final loss {losses[-1]:.4f} ({losses[0]:.4f} at step {first})"
+        tokens, seconds = summary["real_tokens"], summary["seconds"]
+        working = seconds - summary["compile_seconds"]
+        speed = f"speed: {tokens / seconds:.0f} real tokens/s over this run's {len(losses)} steps"
+        if working > 0:
+            speed += f" ({tokens / working:.0f} without waiting for compiles)"
+        lines.append(speed)
+    else:
+        lines[0] += " (nothing left to train)"
+    lines.append(f"checkpoint: {summary['checkpoint'] or 'none saved'}")
+    if summary["reason"] != "finished":
+        lines.append("resume: run the same command again")
+    if summary["checkpoint"]:
+        work = Path(workdir)
+        out = work.with_name(work.name + "-merged")
+        data = config.eval.data or "BEIR_DIR"
+        lines += [
+            "next:",
+            f"  python -m jax_iclemb.export --workdir {shlex.quote(str(work))} "
+            f"--out {shlex.quote(str(out))}",
+            f"  python -m jax_iclemb.evaluate --model {shlex.quote(str(work))} "
+            f"--data {shlex.quote(data)}",
+        ]
+        if not config.eval.data:
+            lines.append(
+                "  (BEIR_DIR: a BEIR folder; make one from records with python -m "
+                "jax_iclemb.evaluate --make-beir --from-jsonl FILE.jsonl --out BEIR_DIR)"
+            )
+    return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -667,11 +717,8 @@ def main(argv: Sequence[str]) -> int:
         raise PathExists(f"--workdir {workdir} exists and is not a folder")
     distributed.initialize()
     summary = run(config, workdir)
-    with contextlib.suppress(IndexError):
-        log.info(
-            "%s at step %d; loss %.4f -> %.4f", summary["reason"], summary["step"],
-            summary["losses"][0], summary["losses"][-1],
-        )
+    if jax.process_index() == 0:
+        print(closing_summary(summary, workdir, config), flush=True)
     return 0
 
 
