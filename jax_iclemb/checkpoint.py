@@ -23,14 +23,11 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, every: int, keep: int, read_only: bool = False):
         self.every = every
-        self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
-            self.directory,
+            Path(directory).absolute(),
+            # create=False is all a reader needs (orbax's read_only mode only adds warnings).
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                create=not read_only,
-                read_only=read_only,
-                enable_async_checkpointing=True,
+                max_to_keep=keep, create=not read_only, enable_async_checkpointing=True
             ),
         )
 

@@ -53,12 +53,8 @@ def load_trained(
     which is only read."""
     workdir = Path(workdir)
     config = load_workdir_config(workdir)
-    folder = workdir / "checkpoints"
-    ckpt = (
-        checkpoint.Checkpointer(folder, every=1, keep=1 << 30, read_only=True)
-        if folder.is_dir() else None
-    )
-    steps = ckpt.all_steps() if ckpt else []
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=1 << 30, read_only=True)
+    steps = ckpt.all_steps()
     if not steps:
         raise MissingPath(
             f"{workdir}: no checkpoint yet (the run saves every train.checkpoint_every="

@@ -649,11 +649,13 @@ class TrainLoop:
             "steps": steps,
             "losses": history,
             **totals,
-            "checkpoint": None if saved is None else str(self.ckpt.directory / str(saved)),
+            "checkpoint_step": saved,
         }
 
 
-def closing_summary(summary: dict[str, Any], workdir: str | Path, config) -> str:
+def closing_summary(
+    summary: dict[str, Any], workdir: str | Path, config: ml_collections.ConfigDict
+) -> str:
     """What a finished (or stopped) run tells its user: where it ended, its final loss and speed,
     where the weights are, and the commands to run next with this workdir filled in."""
     step, steps, losses = summary["step"], summary["steps"], summary["losses"]
@@ -669,11 +671,12 @@ def closing_summary(summary: dict[str, Any], workdir: str | Path, config) -> str
         lines.append(speed)
     else:
         lines[0] += " (nothing left to train)"
-    lines.append(f"checkpoint: {summary['checkpoint'] or 'none saved'}")
+    work, saved = Path(workdir), summary["checkpoint_step"]
+    where = "none saved" if saved is None else work / "checkpoints" / str(saved)
+    lines.append(f"checkpoint: {where}")
     if summary["reason"] != "finished":
         lines.append("resume: run the same command again")
-    if summary["checkpoint"]:
-        work = Path(workdir)
+    if saved is not None:
         out = work.with_name(work.name + "-merged")
         data = config.eval.data or "BEIR_DIR"
         lines += [
