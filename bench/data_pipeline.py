@@ -74,6 +74,7 @@ def main() -> None:
             train_group_size=8,
             max_examples=5,
             batch_size=args.batch,
+            batch_size_by_kind={},
             batch_size_overrides={},
             default_prompt="",
             pack_len=0,

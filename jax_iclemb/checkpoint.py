@@ -16,14 +16,18 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Saves every `every` steps (and on demand), keeps the last `keep`, restores the latest."""
+    """Saves every `every` steps (and on demand), keeps the last `keep`, restores the latest.
 
-    def __init__(self, directory: str | Path, *, every: int, keep: int):
+    `read_only` opens an existing folder without creating it (export, evaluation: readers of a
+    workdir leave it as it was)."""
+
+    def __init__(self, directory: str | Path, *, every: int, keep: int, read_only: bool = False):
         self.every = every
         self._manager = ocp.CheckpointManager(
             Path(directory).absolute(),
+            # create=False is all a reader needs (orbax's read_only mode only adds warnings).
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=True
+                max_to_keep=keep, create=not read_only, enable_async_checkpointing=True
             ),
         )
 

@@ -9,6 +9,7 @@ allowed set, stops with a message that names the key and what is allowed.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
 from collections.abc import Sequence
@@ -17,7 +18,9 @@ from typing import Any
 
 import ml_collections
 
+from jax_iclemb.errors import BadValue
 from jax_iclemb.model.attention import ATTENTION_IMPLS
+from jax_iclemb.model.config import HF_CONFIG_KEYS
 from jax_iclemb.optim import OPTIM_DEFAULTS
 
 MISTRAL_7B_ARCH: dict[str, Any] = {
@@ -58,11 +61,12 @@ POSITIVE = (
     "data.query_max_len", "data.passage_max_len", "data.example_query_max_len",
     "data.example_passage_max_len", "data.train_group_size", "data.batch_size",
     "data.max_segments_per_row", "model.attention_block", "lora.rank", "loss.temperature",
-    "optim.accumulate_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.grad_cache_chunks",
+    "optim.lr", "optim.accumulate_steps", "train.log_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.grad_cache_chunks",
 )
 NON_NEGATIVE = (
-    "data.max_examples", "data.pack_len", "lora.dropout", "loss.distill_weight", "optim.lr",
+    "data.max_examples", "data.pack_len", "data.batch_size_by_kind.retrieval",
+    "data.batch_size_by_kind.symmetric", "lora.dropout", "loss.distill_weight",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.steps", "eval.every",
     "train.compile_ahead",
 )
@@ -108,6 +112,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train_group_size = 8
     c.data.max_examples = 5
     c.data.batch_size = 512
+    # By the task kind of a dataset's records (records.TASK_KINDS): retrieval (normal,
+    # only_1neg) or symmetric (STS, classification, clustering); 0 = data.batch_size.
+    c.data.batch_size_by_kind = ml_collections.ConfigDict({"retrieval": 0, "symmetric": 0})
+    # Per dataset name (fnmatch patterns, the most specific wins): before the kinds' sizes.
     c.data.batch_size_overrides = ml_collections.ConfigDict()
     c.data.default_prompt = (
         "Given a web search query, retrieve relevant passages that answer the query."
@@ -145,8 +153,16 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(BadValue):
+    """A config key that does not exist or a value it does not allow; the message names both."""
+
+
+def _unknown_key(key: str, allowed: Sequence[str], what: str = "Keys here") -> ConfigError:
+    """The error for an unknown key: the closest allowed one, and all of them."""
+    leaf = key.rpartition(".")[2]
+    close = difflib.get_close_matches(leaf, allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "."
+    return ConfigError(f"unknown config key {key!r}{hint} {what}: {', '.join(sorted(allowed))}")
 
 
 def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -199,15 +215,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         parent = config
         for part in parent_key.split(".") if parent_key else ():
             if part not in parent or not isinstance(parent[part], ml_collections.ConfigDict):
-                raise ConfigError(f"unknown config key {key!r}: no section {part!r}")
+                sections = [k for k, v in parent.items() if isinstance(v, type(config))]
+                close = difflib.get_close_matches(part, sections, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"unknown config key {key!r}: no section {part!r}{hint}")
             parent = parent[part]
         if leaf not in parent:
             # Free-form sections (per-dataset batch sizes, HF architecture fields) accept new keys.
             if parent_key in ("data.batch_size_overrides", "model.arch"):
                 parent[leaf] = _literal_or_text(text)
                 continue
-            allowed = ", ".join(sorted(parent.keys()))
-            raise ConfigError(f"unknown config key {key!r}; keys here: {allowed}")
+            raise _unknown_key(key, list(parent.keys()))
         parent[leaf] = _parse_value(key, text, parent[leaf])
 
 
@@ -215,10 +233,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Check the whole config against the schema of `default_config()`."""
     schema = _flat_keys(default_config())
     values = _flat_keys(config)
+    for key in config.model.arch:
+        if key not in HF_CONFIG_KEYS:
+            raise _unknown_key(
+                f"model.arch.{key}", HF_CONFIG_KEYS,
+                "model.arch holds the Hugging Face config fields the decoder reads",
+            )
     for key, value in values.items():
         free = key.startswith(("model.arch.", "data.batch_size_overrides."))
         if key not in schema and not free:
-            raise ConfigError(f"unknown config key {key!r}")
+            section = key.rpartition(".")[0]
+            siblings = [k.rpartition(".")[2] for k in schema if k.rpartition(".")[0] == section]
+            raise _unknown_key(key, siblings or sorted({k.split(".")[0] for k in schema}))
         default = schema.get(key)
         if free or default is None or isinstance(value, type(default)):
             continue
@@ -233,6 +259,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in NON_NEGATIVE:
         if not values[key] >= 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {values[key]!r}")
+    if not 0 <= config.optim.end_lr_ratio <= 1:
+        raise ConfigError(f"optim.end_lr_ratio must be in [0, 1], got {config.optim.end_lr_ratio}")
     if len(config.train.mesh) != 3:
         raise ConfigError(f"train.mesh must be (data, fsdp, tensor), got {config.train.mesh}")
     for name, size in config.data.batch_size_overrides.items():
@@ -322,14 +350,15 @@ def paper_recipe(hf_path: str, tokenizer: str) -> ml_collections.ConfigDict:
     LoRA rank 64 / alpha 32 / dropout 0.1 on all projections; τ = 0.02; group size 8; 0–5
     in-context examples; query 2048 / passage 512 / example 256+256 tokens; lr 1e-4 with 100
     warm-up steps and linear decay; AdamW without weight decay; clip 1.0; one epoch; batch 512 for
-    retrieval datasets and 256 for the others. Parameters are sharded over all devices (FSDP).
+    retrieval datasets and 256 for the others, by the task kind of each dataset's records
+    (`records.TASK_KINDS`), whatever its file name. Parameters are sharded over all devices (FSDP).
     """
     c = default_config()
     c.model.hf_path = hf_path
     c.data.tokenizer = tokenizer
     c.data.path = "data/bge-icl-train"  # a directory of reference-format JSONL datasets
     c.data.batch_size = 256
-    c.data.batch_size_overrides = {"retrieval*": 512, "*msmarco*": 512}
+    c.data.batch_size_by_kind.retrieval = 512
     c.train.mesh = (1, -1, 1)
     c.train.log_every = 10
     c.train.checkpoint_every = 200

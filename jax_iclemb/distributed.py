@@ -21,6 +21,8 @@ from typing import Any
 
 import jax
 
+from jax_iclemb.errors import BadValue
+
 log = logging.getLogger(__name__)
 
 LOCAL_DEVICES = "JAX_LOCAL_DEVICE_IDS"
@@ -28,7 +30,7 @@ LOCAL_DEVICES = "JAX_LOCAL_DEVICE_IDS"
 SLURM_STEP = ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
 
 
-class LaunchError(ValueError):
+class LaunchError(BadValue):
     """The launcher's variables are missing or malformed."""
 
 

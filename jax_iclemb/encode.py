@@ -33,10 +33,13 @@ from jax_iclemb import parallel
 from jax_iclemb.data.icl import encode_inference_query, encode_passage
 from jax_iclemb.data.packing import pack_sequences
 from jax_iclemb.data.tokenizer import load_tokenizer
+from jax_iclemb.errors import MissingPath
 from jax_iclemb.model import load_peft, load_pretrained
+from jax_iclemb.model.hf import is_hub_id
 from jax_iclemb.train import embed_packed
 
 MIN_ROW_LEN = 64
+MODEL_FILES = ("config.json", "adapter_config.json")  # a workdir's or HF model's; a PEFT adapter's
 
 
 def row_length(longest: int) -> int:
@@ -91,12 +94,23 @@ class Embedder:
     def from_pretrained(
         cls, path: str | Path, *, step: int | None = None, dtype: str = "float32", **kwargs: Any
     ) -> Embedder:
-        """A training workdir (latest or given step), a merged HF folder, or a PEFT folder."""
-        path = Path(path)
-        mesh = kwargs.setdefault("mesh", local_mesh())
-        if (path / "checkpoints").is_dir():
-            from jax_iclemb.export import load_trained
+        """A training workdir (latest or given step), a merged HF folder, a PEFT folder, or a
+        Hugging Face Hub id. Nothing is written to `path`."""
+        from jax_iclemb.export import is_workdir, load_trained
 
+        path = Path(path)
+        if not path.is_dir() and not is_hub_id(path):
+            raise MissingPath(
+                f"{path}: no such folder (a training workdir, a merged or PEFT export, or a "
+                f"Hugging Face Hub id owner/name)"
+            )
+        if path.is_dir() and not any((path / f).is_file() for f in MODEL_FILES):
+            raise MissingPath(
+                f"{path}: neither a training workdir nor a model folder (it has none of "
+                f"{', '.join(MODEL_FILES)})"
+            )
+        mesh = kwargs.setdefault("mesh", local_mesh())
+        if is_workdir(path):
             model, _, tokenizer, config, _ = load_trained(path, step, mesh=mesh)
             kwargs.setdefault("query_max_len", config.data.query_max_len)
             kwargs.setdefault("passage_max_len", config.data.passage_max_len)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from jax_iclemb.data.records import BadRecordError, parse_line
+from jax_iclemb.errors import BadValue, add_debug_flag, cli
 from jax_iclemb.metrics import Qrels, Run, mrr_at_k, ndcg_at_k, recall_at_k
 
 # (name in results, label in the table, metric function, k)
@@ -41,7 +42,7 @@ TOP_K = max(k for *_, k in METRICS)
 MODES = (("zero", "zero-shot"), ("few", "few-shot"))
 
 
-class EvalDataError(ValueError):
+class EvalDataError(BadValue):
     """A malformed or inconsistent evaluation input; the message names the file (and line)."""
 
 
@@ -400,6 +401,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="instead: build a BEIR folder (--out) from training records (--from-jsonl)")
     p.add_argument("--from-jsonl", default=None)
     p.add_argument("--out", default=None)
+    add_debug_flag(p)
     args = p.parse_args(argv)
     if args.make_beir:
         if not (args.from_jsonl and args.out):
@@ -408,44 +410,43 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--model and --data are required")
     if args.num_examples is not None and args.num_examples < 0:
         p.error("--num-examples must be >= 0")
+    if args.json and not Path(args.json).parent.is_dir():
+        p.error(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
     return args
 
 
 def default_instruction(model: str) -> str:
     """The training default prompt of a workdir; the paper's MS MARCO instruction otherwise."""
     from jax_iclemb.config import default_config
-    from jax_iclemb.export import load_workdir_config
+    from jax_iclemb.export import is_workdir, load_workdir_config
 
-    if (Path(model) / "config.json").is_file():
+    if is_workdir(model):
         return load_workdir_config(model).data.default_prompt
     return default_config().data.default_prompt
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.make_beir:
-            print(beir_from_jsonl(args.from_jsonl, args.out, split=args.split))
-            return 0
-        from jax_iclemb.encode import Embedder  # imports JAX: only when encoding
+@cli
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    if args.make_beir:
+        print(beir_from_jsonl(args.from_jsonl, args.out, split=args.split))
+        return 0
+    from jax_iclemb.encode import Embedder  # imports JAX: only when encoding
 
-        examples = load_examples(args.examples, args.num_examples) if args.examples else []
-        data = load_beir(args.data, args.split)  # fails on bad data before loading the model
-        options = {
-            key: value
-            for key, value in (("query_max_len", args.query_max_len),
-                               ("passage_max_len", args.passage_max_len), ("step", args.step))
-            if value is not None
-        }
-        embedder = Embedder.from_pretrained(args.model, **options)
-        instruction = args.instruction or default_instruction(args.model)
-        result = evaluate_beir(
-            embedder, data, instruction=instruction, examples=examples, keep_runs=args.keep_runs
-        )
-        result["data"] = str(args.data)
-    except (EvalDataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    examples = load_examples(args.examples, args.num_examples) if args.examples else []
+    data = load_beir(args.data, args.split)  # fails on bad data before loading the model
+    options = {
+        key: value
+        for key, value in (("query_max_len", args.query_max_len),
+                           ("passage_max_len", args.passage_max_len), ("step", args.step))
+        if value is not None
+    }
+    embedder = Embedder.from_pretrained(args.model, **options)
+    instruction = args.instruction or default_instruction(args.model)
+    result = evaluate_beir(
+        embedder, data, instruction=instruction, examples=examples, keep_runs=args.keep_runs
+    )
+    result["data"] = str(args.data)
     result["model"] = str(args.model)
     print(markdown_table(result))
     if args.json:

@@ -28,34 +28,51 @@ from jax_iclemb import checkpoint, parallel
 from jax_iclemb import config as config_lib
 from jax_iclemb.data.icl import chat_template, format_query
 from jax_iclemb.data.tokenizer import load_tokenizer
+from jax_iclemb.errors import BadValue, MissingPath, PathExists, add_debug_flag, cli
 from jax_iclemb.model import ModelConfig, export_merged, export_peft
 from jax_iclemb.model.hf import parse_size, remove_export
 from jax_iclemb.optim import make_optimizer
 from jax_iclemb.train import build_model, initial_state, split_model
 
 
+def is_workdir(path: str | Path) -> bool:
+    """Whether `path` is a training workdir (its config.json is a run's config, not an HF
+    model's), with or without checkpoints yet."""
+    config = Path(path) / "config.json"
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and {"train", "data", "model"} <= raw.keys()
+
+
 def load_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{workdir} is not a training workdir: {path.name} is missing")
-    return config_lib.from_json(path.read_text())
+    if not is_workdir(workdir):
+        what = "does not exist" if not Path(workdir).exists() else "has no run's config.json"
+        raise MissingPath(f"{workdir} is not a training workdir: it {what}")
+    return config_lib.from_json((Path(workdir) / "config.json").read_text())
 
 
 def load_trained(
     workdir: str | Path, step: int | None = None, mesh: jax.sharding.Mesh | None = None
 ) -> tuple[nnx.Module, ModelConfig, Any, ml_collections.ConfigDict, int]:
-    """(model with trained adapters, its config, tokenizer, run config, step) from a workdir."""
+    """(model with trained adapters, its config, tokenizer, run config, step) from a workdir,
+    which is only read."""
     workdir = Path(workdir)
     config = load_workdir_config(workdir)
-    tokenizer = load_tokenizer(str(workdir / "tokenizer"))
-    mesh = mesh or parallel.make_mesh((1, -1, 1))
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=1 << 30)
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=1 << 30, read_only=True)
     steps = ckpt.all_steps()
     if not steps:
-        raise FileNotFoundError(f"{workdir}: no finished checkpoint")
+        raise MissingPath(
+            f"{workdir}: no checkpoint yet (the run saves every train.checkpoint_every="
+            f"{config.train.checkpoint_every} steps and at its end); resume it with its "
+            f"train command"
+        )
     step = steps[-1] if step is None else step
     if step not in steps:
-        raise ValueError(f"{workdir}: no checkpoint for step {step}; available: {steps}")
+        raise BadValue(f"{workdir}: no checkpoint for step {step}; available: {steps}")
+    tokenizer = load_tokenizer(str(workdir / "tokenizer"))
+    mesh = mesh or parallel.make_mesh((1, -1, 1))
     with jax.set_mesh(mesh):
         model, model_config = build_model(config, mesh, vocab_size=len(tokenizer))
         _, params, _ = split_model(model, config.train.trainable)
@@ -134,7 +151,7 @@ def export_tokenizer(
     base's own chat template (Qwen's ChatML, Llama 3's headers) would otherwise wrap every text
     that sentence-transformers encodes."""
     if not tokenizer.is_fast:
-        raise ValueError(
+        raise BadValue(
             f"the workdir's tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer: an "
             "export must append EOS through tokenizer.json"
         )
@@ -146,9 +163,9 @@ def export_tokenizer(
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse, before anything is loaded or written, an OUT that holds files without --overwrite."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+        raise PathExists(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace the export in it")
+        raise PathExists(f"{out} is not empty; pass --overwrite to replace the export in it")
 
 
 def remove_previous_export(out: Path) -> None:
@@ -173,7 +190,8 @@ def peft_base(config: ml_collections.ConfigDict) -> str:
     return str(Path(hf_path).absolute()) if Path(hf_path).is_dir() else hf_path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@cli
+def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m jax_iclemb.export", description=__doc__)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
@@ -181,16 +199,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     parser.add_argument("--max-shard-size", default="5GB", type=parse_size)
     parser.add_argument("--overwrite", action="store_true")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
 
+    config = load_workdir_config(args.workdir)
+    if args.format == "peft" and config.train.trainable == "all":
+        raise BadValue(
+            f"{args.workdir} trained every parameter (train.trainable='all'): it has no adapter; "
+            f"export it with --format merged"
+        )
     out = Path(args.out)
-    try:
-        check_out(out, args.overwrite)
-        model, model_config, tokenizer, config, step = load_trained(args.workdir, args.step)
-        tokenizer = export_tokenizer(tokenizer)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_out(out, args.overwrite)
+    model, model_config, tokenizer, config, step = load_trained(args.workdir, args.step)
+    tokenizer = export_tokenizer(tokenizer)
     if args.overwrite and out.is_dir() and jax.process_index() == 0:
         remove_previous_export(out)
     if args.format == "merged":

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jax_iclemb.errors import BadValue
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis (or a tuple of mesh axes, or None = replicated).
@@ -44,17 +46,17 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+        raise BadValue(f"mesh shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
     if shape.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+        raise BadValue(f"at most one mesh axis may be -1, got {shape}")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:
             layout = dict(zip(MESH_AXES, shape))
-            raise ValueError(f"{len(devices)} devices cannot fill mesh {layout}")
+            raise BadValue(f"{len(devices)} devices cannot fill mesh {layout}")
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise ValueError(
+        raise BadValue(
             f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
             f"{len(devices)} are available"
         )

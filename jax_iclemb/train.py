@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import logging
 import math
+import shlex
 import signal
 import sys
 import time
@@ -36,6 +36,7 @@ from jax_iclemb import config as config_lib
 from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.data.packing import ladder, pad_batch
 from jax_iclemb.data.pipeline import TrainPipeline, pipeline_from_config
+from jax_iclemb.errors import PathExists, ReportedError, add_debug_flag, cli
 from jax_iclemb.loss import contrastive_loss
 from jax_iclemb.model import (
     TRAINABLE,
@@ -56,8 +57,8 @@ log = logging.getLogger("jax_iclemb.train")
 TrainState = dict[str, Any]  # {"step": int32[], "params": trainable (pure dict), "opt": optax}
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(ReportedError):
+    """The run cannot go on (a non-finite loss): the message says why and what was kept."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,12 +399,12 @@ def total_steps(config: ml_collections.ConfigDict, pipeline: TrainPipeline) -> i
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Train until `train.steps` (resuming from the latest checkpoint); returns a summary."""
+    """Train until `train.steps` (resuming from the latest checkpoint); returns a summary.
+
+    Nothing is written to the workdir before the data, tokenizer and model have loaded: a bad
+    path, record or config key fails with the workdir as it was."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    if is_main:
-        (workdir / "config.json").write_text(config_lib.to_json(config))
 
     cache = compile_cache.enable(config.train.compilation_cache)
     log.info("compiled steps are cached in %s", cache or "(nowhere: cache off)")
@@ -422,7 +423,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 
     with jax.set_mesh(mesh):
         model, model_config = build_model(config, mesh, vocab_size=len(tokenizer))
+        workdir.mkdir(parents=True, exist_ok=True)
         if is_main:
+            (workdir / "config.json").write_text(config_lib.to_json(config))
             tokenizer.save_pretrained(workdir / "tokenizer")
             (workdir / "model_config.json").write_text(json.dumps(model_config.to_hf(), indent=2))
         graphdef, params, frozen = split_model(model, config.train.trainable)
@@ -573,6 +576,7 @@ class TrainLoop:
         )
         peak = peak_flops(jax.devices()[0]) * jax.device_count()
         history: list[float] = []
+        totals = {"real_tokens": 0, "seconds": 0.0, "compile_seconds": 0.0}  # this run's steps
         reason = "finished"
         compiler = StepCompiler(self.grad_step, state, frozen, writer.note)
         upcoming: collections.deque = collections.deque()  # (batch, shape, info) of next steps
@@ -610,6 +614,9 @@ class TrainLoop:
                         f"{workdir / 'checkpoints'}."
                     )
                 history.append(metrics["loss"])
+                totals["real_tokens"] += shape.real_tokens
+                totals["seconds"] += seconds
+                totals["compile_seconds"] += compile_seconds
                 rows = shape.rows * jax.process_count()
                 slots = rows * shape.length
                 record = {
@@ -647,9 +654,58 @@ class TrainLoop:
             writer.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        if reason != "finished":
+        if reason != "finished":  # every process says so in its own log
             print(f"{reason}: saved step {int(state['step'])} in {workdir}", file=sys.stderr)
-        return {"reason": reason, "step": int(state["step"]), "losses": history}
+        saved = self.ckpt.latest_step()
+        return {
+            "reason": reason,
+            "step": int(state["step"]),
+            "steps": steps,
+            "losses": history,
+            **totals,
+            "checkpoint_step": saved,
+        }
+
+
+def closing_summary(
+    summary: dict[str, Any], workdir: str | Path, config: ml_collections.ConfigDict
+) -> str:
+    """What a finished (or stopped) run tells its user: where it ended, its final loss and speed,
+    where the weights are, and the commands to run next with this workdir filled in."""
+    step, steps, losses = summary["step"], summary["steps"], summary["losses"]
+    lines = [f"training {summary['reason']}: step {step} of {steps}"]
+    if losses:
+        first = step - len(losses) + 1
+        lines[0] += f", final loss {losses[-1]:.4f} ({losses[0]:.4f} at step {first})"
+        tokens, seconds = summary["real_tokens"], summary["seconds"]
+        working = seconds - summary["compile_seconds"]
+        speed = f"speed: {tokens / seconds:.0f} real tokens/s over this run's {len(losses)} steps"
+        if working > 0:
+            speed += f" ({tokens / working:.0f} without waiting for compiles)"
+        lines.append(speed)
+    else:
+        lines[0] += " (nothing left to train)"
+    work, saved = Path(workdir), summary["checkpoint_step"]
+    where = "none saved" if saved is None else work / "checkpoints" / str(saved)
+    lines.append(f"checkpoint: {where}")
+    if summary["reason"] != "finished":
+        lines.append("resume: run the same command again")
+    if saved is not None:
+        out = work.with_name(work.name + "-merged")
+        data = config.eval.data or "BEIR_DIR"
+        lines += [
+            "next:",
+            f"  python -m jax_iclemb.export --workdir {shlex.quote(str(work))} "
+            f"--out {shlex.quote(str(out))}",
+            f"  python -m jax_iclemb.evaluate --model {shlex.quote(str(work))} "
+            f"--data {shlex.quote(data)}",
+        ]
+        if not config.eval.data:
+            lines.append(
+                "  (BEIR_DIR: a BEIR folder; make one from records with python -m "
+                "jax_iclemb.evaluate --make-beir --from-jsonl FILE.jsonl --out BEIR_DIR)"
+            )
+    return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -662,6 +718,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         "--config", required=True, help="a config file, or a recipe name from configs/ (e.g. tiny)"
     )
     parser.add_argument("--workdir", default=None, help="default: runs/<config name>")
+    add_debug_flag(parser)
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -669,29 +726,17 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = config_lib.load_config(args.config, overrides)
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-    try:
-        distributed.initialize()
-    except distributed.LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = run(config, workdir)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    with contextlib.suppress(IndexError):
-        log.info(
-            "%s at step %d; loss %.4f -> %.4f", summary["reason"], summary["step"],
-            summary["losses"][0], summary["losses"][-1],
-        )
+@cli
+def main(argv: Sequence[str]) -> int:
+    args, overrides = parse_args(argv)
+    config = config_lib.load_config(args.config, overrides)
+    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    if workdir.exists() and not workdir.is_dir():
+        raise PathExists(f"--workdir {workdir} exists and is not a folder")
+    distributed.initialize()
+    summary = run(config, workdir)
+    if jax.process_index() == 0:
+        print(closing_summary(summary, workdir, config), flush=True)
     return 0
 
 
@@ -702,6 +747,12 @@ def log_to_stderr() -> None:
     logging.getLogger("jax_iclemb").setLevel(logging.INFO)
 
 
-if __name__ == "__main__":  # not in main(): a caller in-process keeps its own logging
+def script() -> int:
+    """The command (`python -m jax_iclemb.train`, `jax-iclemb-train`): `main` with the CLI's
+    logging, which is not in `main` so that a caller in-process keeps its own."""
     log_to_stderr()
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(script())

@@ -14,6 +14,7 @@ from jax_iclemb.config import (
     to_json,
     validate,
 )
+from jax_iclemb.model.config import HF_CONFIG_KEYS, ModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for p in CONFIGS.glob("*.py") if not p.stem.startswith("_"))
@@ -95,3 +96,45 @@ def test_from_json_round_trip_and_older_files_get_new_keys():
     restored = from_json(json.dumps(old))
     assert restored.model.attention_impl == default_config().model.attention_impl
     assert restored.train.grad_cache_chunks == 1
+
+
+def test_unknown_keys_suggest_the_closest():
+    suggestion = r"'train.stepz'; did you mean 'steps'\? Keys here: .*mesh"
+    with pytest.raises(ConfigError, match=suggestion):
+        load_config(CONFIGS / "tiny.py", ["--config.train.stepz=3"])
+    with pytest.raises(ConfigError, match="no section 'trian'; did you mean 'train'"):
+        load_config(CONFIGS / "tiny.py", ["--config.trian.steps=3"])
+
+
+class _Recording(dict):
+    """A dict that remembers which keys were read."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def test_model_arch_takes_exactly_the_fields_the_decoder_reads():
+    arch = _Recording(default_config().model.arch.to_dict())
+    ModelConfig.from_hf(arch)
+    assert arch.read == set(HF_CONFIG_KEYS)
+    # A typo is an error naming the key and the closest field, not a field silently ignored.
+    with pytest.raises(
+        ConfigError,
+        match=r"'model.arch.num_hidden_layer'; did you mean 'num_hidden_layers'\?.*rope_theta",
+    ):
+        load_config(CONFIGS / "tiny.py", ["--config.model.arch.num_hidden_layer=2"])
+    c = default_config()
+    c.model.arch.torch_dtype = "bfloat16"  # an HF config.json field the decoder never reads
+    with pytest.raises(ConfigError, match=r"'model\.arch\.torch_dtype'"):
+        validate(c)
+    # Fields it reads but the default lacks are welcome.
+    assert load_config(CONFIGS / "tiny.py", ["--config.model.arch.attention_bias=True"])

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from jax_iclemb.config import default_config
+from jax_iclemb.data import icl
+from jax_iclemb.data.icl import BudgetError
 from jax_iclemb.data.pipeline import TrainPipeline
 from jax_iclemb.data.records import Record, open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
+from jax_iclemb.errors import BadValue
 
 
 @dataclasses.dataclass
@@ -137,7 +140,9 @@ def test_flags_groups_and_teacher(tok, datasets):
 
 def test_sample_data_flags_and_teacher_scores(tok, sample_data):
     ds = open_datasets(str(sample_data))
-    pipe = TrainPipeline(config(batch_size=10, max_segments_per_row=32), tok, ds, seed=0)
+    # Budgets that hold the sample data's prompts and templates (a smaller one is an error).
+    lengths = dict(query_max_len=192, passage_max_len=48, example_query_max_len=48)
+    pipe = TrainPipeline(config(batch_size=10, max_segments_per_row=32, **lengths), tok, ds, seed=0)
     flags = {}
     for s in range(pipe.steps_per_epoch):
         plan = pipe.plan(s)
@@ -209,3 +214,63 @@ def test_inspect_cli(tmp_path, sample_data, capsys):
         assert q["query_tokens"] <= 1024 and len(q["passages"]) == 8
     with pytest.raises(SystemExit):
         inspect.main(["--config", str(cfg), "--step", "0", "--data.x=1"])
+
+
+def test_batch_size_follows_the_records_task_kind_not_the_file_name(tok):
+    """The paper's 512/256 split: retrieval records (normal, only_1neg) get the retrieval size
+    wherever their file is (nq.jsonl at the root), symmetric tasks the other; a name override
+    still wins over both."""
+    data = [
+        ListDataset("nq", make_records("n", 12)),
+        ListDataset("retrieval/one", make_records("o", 12, type="only_1neg")),
+        ListDataset("retrieval/sts", make_records("s", 12, type="symmetric_sts")),
+        ListDataset("clusters", make_records("c", 12, type="symmetric_clustering", category="x")),
+    ]
+
+    def sizes(**kw):
+        layout = TrainPipeline(config(batch_size=2, **kw), tok, data, seed=0).layout
+        return dict(zip(layout.names, layout.batch_sizes))
+
+    kinds = {"retrieval": 8, "symmetric": 4}
+    assert sizes(batch_size_by_kind=kinds) == {
+        "nq": 8, "retrieval/one": 8, "retrieval/sts": 4, "clusters": 4
+    }
+    assert sizes(batch_size_by_kind={"retrieval": 8}, batch_size_overrides={"nq": 6}) == {
+        "nq": 6, "retrieval/one": 8, "retrieval/sts": 2, "clusters": 2  # symmetric: 0 = default
+    }
+
+
+def test_an_override_pattern_that_matches_no_dataset_is_an_error(tok, datasets):
+    with pytest.raises(BadValue, match=r"\['retreival\*'\] match no dataset.*'a/retrieval'"):
+        TrainPipeline(config(batch_size_overrides={"retreival*": 4}), tok, datasets, seed=0)
+
+
+def test_a_budget_too_small_for_the_prompt_is_an_error_with_the_numbers(tok, datasets):
+    prompt = "Given a question about a person, retrieve the fact that answers it."
+    data = [ListDataset("r", make_records("r", 8, prompt=prompt))]
+    head = len(icl.instruction_head(icl.Encoder(tok), prompt))
+    query = icl.query_overhead(icl.Encoder(tok), prompt)
+    assert head == len(tok(f"<instruct>{prompt}\n<query>", add_special_tokens=False).input_ids)
+    with pytest.raises(BudgetError, match=rf"'r': data.example_query_max_len=16 .*takes {head}"):
+        TrainPipeline(config(), tok, data, seed=0)
+    fits = dict(example_query_max_len=head + 1)
+    rows = TrainPipeline(config(**fits), tok, data, seed=0).examples(0)  # one token of room
+    assert any(r["num_examples"] for r in rows)
+    assert all(r["query"].count("<query>") == r["num_examples"] + 1 for r in rows)
+    with pytest.raises(BudgetError, match=rf"data.query_max_len={query} leaves no room.*{query}"):
+        TrainPipeline(
+            config(query_max_len=query, passage_max_len=16, max_examples=0), tok, data, seed=0
+        )
+    # Examples may take query_max_len - passage_max_len: the query must fit in the rest.
+    with pytest.raises(BudgetError, match=r"data.passage_max_len=8 must be more than"):
+        TrainPipeline(config(passage_max_len=8, **fits), tok, data, seed=0)
+    sym = [ListDataset("s", make_records("s", 8, type="symmetric_sts", prompt=prompt))]
+    with pytest.raises(BudgetError, match=rf"passage_max_len={query} .*symmetric_sts passage"):
+        TrainPipeline(config(passage_max_len=query, max_examples=0), tok, sym, seed=0)
+    TrainPipeline(config(passage_max_len=query + 1, max_examples=0), tok, sym, seed=0).batch(0)
+    # A later record with a longer prompt fails at its step, naming dataset, record and key.
+    long = [*make_records("r", 8), *make_records("l", 8, prompt=prompt)]
+    pipe = TrainPipeline(config(), tok, [ListDataset("mixed", long)], seed=0)
+    with pytest.raises(BudgetError, match=r"dataset 'mixed', record \d+: .*data\.\w+_max_len="):
+        for step in range(pipe.steps_per_epoch):
+            pipe.batch(step)

@@ -194,8 +194,8 @@ def test_tfds_round_trip_equals_jsonl(sample_data, tmp_path):
     from jax_iclemb.data import prepare
 
     out = tmp_path / "tfds"
-    written = prepare.main(["--src", str(sample_data), "--out", str(out), "--name", "sample"])
-    assert written == out / "sample" / "1.0.0"
+    assert prepare.main(["--src", str(sample_data), "--out", str(out), "--name", "sample"]) == 0
+    assert (out / "sample" / "1.0.0" / "dataset_info.json").is_file()
     jsonl = open_datasets(str(sample_data))
     tfds_sets = open_datasets("tfds:sample", tfds_dir=str(out))
     assert [(d.name, d.in_batch_negatives, len(d)) for d in tfds_sets] == [
@@ -204,7 +204,7 @@ def test_tfds_round_trip_equals_jsonl(sample_data, tmp_path):
     for a, b in zip(tfds_sets, jsonl, strict=True):
         assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
     with pytest.raises(FileExistsError, match="--overwrite"):
-        prepare.main(["--src", str(sample_data), "--out", str(out), "--name", "sample"])
+        prepare.prepare(str(sample_data), str(out), "sample")
     with pytest.raises(FileNotFoundError, match="'other'"):
         open_datasets("tfds:other", tfds_dir=str(out))
 
@@ -215,8 +215,8 @@ def test_tfds_prepare_validates(tmp_path):
     src = write_lines(tmp_path / "src" / "x-no_in_batch_neg.jsonl", [GOOD, with_(pos=[]), GOOD])
     args = ["--src", str(src.parent), "--out", str(tmp_path / "out"), "--name", "x"]
     with pytest.raises(BadRecordError, match=rf"{src}:2: field 'pos'"):
-        prepare.main(args)
-    prepare.main([*args, "--on-bad-record", "skip"])
+        prepare.prepare(str(src.parent), str(tmp_path / "out"), "x")
+    assert prepare.main([*args, "--on-bad-record", "skip"]) == 0
     (d,) = open_datasets("tfds:x", tfds_dir=str(tmp_path / "out"))
     assert (d.name, d.in_batch_negatives, [d[0], d[-1]]) == (
         "x-no_in_batch_neg",

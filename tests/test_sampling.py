@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from jax_iclemb.config import paper_recipe
 from jax_iclemb.data import sampling
+from jax_iclemb.data.records import TASK_KINDS
+from jax_iclemb.errors import BadValue
 
 
 def test_batch_size_overrides_most_specific_wins():
@@ -90,3 +93,43 @@ def test_pure_in_seed_and_step():
     assert sampling.sample_query(4, 9, 3, **kw) == sampling.sample_query(4, 9, 3, **kw)
     others = {sampling.sample_query(s, 9, 3, **kw) for s in range(5)}
     assert len(others) > 1
+
+
+def test_batch_size_by_kind_after_name_overrides():
+    kinds = {"retrieval": 512, "symmetric": 0}
+    assert sampling.batch_size_for("nq", 256, {}, kinds, "retrieval") == 512
+    assert sampling.batch_size_for("sts/x", 256, {}, kinds, "symmetric") == 256  # 0: default
+    assert sampling.batch_size_for("nq", 256, {"nq": 64}, kinds, "retrieval") == 64
+
+
+def test_override_patterns_must_match_a_dataset():
+    names = ["retrieval/msmarco", "sts/x"]
+    sampling.check_patterns(names, {"retrieval/*": 8, "sts/x": 4})
+    with pytest.raises(BadValue, match=r"\['retreival/\*', 'nq'\] match no dataset.*'sts/x'"):
+        sampling.check_patterns(names, {"retreival/*": 8, "nq": 4, "sts/*": 2})
+    with pytest.raises(BadValue, match="match no dataset"):
+        sampling.layout_for(names, [10, 10], 4, {"nq": 4})
+
+
+def test_paper_recipe_split_by_kind_equals_the_old_file_name_rule_on_the_reference_layout():
+    """The reference data's layout (retrieval/ holds the retrieval sets, the other tasks live
+    elsewhere): the task-kind rule gives what the old name patterns gave; nq.jsonl at the root,
+    which the patterns sent to 256, now gets 512."""
+    data = paper_recipe("unused", "unused").data
+    layout = {
+        "retrieval/msmarco": "normal", "retrieval/nq": "normal", "retrieval/fever": "only_1neg",
+        "sts/stsbenchmark": "symmetric_sts",
+        "classification-no_in_batch_neg/Banking77": "symmetric_class",
+        "clustering-no_in_batch_neg/arXiv_title": "symmetric_clustering",
+    }
+    names = list(layout)
+    kinds = [TASK_KINDS[t] for t in layout.values()]
+    new = sampling.layout_for(
+        names, [1000] * len(names), data.batch_size, dict(data.batch_size_overrides), kinds,
+        dict(data.batch_size_by_kind),
+    ).batch_sizes
+    old = [sampling.batch_size_for(n, 256, {"retrieval*": 512, "*msmarco*": 512}) for n in names]
+    assert list(new) == old == [512, 512, 512, 256, 256, 256]
+    root = sampling.layout_for(["nq"], [1000], data.batch_size, {}, ["retrieval"],
+                               dict(data.batch_size_by_kind))
+    assert root.batch_sizes == (512,)

@@ -207,3 +207,20 @@ def test_clustering_examples_answer_with_category(tok, datasets):
         assert all(p.startswith(f"<s><instruct>{prompt}\n<query>") for p in row["passages"])
         assert all(p.endswith("\n<response></s>") for p in row["passages"])
     assert np.all([r["query"].endswith("\n<response></s>") for r in rows])
+
+
+def test_a_budget_without_room_for_the_text_is_an_error(tok):
+    """Cutting to the budget used to drop <query>, the text and part of the instruction without
+    a word; now the smallest budget that keeps one token of text is the limit."""
+    instruction = "Given a web search query, retrieve relevant passages that answer the query."
+    # BOS + "<instruct>{instruction}\n<query>" + "\n" (one id, NL, after text) + <response> + EOS.
+    head = tok(f"<instruct>{instruction}\n<query>", add_special_tokens=False)["input_ids"]
+    template = 1 + len(head) + 1 + 2
+    with pytest.raises(icl.BudgetError, match=rf"takes {template} tokens: no room .* {template}"):
+        icl.encode_inference_query(tok, "q", instruction=instruction, max_len=template)
+    ids = icl.encode_inference_query(tok, "what is it", instruction=instruction,
+                                     max_len=template + 1)
+    assert len(ids) == template + 1 and ids.count(tok.convert_tokens_to_ids("<query>")) == 1
+    assert ids[: len(head) + 1] == [1, *head] and ids[-3:] == [NL, RESPONSE, 2]
+    with pytest.raises(icl.BudgetError, match=rf"takes {template} tokens"):
+        icl.encode_passage(tok, "p", max_len=template, instruction=instruction)

@@ -21,11 +21,17 @@ from collections.abc import Iterable, Mapping, Sequence
 import transformers
 
 from jax_iclemb.data.tokenizer import ICL_SPECIAL_TOKENS
+from jax_iclemb.errors import BadValue
 
 NEWLINE = "\n"
 EXAMPLE_SEPARATOR = "\n\n"
 SUFFIX = "\n<response>"
 SYMMETRIC_PASSAGE_TYPES = ("symmetric_sts", "symmetric_clustering")
+
+
+class BudgetError(BadValue):
+    """A length budget too small for the instruction and the template: cutting to it would drop
+    the text (and the template's own tokens) without a word."""
 
 
 def format_query(prompt: str, query: str) -> str:
@@ -119,6 +125,11 @@ class Encoder:
         return ids
 
 
+def instruction_head(enc: Encoder, prompt: str) -> list[int]:
+    """`<instruct>{prompt}\\n<query>`: what precedes a query's text in every template."""
+    return [enc.instruct, *enc.text(prompt + NEWLINE), enc.query]
+
+
 def _run_with_tail(enc: Encoder, head: list[int], body: str, tail: str, limit: int) -> list[int]:
     """`head + ids(body)` cut to `limit` ids, then the tail.
 
@@ -143,7 +154,12 @@ def example_ids(
 ) -> list[int]:
     """One example; its formatted query is cut to `query_limit` ids, its response to
     `response_limit` ids (None: no limit)."""
-    head = [enc.instruct, *enc.text(prompt + NEWLINE), enc.query]
+    head = instruction_head(enc, prompt)
+    if query_limit is not None and len(head) >= query_limit:
+        raise BudgetError(
+            f"an example's template with this instruction takes {len(head)} tokens: no room for "
+            f"its query in {query_limit}"
+        )
     q_limit = len(head) + len(enc.text(query)) if query_limit is None else query_limit
     r_limit = len(enc.text(response)) if response_limit is None else response_limit
     return [
@@ -168,14 +184,25 @@ def add_examples(
     return prefix, used
 
 
+def query_overhead(enc: Encoder, prompt: str) -> int:
+    """Ids of a task query besides its text and examples: BOS, <instruct>, the instruction and
+    its newline, <query>, the closing newline, <response>, EOS."""
+    return len(enc.bos) + len(instruction_head(enc, prompt)) + len(enc.tail_ids[NEWLINE]) + 2
+
+
 def query_ids(
     enc: Encoder, prompt: str, text: str, *, max_len: int, prefix: Sequence[int] = ()
 ) -> list[int]:
     """BOS + prefix + formatted query (cut) + "\\n<response>" + EOS, at most `max_len` ids."""
-    head = [*prefix, enc.instruct, *enc.text(prompt + NEWLINE), enc.query]
+    overhead = query_overhead(enc, prompt)
+    if len(prefix) + overhead >= max_len:
+        examples = f" and the in-context examples {len(prefix)}" if prefix else ""
+        raise BudgetError(
+            f"the query template with this instruction takes {overhead} tokens{examples}: no "
+            f"room for the text in {max_len}"
+        )
+    head = [*prefix, *instruction_head(enc, prompt)]
     budget = max_len - len(enc.bos) - len(enc.tail_ids[NEWLINE]) - 2  # <response>, EOS
-    if budget < len(prefix) + 2:
-        raise ValueError(f"max_len={max_len} leaves no room for the query template")
     return [*enc.bos, *_run_with_tail(enc, head, text, NEWLINE, budget), enc.response, enc.eos]
 
 
@@ -183,7 +210,7 @@ def raw_passage_ids(enc: Encoder, text: str, *, max_len: int) -> list[int]:
     """BOS + text (cut) + EOS."""
     budget = max_len - len(enc.bos) - 1
     if budget < 1:
-        raise ValueError(f"max_len={max_len} leaves no room for a passage")
+        raise BudgetError(f"max_len={max_len} leaves no room for a passage between BOS and EOS")
     return [*enc.bos, *enc.text(text)[:budget], enc.eos]
 
 

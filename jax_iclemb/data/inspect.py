@@ -15,15 +15,22 @@ from collections.abc import Sequence
 
 from jax_iclemb.config import load_config
 from jax_iclemb.data.pipeline import pipeline_from_config
+from jax_iclemb.errors import add_debug_flag, cli
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@cli
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jax_iclemb.data.inspect", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
         "--config", required=True, help="a config file, or a recipe name from configs/ (e.g. tiny)"
     )
     parser.add_argument("--step", type=int, required=True, help="global training step")
+    add_debug_flag(parser)
     args, overrides = parser.parse_known_args(argv)
+    if args.step < 0:
+        parser.error(f"--step must be >= 0, got {args.step}")
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         parser.error(

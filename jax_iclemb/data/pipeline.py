@@ -7,9 +7,10 @@ the same batches as never stopping, under any process count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,9 @@ import transformers
 from jax_iclemb.data import icl, sampling
 from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.data.packing import pack_batch
-from jax_iclemb.data.records import Dataset, Record, open_datasets
+from jax_iclemb.data.records import Dataset, Record, open_datasets, task_kind
 from jax_iclemb.data.tokenizer import load_tokenizer
+from jax_iclemb.errors import BadValue
 
 # Types whose queries are scored only against their own group (no in-batch negatives).
 NO_IN_BATCH_TYPES = ("symmetric_class", "symmetric_clustering")
@@ -83,20 +85,72 @@ class TrainPipeline:
             [len(d) for d in self.datasets],
             int(data_config.batch_size),
             dict(data_config.batch_size_overrides),
+            [task_kind(d) for d in self.datasets],
+            dict(data_config.batch_size_by_kind),
         )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         for name, b in zip(self.layout.names, self.layout.batch_sizes):
             if b % process_count:
-                raise ValueError(
+                raise BadValue(
                     f"batch size {b} of dataset {name!r} is not divisible by "
                     f"{process_count} processes"
                 )
         longest = max(data_config.query_max_len, data_config.passage_max_len)
         if self.pack_len < longest:
-            raise ValueError(
+            raise BadValue(
                 f"data.pack_len={self.pack_len} is shorter than a sequence ({longest})"
             )
+        for dataset in self.datasets:
+            self._check_budgets(dataset)
+
+    @contextlib.contextmanager
+    def _budget(self, key: str, dataset: str, record: int) -> Iterator[None]:
+        """Names the config key, dataset and record of a template too long for its budget."""
+        try:
+            yield
+        except icl.BudgetError as e:
+            raise icl.BudgetError(
+                f"dataset {dataset!r}, record {record}: {e} (data.{key}={self.cfg[key]}; raise "
+                f"it or shorten the prompt)"
+            ) from None
+
+    def _check_budgets(self, dataset: Dataset) -> None:
+        """Fail at the start, not at some later step, when a dataset's prompt (its first
+        record's) and the templates leave no room for the text in a length budget, whatever the
+        in-context examples take (at most query_max_len - passage_max_len, with BOS and EOS)."""
+        cfg, enc, rec = self.cfg, self.encoder, dataset[0]
+        prompt = self._prompt(rec)
+        query = icl.query_overhead(enc, prompt)
+        example = len(icl.instruction_head(enc, prompt))
+        enc.clear()
+        q, p = int(cfg.query_max_len), int(cfg.passage_max_len)
+        examples = max(0, q - p - len(enc.bos) - 1) if int(cfg.max_examples) else 0
+        checks = [
+            (query >= q, f"data.query_max_len={q} leaves no room for the query text"),
+            (
+                examples and query + examples >= q,
+                f"in-context examples may take up to data.query_max_len - data.passage_max_len "
+                f"= {q - p} tokens, which leaves no room for the query text: data.passage_max_len"
+                f"={p} must be more than {query - len(enc.bos) - 1}",
+            ),
+            (
+                examples and example >= int(cfg.example_query_max_len),
+                f"data.example_query_max_len={cfg.example_query_max_len} leaves no room for an "
+                f"example's query (its template takes {example} tokens)",
+            ),
+            (
+                rec.type in icl.SYMMETRIC_PASSAGE_TYPES and query >= p,
+                f"data.passage_max_len={p} leaves no room for the text of a {rec.type} passage "
+                f"(formatted like a query)",
+            ),
+        ]
+        for failed, why in checks:
+            if failed:
+                raise icl.BudgetError(
+                    f"dataset {dataset.name!r}: {why}; the query template with its prompt takes "
+                    f"{query} tokens (raise the budget or shorten the prompt)"
+                )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -199,31 +253,36 @@ class TrainPipeline:
                 rec, sample = records[i], plan.samples[i]
                 for j in sample.examples:
                     if j not in examples:
-                        examples[j] = icl.example_ids(
-                            enc,
-                            self._prompt(records[j]),
-                            records[j].query,
-                            self._response(plan, records, j),
-                            query_limit=int(cfg.example_query_max_len),
-                            response_limit=int(cfg.example_passage_max_len),
-                        )
+                        where = ("example_query_max_len", plan.dataset_name, int(plan.records[j]))
+                        with self._budget(*where):
+                            examples[j] = icl.example_ids(
+                                enc,
+                                self._prompt(records[j]),
+                                records[j].query,
+                                self._response(plan, records, j),
+                                query_limit=int(cfg.example_query_max_len),
+                                response_limit=int(cfg.example_passage_max_len),
+                            )
                 prefix, used = icl.add_examples(
                     enc,
                     (examples[j] for j in sample.examples),
                     limit=int(cfg.query_max_len) - int(cfg.passage_max_len),
                 )
                 prompt = self._prompt(rec)
-                query = icl.query_ids(
-                    enc, prompt, rec.query, max_len=int(cfg.query_max_len), prefix=prefix
-                )
+                with self._budget("query_max_len", plan.dataset_name, int(plan.records[i])):
+                    query = icl.query_ids(
+                        enc, prompt, rec.query, max_len=int(cfg.query_max_len), prefix=prefix
+                    )
                 symmetric = rec.type in icl.SYMMETRIC_PASSAGE_TYPES
                 texts = [rec.pos[sample.pos], *(rec.neg[n] for n in sample.neg)]
-                passages = [
-                    icl.passage_ids(
-                        enc, t, max_len=int(cfg.passage_max_len), prompt=prompt, symmetric=symmetric
-                    )
-                    for t in texts
-                ]
+                with self._budget("passage_max_len", plan.dataset_name, int(plan.records[i])):
+                    passages = [
+                        icl.passage_ids(
+                            enc, t, max_len=int(cfg.passage_max_len), prompt=prompt,
+                            symmetric=symmetric,
+                        )
+                        for t in texts
+                    ]
                 teacher = None
                 if rec.pos_scores is not None and (not sample.neg or rec.neg_scores is not None):
                     teacher = [rec.pos_scores[sample.pos]]

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ from jax_iclemb.data.records import (
     parse_line,
     record_to_dict,
 )
+from jax_iclemb.errors import BadValue, MissingPath, PathExists, add_debug_flag, cli
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +100,13 @@ def prepare(
     Returns the version directory written.
     """
     if not _BUILDER_NAME.match(name):
-        raise ValueError(f"TFDS name must match {_BUILDER_NAME.pattern} (snake_case), got {name!r}")
+        raise BadValue(f"TFDS name must match {_BUILDER_NAME.pattern} (snake_case), got {name!r}")
     datasets = open_datasets(src, on_bad_record=on_bad_record)
     builder = _builder_class(name, datasets, src)(data_dir=out, file_format="array_record")
     target = Path(builder.data_dir)
     if target.exists():
         if not overwrite:
-            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+            raise PathExists(f"{target} exists; pass --overwrite to replace it")
         shutil.rmtree(target)
     with tempfile.TemporaryDirectory() as downloads:  # TFDS insists on a download dir
         builder.download_and_prepare(download_dir=downloads)
@@ -151,7 +153,7 @@ def _version_dir(name: str, tfds_dir: str | None) -> Path:
         key=lambda p: tuple(int(x) for x in p.name.split(".") if x.isdigit()),
     )
     if not versions:
-        raise FileNotFoundError(
+        raise MissingPath(
             f"no prepared TFDS dataset {name!r} in {root} (expected {base}/<version>/"
             "dataset_info.json; write one with `python -m jax_iclemb.data.prepare`)"
         )
@@ -164,7 +166,7 @@ def open_tfds(name: str, tfds_dir: str | None) -> list[Dataset]:
     builder = tfds.builder_from_directory(version_dir)
     metadata = builder.info.metadata or {}
     if metadata.get("format") != FORMAT:
-        raise ValueError(
+        raise BadValue(
             f"{version_dir} was not written by jax_iclemb.data.prepare "
             f"(metadata.json format {metadata.get('format')!r}, expected {FORMAT!r})"
         )
@@ -179,7 +181,8 @@ def open_tfds(name: str, tfds_dir: str | None) -> list[Dataset]:
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+@cli
+def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m jax_iclemb.data.prepare", description=__doc__.split("\n\n")[0]
     )
@@ -188,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--name", help="TFDS dataset name (default: from --src)")
     parser.add_argument("--on-bad-record", choices=BAD_RECORD_MODES, default="error")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     name = args.name or re.sub(r"\W+", "_", Path(args.src).resolve().stem, flags=re.ASCII).lower()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -196,8 +200,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         args.src, args.out, name, on_bad_record=args.on_bad_record, overwrite=args.overwrite
     )
     print(f"prepared tfds:{name} in {args.out} ({target})")
-    return target
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

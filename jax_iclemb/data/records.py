@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from jax_iclemb.errors import BadValue, MissingPath
+
 log = logging.getLogger(__name__)
 
 RECORD_TYPES = (
@@ -28,12 +30,21 @@ RECORD_TYPES = (
     "symmetric_class",
     "symmetric_clustering",
 )
+# A dataset's task kind, from its records' type: retrieval (a query and its passages) or a
+# symmetric task (STS, classification, clustering). The paper's recipe batches them differently.
+TASK_KINDS = {
+    "normal": "retrieval",
+    "only_1neg": "retrieval",
+    "symmetric_sts": "symmetric",
+    "symmetric_class": "symmetric",
+    "symmetric_clustering": "symmetric",
+}
 NO_IN_BATCH_SUFFIX = "no_in_batch_neg"
 BAD_RECORD_MODES = ("error", "skip")
 _READ_CHUNK = 1 << 14
 
 
-class BadRecordError(ValueError):
+class BadRecordError(BadValue):
     """A record or file that cannot be trained on; the message names file:line and the field."""
 
 
@@ -296,15 +307,24 @@ def in_batch_negatives_for(root_name: str, relative: Path) -> bool:
 def _jsonl_files(path: Path) -> tuple[Path, list[Path]]:
     """(root, files): the root directory names are taken relative to."""
     if not path.exists():
-        raise FileNotFoundError(f"data path does not exist: {path}")
+        raise MissingPath(
+            f"data path does not exist: {path} (data.path: a .jsonl file, a folder of them, "
+            f"'tfds:NAME' or 'builtin')"
+        )
     if path.is_file():
         if path.suffix != ".jsonl":
-            raise ValueError(f"data file must be a .jsonl file: {path}")
+            raise BadValue(f"data file must be a .jsonl file: {path}")
         return path.parent, [path]
     files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
     if not files:
-        raise FileNotFoundError(f"no *.jsonl files under data directory: {path}")
+        raise MissingPath(f"no *.jsonl files under data directory: {path}")
     return path, files
+
+
+def task_kind(dataset: Dataset) -> str:
+    """"retrieval" or "symmetric" (`TASK_KINDS`), read from the dataset's first record: a
+    dataset is one task."""
+    return TASK_KINDS[dataset[0].type]
 
 
 def _drop_empty(datasets: list[Any], on_bad_record: str) -> list[Any]:
@@ -340,7 +360,7 @@ def open_datasets(
     project's generated default data).
     """
     if on_bad_record not in BAD_RECORD_MODES:
-        raise ValueError(f"on_bad_record must be one of {BAD_RECORD_MODES}, got {on_bad_record!r}")
+        raise BadValue(f"on_bad_record must be one of {BAD_RECORD_MODES}, got {on_bad_record!r}")
     if path.startswith("tfds:"):
         from jax_iclemb.data import prepare  # imports tensorflow_datasets: only when asked for
 

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from jax_iclemb.errors import BadValue
+
 # Stream tags keep the generators for different purposes independent.
 _RECORD_ORDER, _BATCH_ORDER, _QUERY = 1, 2, 3
 
@@ -31,16 +33,34 @@ def _rng(*entropy: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(e) for e in entropy]))
 
 
-def batch_size_for(name: str, default: int, overrides: Mapping[str, int]) -> int:
-    """The batch size of dataset `name`: the most specific matching fnmatch pattern wins (an exact
-    name first, then the longest pattern), so {"retrieval/*": 512, "*": 256} means what it says
-    whatever the mapping's order (ml_collections sorts keys)."""
+def batch_size_for(
+    name: str,
+    default: int,
+    overrides: Mapping[str, int],
+    kind_sizes: Mapping[str, int] = {},
+    kind: str = "",
+) -> int:
+    """The batch size of dataset `name` (of task kind `kind`): the most specific matching fnmatch
+    pattern of `overrides` wins (an exact name first, then the longest pattern), so
+    {"retrieval/*": 512, "*": 256} means what it says whatever the mapping's order (ml_collections
+    sorts keys); without a match, the size of its kind when `kind_sizes` gives one (> 0), else
+    `default`."""
     if name in overrides:
         return int(overrides[name])
     matches = [p for p in overrides if fnmatch.fnmatchcase(name, p)]
     if not matches:
-        return default
+        return int(kind_sizes.get(kind) or default)
     return int(overrides[max(matches, key=lambda p: (len(p), p))])
+
+
+def check_patterns(names: Sequence[str], overrides: Mapping[str, int]) -> None:
+    """Every override pattern must name at least one dataset: a typo would be silently ignored."""
+    unused = [p for p in overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unused:
+        raise BadValue(
+            f"data.batch_size_overrides: pattern(s) {unused} match no dataset; the datasets are "
+            f"{list(names)} (fnmatch patterns on these names)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +76,10 @@ class EpochLayout:
             raise ValueError("no datasets to sample from")
         for name, n, b in zip(self.names, self.sizes, self.batch_sizes, strict=True):
             if b < 1 or n < b:
-                raise ValueError(
+                raise BadValue(
                     f"dataset {name!r} has {n} records but batch size {b}: a batch needs that "
-                    f"many distinct records (set it with data.batch_size_overrides)"
+                    f"many distinct records (set a smaller one with data.batch_size, "
+                    f"data.batch_size_by_kind or data.batch_size_overrides)"
                 )
 
     @functools.cached_property
@@ -154,10 +175,22 @@ def sample_query(
 
 
 def layout_for(
-    names: Sequence[str], sizes: Sequence[int], default_batch: int, overrides: Mapping[str, int]
+    names: Sequence[str],
+    sizes: Sequence[int],
+    default_batch: int,
+    overrides: Mapping[str, int],
+    kinds: Sequence[str] = (),
+    kind_sizes: Mapping[str, int] = {},
 ) -> EpochLayout:
+    """The epoch layout of datasets `names` (of task `kinds`, if given) and their sizes; batch
+    sizes as `batch_size_for` decides them. Patterns matching no dataset are an error."""
+    check_patterns(names, overrides)
+    kinds = tuple(kinds) or ("",) * len(names)
     return EpochLayout(
         names=tuple(names),
         sizes=tuple(int(n) for n in sizes),
-        batch_sizes=tuple(batch_size_for(name, default_batch, overrides) for name in names),
+        batch_sizes=tuple(
+            batch_size_for(name, default_batch, overrides, kind_sizes, kind)
+            for name, kind in zip(names, kinds, strict=True)
+        ),
     )

@@ -17,6 +17,8 @@ from pathlib import Path
 import transformers
 from tokenizers import processors
 
+from jax_iclemb.errors import BadValue
+
 MISTRAL_V01 = "mistral-7b-v0.1"
 ICL_SPECIAL_TOKENS = ("<instruct>", "<query>", "<response>")
 _RECIPE = "sentencepiece-legacy+bos+eos+icl-tokens"
@@ -106,13 +108,14 @@ def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
         try:
             tok = transformers.AutoTokenizer.from_pretrained(spec)
         except (OSError, ValueError) as err:
-            raise ValueError(
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BadValue(
                 f"cannot load tokenizer {spec!r}: not {MISTRAL_V01!r}, a tokenizer folder, or a "
-                f"hub id available offline ({err})"
+                f"hub id available offline ({reason})"
             ) from err
     add_icl_tokens(tok)
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer {spec!r} has no EOS token; the embedding is read at EOS")
+        raise BadValue(f"tokenizer {spec!r} has no EOS token; the embedding is read at EOS")
     if tok.is_fast:  # a slow tokenizer still trains: `icl.py` adds BOS/EOS on ids
         add_training_special_tokens(tok)
     if tok.pad_token is None:

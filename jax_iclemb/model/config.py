@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from jax_iclemb.errors import BadValue
 from jax_iclemb.model.attention import ATTENTION_IMPLS
 
 # model_type -> the base-model class name written to `architectures` on export.
@@ -21,6 +22,15 @@ FAMILIES = {
     "qwen3": "Qwen3Model",
 }
 ROPE_TYPES = ("default", "llama3")
+# The Hugging Face config fields `ModelConfig.from_hf` reads (the rest of a config.json is ignored):
+# what `model.arch` may hold.
+HF_CONFIG_KEYS = (
+    "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+    "mlp_bias", "attention_bias", "use_sliding_window", "sliding_window", "rope_theta",
+    "rope_parameters", "rope_scaling", "rms_norm_eps", "tie_word_embeddings",
+    "max_position_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -71,27 +81,27 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in FAMILIES:
-            raise ValueError(
+            raise BadValue(
                 f"unsupported model_type {self.model_type!r}; supported: {sorted(FAMILIES)}"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise BadValue(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
         if self.attention not in ("causal", "bidirectional"):
-            raise ValueError(
+            raise BadValue(
                 f"attention must be 'causal' or 'bidirectional', got {self.attention!r}"
             )
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+            raise BadValue(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
+            raise BadValue(
                 f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
             )
         if self.attention_block < 1:
-            raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
+            raise BadValue(f"attention_block must be >= 1, got {self.attention_block}")
         if self.init not in ("normal", "fan_in"):
-            raise ValueError(f"init must be 'normal' or 'fan_in', got {self.init!r}")
+            raise BadValue(f"init must be 'normal' or 'fan_in', got {self.init!r}")
         for name in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, name))  # raises TypeError on a bad name
 
@@ -112,16 +122,16 @@ class ModelConfig:
         model_type = hf.get("model_type")
         archs = hf.get("architectures") or []
         if model_type not in FAMILIES:
-            raise ValueError(
+            raise BadValue(
                 f"unsupported model_type {model_type!r} (architectures {archs}); "
                 f"supported model types: {sorted(FAMILIES)}"
             )
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; only 'silu'")
+            raise BadValue(f"unsupported hidden_act {hf['hidden_act']!r}; only 'silu'")
         if hf.get("mlp_bias"):
-            raise ValueError("unsupported config: mlp_bias=True")
+            raise BadValue("unsupported config: mlp_bias=True")
         if hf.get("use_sliding_window"):
-            raise ValueError(f"unsupported config: use_sliding_window=True for {model_type}")
+            raise BadValue(f"unsupported config: use_sliding_window=True for {model_type}")
         theta, scaling = _read_rope(hf)
         heads = hf["num_attention_heads"]
         attention_bias = bool(hf.get("attention_bias", False))
@@ -194,7 +204,7 @@ def _read_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {ROPE_TYPES}")
+        raise BadValue(f"unsupported rope_type {rope_type!r}; supported: {ROPE_TYPES}")
     if rope_type == "default":
         return theta, None
     try:
@@ -205,5 +215,5 @@ def _read_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
             original_max_position_embeddings=int(params["original_max_position_embeddings"]),
         )
     except KeyError as e:
-        raise ValueError(f"llama3 rope scaling lacks key {e.args[0]!r}: {params}") from None
+        raise BadValue(f"llama3 rope scaling lacks key {e.args[0]!r}: {params}") from None
     return theta, scaling

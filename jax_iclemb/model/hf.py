@@ -28,6 +28,7 @@ from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
+from jax_iclemb.errors import BadValue, MissingPath, PathExists
 from jax_iclemb.model.config import ModelConfig
 from jax_iclemb.model.decoder import Decoder, layer_view, model_rngs, state_shardings
 from jax_iclemb.model.lora import (
@@ -134,19 +135,39 @@ def _write_safetensors(path: Path, tensors: list[_Tensor]) -> None:
 # ---- import ----
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(spec: str | os.PathLike) -> bool:
+    """Whether `spec`, no local folder, may name a Hugging Face Hub repository: "owner/name",
+    and not a path into a local folder that exists (`runs/nope` when there is a `runs/`)."""
+    path = Path(spec)
+    return (
+        _HUB_ID.fullmatch(str(spec)) is not None
+        and ".." not in str(spec)
+        and not path.exists()
+        and not path.parent.exists()
+    )
+
+
 def _resolve(path_or_hub_id: str | os.PathLike) -> Path:
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_hub_id).count("/") != 1:
-        raise FileNotFoundError(f"{path_or_hub_id}: not a model folder (config.json + safetensors)")
+    if not is_hub_id(path_or_hub_id):
+        raise MissingPath(
+            f"{path_or_hub_id}: no such model folder (a folder with config.json and "
+            f"*.safetensors, or a Hugging Face Hub id owner/name)"
+        )
     from huggingface_hub import snapshot_download
 
     try:
         folder = snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors"])
     except Exception as e:
-        raise FileNotFoundError(
-            f"{path_or_hub_id}: no such folder, and the Hugging Face Hub download failed ({e})"
+        # Any failure of the download (network, offline, no such repository) means the same.
+        raise MissingPath(
+            f"{path_or_hub_id}: no such folder, and the Hugging Face Hub download failed "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from e
     return Path(folder)
 
@@ -163,7 +184,7 @@ def read_checkpoint(folder: Path) -> dict[str, np.ndarray]:
     single = folder / SINGLE_FILE
     if single.is_file():
         return _read_safetensors(single)
-    raise FileNotFoundError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    raise MissingPath(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
 
 def _lookup(tensors: dict[str, np.ndarray], name: str, folder: Path) -> np.ndarray:
@@ -222,12 +243,12 @@ def load_pretrained(
     folder = _resolve(path_or_hub_id)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{folder}: config.json not found")
+        raise MissingPath(f"{folder}: config.json not found (not a Hugging Face model folder)")
     hf = json.loads(config_file.read_text())
     cfg = ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype, **options)
     if vocab_size is not None and vocab_size != cfg.vocab_size:
         if vocab_size < cfg.vocab_size:
-            raise ValueError(
+            raise BadValue(
                 f"vocab_size={vocab_size} is smaller than the checkpoint's {cfg.vocab_size}"
             )
         cfg = cfg.replace(vocab_size=vocab_size, base_vocab_size=cfg.vocab_size)
@@ -258,7 +279,7 @@ def load_pretrained(
             if name == "embed_tokens.weight" and cfg.base_vocab_size is not None:
                 want, reader = (cfg.base_vocab_size, *want[1:]), _with_new_rows(src, cfg.vocab_size)
             if tuple(src.shape) != tuple(want):
-                raise ValueError(
+                raise BadValue(
                     f"tensor {name!r} in {folder} has shape {tuple(src.shape)}, "
                     f"the model expects {tuple(want)}"
                 )
@@ -288,7 +309,7 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
     if not match:
-        raise ValueError(f"cannot parse max_shard_size {size!r} (e.g. '5GB', '500MB', 10**9)")
+        raise BadValue(f"cannot parse max_shard_size {size!r} (e.g. '5GB', '500MB', 10**9)")
     unit = (match.group(2) or "B").upper()
     power = " KMGT".index(unit[0]) if unit != "B" else 0
     return int(float(match.group(1)) * (1024 if "I" in unit else 1000) ** power)
@@ -305,11 +326,11 @@ def remove_export(folder: Path) -> None:
 def _prepare_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+        raise PathExists(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(
-                f"{out} is not empty; pass overwrite=True to write into it anyway"
+            raise PathExists(
+                f"{out} is not empty; pass overwrite=True (--overwrite) to write into it anyway"
             )
         remove_export(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -489,7 +510,7 @@ def load_peft(
     adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
     if adapter.get("peft_type") != "LORA":
         kind = adapter.get("peft_type")
-        raise ValueError(f"{folder}: only LORA adapters are supported, got {kind!r}")
+        raise BadValue(f"{folder}: only LORA adapters are supported, got {kind!r}")
     lora = LoraConfig(
         rank=int(adapter["r"]),
         alpha=float(adapter["lora_alpha"]),
