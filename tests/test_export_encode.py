@@ -161,10 +161,16 @@ def family_tokenizer(family: str) -> transformers.PreTrainedTokenizerBase:
 
 
 def train_on_base(base, workdir) -> None:
-    """One step of the tiny recipe from an HF folder (the base checkpoint and its tokenizer)."""
+    """One step of the tiny recipe from an HF folder (the base checkpoint and its tokenizer).
+    Longer budgets than TINY_OVERRIDES': the small byte-level BPE spends a token on almost every
+    character, and the built-in data's prompts must fit (the pipeline refuses them otherwise)."""
+    lengths = [f"--config.data.{key}={n}" for key, n in (
+        ("query_max_len", 384), ("passage_max_len", 96), ("example_query_max_len", 128),
+        ("example_passage_max_len", 96), ("pack_len", 384),
+    )]
     config = load_config(
         REPO / "configs" / "tiny.py",
-        [*TINY_OVERRIDES, "--config.train.steps=1", "--config.optim.warmup_steps=0",
+        [*TINY_OVERRIDES, *lengths, "--config.train.steps=1", "--config.optim.warmup_steps=0",
          f"--config.model.hf_path={base}", f"--config.data.tokenizer={base}"],
     )
     run(config, workdir)

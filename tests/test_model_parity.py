@@ -196,3 +196,22 @@ def test_pooling_matches_numpy():
     unit = np.asarray(l2_normalize(hidden))
     np.testing.assert_allclose(unit, hidden / np.linalg.norm(hidden, axis=-1, keepdims=True), 1e-6)
     assert np.all(np.asarray(l2_normalize(np.zeros((2, 4)))) == 0)  # zero vector: no NaN
+
+
+def test_normalised_zero_vectors_have_finite_gradients():
+    """An unused slot can pool an exactly-zero hidden state (a zero pad embedding that attends to
+    nothing); its embedding gets no cotangent from the loss, but 0 · (sqrt's infinite slope)
+    had made the whole step's gradient NaN. Elsewhere the gradient is the analytic one:
+    d(x/‖x‖)ᵀg = (g − (g·u)u) / ‖x‖ with u = x/‖x‖."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 5)).astype(np.float32)
+    x[1] = 0.0
+    g = rng.normal(size=(3, 5)).astype(np.float32)
+    g[1] = 0.0  # what the loss gives an unused slot
+    grad = np.asarray(jax.grad(lambda v: (l2_normalize(v) * g).sum())(jnp.asarray(x)))
+    assert np.isfinite(grad).all()
+    np.testing.assert_array_equal(grad[1], 0)
+    for i in (0, 2):
+        norm = np.linalg.norm(x[i])
+        u = x[i] / norm
+        np.testing.assert_allclose(grad[i], (g[i] - (g[i] @ u) * u) / norm, rtol=1e-5, atol=1e-6)

@@ -22,7 +22,11 @@ def mean_pool(hidden: jax.Array, segment_ids: jax.Array, num_segments: int) -> j
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(‖x‖, eps) along the last axis, in float32 (zero vectors stay zero)."""
+    """x / max(‖x‖, eps) along the last axis, in float32 (zero vectors stay zero).
+
+    The clamp is applied to ‖x‖² inside the root: at a zero vector (an unused slot whose token
+    embedding and attention output are exactly 0) sqrt's gradient is infinite, and 0 · inf made
+    every gradient of the step NaN."""
     x = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    squared = jnp.sum(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
