@@ -209,11 +209,15 @@ def blocked_top_k(
     query_ids: Sequence[str],
     doc_ids: Sequence[str],
     *,
+    ignore_identical_ids: bool = False,
     query_block: int = 1024,
     doc_block: int = 16384,
 ) -> Run:
     """Each query's top-k documents by dot product, as `metrics.top_k_from_scores` selects them
-    from the full [Q, N] matrix, but holding at most [query_block, k + doc_block] scores at once."""
+    from the full [Q, N] matrix, but holding at most [query_block, k + doc_block] scores at once.
+
+    `ignore_identical_ids`: a document whose id is the query's is never retrieved (BEIR's exact
+    search and mteb do this: in ArguAna and Quora the queries are also in the corpus)."""
     if queries.ndim != 2 or corpus.ndim != 2 or queries.shape[1] != corpus.shape[1]:
         raise ValueError(f"embedding shapes do not match: queries {queries.shape}, "
                          f"corpus {corpus.shape}")
@@ -222,15 +226,21 @@ def blocked_top_k(
                          f"{len(queries)} / {len(corpus)} embeddings")
     k = min(k, len(doc_ids))
     id_rank = _descending_id_rank(doc_ids)
+    column = {doc: j for j, doc in enumerate(doc_ids)} if ignore_identical_ids else {}
     run: Run = {}
     for q0 in range(0, len(queries), query_block):
         q = queries[q0 : q0 + query_block]
+        same = [(i, column[qid]) for i, qid in enumerate(query_ids[q0 : q0 + len(q)])
+                if qid in column]
         best_scores = np.empty((len(q), 0), dtype=np.float32)
         best_cols = np.empty((len(q), 0), dtype=np.int64)
         for d0 in range(0, len(corpus), doc_block):
             block = q @ corpus[d0 : d0 + doc_block].T
             if np.isnan(block).any():
                 raise ValueError("embeddings produced NaN scores")
+            for i, j in same:
+                if d0 <= j < d0 + block.shape[1]:
+                    block[i, j - d0] = -np.inf  # ranked last, and dropped below
             cols = np.concatenate(
                 [best_cols, np.broadcast_to(np.arange(d0, d0 + block.shape[1]), block.shape)], 1
             )
@@ -239,7 +249,9 @@ def blocked_top_k(
             best_scores = np.take_along_axis(scores, keep, axis=1)
             best_cols = np.take_along_axis(cols, keep, axis=1)
         for i, qid in enumerate(query_ids[q0 : q0 + query_block]):
-            run[qid] = {doc_ids[j]: float(s) for j, s in zip(best_cols[i], best_scores[i])}
+            run[qid] = {
+                doc_ids[j]: float(s) for j, s in zip(best_cols[i], best_scores[i]) if s > -np.inf
+            }
     return run
 
 
@@ -255,10 +267,13 @@ def evaluate_beir(
     examples: Sequence[Mapping[str, str]] = (),
     split: str = "test",
     keep_runs: bool = False,
+    ignore_identical_ids: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot (and, given `examples`, few-shot) retrieval metrics of an `Embedder` on a BEIR
     folder (or its loaded `BeirData`): {"zero": {metric: value}, "few": {...}, plus counts and
-    settings}. With `keep_runs`, also "runs": {mode: {query: {doc: score}}}, the top 10 ranked."""
+    settings}. With `keep_runs`, also "runs": {mode: {query: {doc: score}}}, the top 10 ranked.
+    A document with the query's own id is not retrieved unless `ignore_identical_ids` is False
+    (on by default, as in BEIR and mteb)."""
     source = "" if isinstance(data, BeirData) else str(data)
     if not isinstance(data, BeirData):
         data = load_beir(data, split)
@@ -270,13 +285,17 @@ def evaluate_beir(
         "num_documents": len(data.corpus_ids),
         "instruction": instruction,
         "num_examples": len(examples),
+        "ignore_identical_ids": ignore_identical_ids,
     }
     shots = {"zero": ()} | ({"few": examples} if examples else {})
     for mode, mode_examples in shots.items():
         queries = embedder.encode_queries(
             data.query_texts, instruction=instruction, examples=mode_examples
         )
-        run = blocked_top_k(queries, corpus, TOP_K, data.query_ids, data.corpus_ids)
+        run = blocked_top_k(
+            queries, corpus, TOP_K, data.query_ids, data.corpus_ids,
+            ignore_identical_ids=ignore_identical_ids,
+        )
         result[mode] = retrieval_metrics(data.qrels, run)
         if keep_runs:
             result.setdefault("runs", {})[mode] = {
@@ -397,6 +416,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--keep-runs", action="store_true",
                    help="put each query's top 10 documents and scores in the JSON")
+    p.add_argument("--keep-identical-ids", action="store_true",
+                   help="let a query retrieve the document with its own id (BEIR and mteb do not)")
     p.add_argument("--make-beir", action="store_true",
                    help="instead: build a BEIR folder (--out) from training records (--from-jsonl)")
     p.add_argument("--from-jsonl", default=None)
@@ -444,7 +465,8 @@ def main(argv: Sequence[str]) -> int:
     embedder = Embedder.from_pretrained(args.model, **options)
     instruction = args.instruction or default_instruction(args.model)
     result = evaluate_beir(
-        embedder, data, instruction=instruction, examples=examples, keep_runs=args.keep_runs
+        embedder, data, instruction=instruction, examples=examples, keep_runs=args.keep_runs,
+        ignore_identical_ids=not args.keep_identical_ids,
     )
     result["data"] = str(args.data)
     result["model"] = str(args.model)

@@ -21,6 +21,7 @@ from jax_iclemb.evaluate import (
     load_beir,
     load_examples,
     main,
+    retrieval_metrics,
 )
 
 INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query."
@@ -145,6 +146,32 @@ def test_blocked_top_k_equals_full_matrix():
             queries, corpus, k, query_ids, doc_ids, query_block=4, doc_block=7
         )
         assert got == expected
+
+
+def test_identical_ids_are_not_retrieved_as_in_beir():
+    """BEIR's exact search (and mteb) skip a document whose id is the query's; the reference here
+    is the full score matrix with those pairs removed, then ranked."""
+    rng = np.random.default_rng(1)
+    corpus = rng.normal(size=(30, 8)).astype(np.float32)
+    doc_ids = [f"d{j}" for j in range(30)]
+    query_ids = ["d3", "d17", "q2", "d29"]  # three queries are also documents (as in ArguAna)
+    queries = corpus[[3, 17, 5, 29]] + 0.01 * rng.normal(size=(4, 8)).astype(np.float32)
+    scores = queries @ corpus.T
+    for k in (3, 30):
+        plain = blocked_top_k(queries, corpus, k, query_ids, doc_ids, doc_block=7)
+        got = blocked_top_k(
+            queries, corpus, k, query_ids, doc_ids, ignore_identical_ids=True, doc_block=7
+        )
+        for i, qid in enumerate(query_ids):
+            keep = [j for j in range(30) if doc_ids[j] != qid]
+            order = sorted(keep, key=lambda j: -scores[i, j])[: min(k, len(keep))]
+            assert got[qid] == pytest.approx({doc_ids[j]: scores[i, j] for j in order}, rel=1e-5)
+        assert "d3" in plain["d3"] and "d3" not in got["d3"]  # each query's nearest is itself
+    # A judgement on the query's own id can no longer be met: the score falls as in BEIR.
+    qrels = {"d3": {"d3": 1}, "d17": {"d17": 1}}
+    top = {q: d for q, d in got.items() if q in qrels}
+    assert retrieval_metrics(qrels, {q: plain[q] for q in qrels})["recall@100"] == 1.0
+    assert retrieval_metrics(qrels, top)["recall@100"] == 0.0
 
 
 def write_beir(folder, corpus_lines, queries, qrels):
