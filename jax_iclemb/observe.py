@@ -57,6 +57,14 @@ def flops_per_token(model_config: Any, lora: Any, mean_context: float = 512.0) -
     return 4 * base + 6 * lora_params + attention
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line torn by a kill mid-write counts as after any."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsWriter:
     """metrics.jsonl + TensorBoard + a tqdm bar; all no-ops off process 0.
 
@@ -74,7 +82,7 @@ class MetricsWriter:
 
         metrics = Path(workdir) / "metrics.jsonl"
         if metrics.exists():
-            kept = [x for x in metrics.read_text().splitlines() if json.loads(x)["step"] <= initial]
+            kept = [x for x in metrics.read_text().splitlines() if _logged_step(x) <= initial]
             metrics.write_text("".join(f"{x}\n" for x in kept))
         self._file = open(metrics, "a")  # noqa: SIM115
         self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=initial + 1)

@@ -111,6 +111,19 @@ def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
     assert scalars == pytest.approx(losses(reference_run), rel=1e-6)  # TensorBoard keeps float32
 
 
+def test_resumed_metrics_keep_the_steps_up_to_the_checkpoint(tmp_path):
+    """What a killed run logged after its checkpoint goes, a line torn mid-write included."""
+    from jax_iclemb.observe import MetricsWriter
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "lo')
+    writer = MetricsWriter(tmp_path, enabled=True, total=6, initial=2, config="{}")
+    writer.write({"step": 3, "loss": 0.5})
+    writer.close()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.5}]
+
+
 def tensorboard_scalars(logdir: Path, tag: str) -> dict[int, float]:
     """step -> value as TensorBoard shows it: event files in order, a session START at step s
     (`purge_step`) drops what earlier files logged at steps >= s."""
