@@ -24,7 +24,7 @@ import ml_collections
 import transformers
 from flax import nnx
 
-from jax_iclemb import checkpoint, parallel
+from jax_iclemb import checkpoint, model_card, parallel
 from jax_iclemb import config as config_lib
 from jax_iclemb.data.icl import chat_template, format_query
 from jax_iclemb.data.tokenizer import load_tokenizer
@@ -91,6 +91,7 @@ ST_FILES = (
     *(f"{d}/config.json" for d in ST_DIRS),
 )
 BASE_DIR = "base"  # a random-init run's base, next to its PEFT adapter
+CARD = "README.md"  # the model card, either format
 
 
 def write_sentence_transformers_config(
@@ -131,6 +132,8 @@ def write_sentence_transformers_config(
             "module_output_name": "token_embeddings",
         },
         {
+            "model_type": "SentenceTransformer",
+            "__version__": {"transformers": transformers.__version__},
             "prompts": {"query": format_query(query_instruction, ""), "document": ""},
             "default_prompt_name": None,
             "similarity_fn_name": "cosine",
@@ -171,7 +174,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 def remove_previous_export(out: Path) -> None:
     """What an earlier export of either format left in `out` (sentence-transformers modules, the
     base of a PEFT export); the weight files are removed by export_merged / export_peft."""
-    for name in ST_FILES:
+    for name in (*ST_FILES, CARD):
         (out / name).unlink(missing_ok=True)
     base = out / BASE_DIR
     if base.is_dir():
@@ -239,6 +242,12 @@ def main(argv: Sequence[str]) -> int:
                 model, model_config, out / BASE_DIR, tokenizer=tokenizer, merge_lora=False,
                 max_shard_size=args.max_shard_size,
             )
+    if jax.process_index() == 0:
+        card = model_card.render(
+            fmt=args.format, base=config.model.hf_path, model_type=model_config.model_type,
+            instruction=config.data.default_prompt, step=step, data=str(config.data.path),
+        )
+        card.save(out / CARD)
     print(f"exported step {step} of {args.workdir} as {args.format} to {out}")
     return 0
 

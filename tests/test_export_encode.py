@@ -9,6 +9,7 @@ offline, with each family's special tokens and BOS/EOS conventions.
 """
 
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -342,3 +343,43 @@ def test_export_refuses_bad_input_with_a_message(tiny_workdir, tmp_path, capsys)
     assert "no checkpoint for step 99" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and not missing.exists()
     assert jax.device_count() == 8
+
+
+def card_code_blocks(card_text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", card_text, flags=re.S)
+
+
+def test_model_card_loads_and_its_usage_code_reproduces_the_embedder(tiny_workdir, tmp_path):
+    """The merged export's README.md is a Hub model card, and its two snippets (run as written,
+    the path filled in) embed as `Embedder` does, zero- and few-shot."""
+    from huggingface_hub import ModelCard
+    from sentence_transformers import SentenceTransformer
+
+    from jax_iclemb.model_card import MODEL_PATH
+
+    out = tmp_path / "merged"
+    assert export_main(["--workdir", str(tiny_workdir), "--out", str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "sentence-transformers"
+    assert card.data.pipeline_tag == "feature-extraction"
+    st_config = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert st_config["model_type"] == "SentenceTransformer"
+    SentenceTransformer(str(out), device="cpu")  # the folder loads with the card in it
+
+    emb = Embedder.from_pretrained(tiny_workdir, query_max_len=512, progress=False)
+    instruction = json.loads((tiny_workdir / "config.json").read_text())["data"]["default_prompt"]
+    query = "how do I reset my password?"
+    document = "Open Settings, then Account, then Reset password."
+    example = {"query": "where is my order?", "response": "Track it under Orders in your account."}
+    zero = emb.encode_queries([query], instruction=instruction)
+    few = emb.encode_queries([query], instruction=instruction, examples=[example])
+    st_block, hf_block = (b.replace(MODEL_PATH, str(out)) for b in card_code_blocks(card.text))
+    names: dict = {"print": lambda *a: None}
+    exec(st_block, names)
+    assert_same_directions(names["queries"], zero)
+    assert_same_directions(names["documents"], emb.encode_corpus([document]))
+    assert_same_directions(names["model"].encode([names["few_shot"]]), few)
+    names = {}
+    exec(hf_block, names)
+    assert_same_directions(names["embeddings"].numpy(), zero)
+    assert (zero * few).sum() < 0.9999  # the examples move the embedding: the check can fail
