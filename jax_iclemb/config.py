@@ -157,11 +157,14 @@ class ConfigError(BadValue):
     """A config key that does not exist or a value it does not allow; the message names both."""
 
 
+def _did_you_mean(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _unknown_key(key: str, allowed: Sequence[str], what: str = "Keys here") -> ConfigError:
     """The error for an unknown key: the closest allowed one, and all of them."""
-    leaf = key.rpartition(".")[2]
-    close = difflib.get_close_matches(leaf, allowed, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else "."
+    hint = _did_you_mean(key.rpartition(".")[2], allowed) or "."
     return ConfigError(f"unknown config key {key!r}{hint} {what}: {', '.join(sorted(allowed))}")
 
 
@@ -216,8 +219,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         for part in parent_key.split(".") if parent_key else ():
             if part not in parent or not isinstance(parent[part], ml_collections.ConfigDict):
                 sections = [k for k, v in parent.items() if isinstance(v, type(config))]
-                close = difflib.get_close_matches(part, sections, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = _did_you_mean(part, sections)
                 raise ConfigError(f"unknown config key {key!r}: no section {part!r}{hint}")
             parent = parent[part]
         if leaf not in parent:

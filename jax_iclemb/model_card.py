@@ -3,11 +3,10 @@ queries (zero- and few-shot) and documents with the exported folder in PyTorch t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from huggingface_hub import ModelCard, ModelCardData
 
 from jax_iclemb.data.icl import format_example, format_query
+from jax_iclemb.model.hf import is_hub_id
 
 MODEL_PATH = "path/to/this/export"  # what a user replaces with the folder or its Hub id
 
@@ -18,18 +17,13 @@ ATTRIBUTION = {
 }
 
 
-def hub_id(base: str) -> str | None:
-    """The base's Hub id, or None when the run started from a local folder or a random init."""
-    return base if base and not Path(base).exists() and base.count("/") == 1 else None
-
-
 def render(
     *, fmt: str, base: str, model_type: str, instruction: str, step: int, data: str
 ) -> ModelCard:
     """The card of a `merged` export (sentence-transformers and transformers usage) or of a
     `peft` adapter (peft usage)."""
     metadata = ModelCardData(
-        base_model=hub_id(base),
+        base_model=base if base and is_hub_id(base) else None,
         library_name="sentence-transformers" if fmt == "merged" else "peft",
         pipeline_tag="feature-extraction",
         tags=["jax_iclemb", "bge-en-icl", "text-embeddings", "in-context-learning"],

@@ -7,6 +7,7 @@ the table or of the mesh shape in the config, never of the model.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -113,12 +114,15 @@ def data_parallel_size(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
 
 
-def process_rows(sharding: jax.sharding.Sharding, global_shape: Sequence[int]) -> np.ndarray:
+@functools.lru_cache(maxsize=64)  # asked every step, for the few shapes a run has
+def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> np.ndarray:
     """Global index along axis 0 of each row of this process's local data, as
     `jax.make_array_from_process_local_data` places it: the process's distinct shards of axis 0
     in the order of their start, one contiguous block of local rows each. One block at
     process_index × local rows on a host-major mesh (CPU, GPU); several interleaved blocks where
     the mesh orders devices otherwise (a TPU torus, a permuted device list)."""
-    indices = sharding.addressable_devices_indices_map(tuple(global_shape)).values()
+    indices = sharding.addressable_devices_indices_map(global_shape).values()
     blocks = sorted({(i[0].start or 0, i[0].stop or global_shape[0]) for i in indices})
-    return np.concatenate([np.arange(start, stop) for start, stop in blocks])
+    rows = np.concatenate([np.arange(start, stop) for start, stop in blocks])
+    rows.setflags(write=False)  # shared by every caller of the cache
+    return rows

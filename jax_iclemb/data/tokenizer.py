@@ -82,12 +82,9 @@ def add_training_special_tokens(tok: transformers.PreTrainedTokenizerBase) -> No
     tokenizer.json, which transformers 5 reads instead of add_bos_token/add_eos_token flags).
 
     Base tokenizers differ: Mistral adds BOS only, Llama 3 adds BOS only, Qwen adds neither; an
-    embedder read at EOS needs EOS on every sequence, whoever tokenizes it.
+    embedder read at EOS needs EOS on every sequence, whoever tokenizes it. `tok` is fast and
+    has an EOS token (`load_tokenizer` checks both).
     """
-    if not tok.is_fast:
-        raise ValueError(f"{type(tok).__name__} is not a fast tokenizer (no tokenizer.json)")
-    if tok.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; the embedding is read at EOS")
     specials = [(tok.eos_token, tok.eos_token_id)]
     bos = ""
     if tok.bos_token_id is not None:
