@@ -13,9 +13,9 @@ the paper's lengths (query 2048 with 0-5 in-context examples, passage 512, examp
 8). Batches come from the real pipeline (sampling, templates, Mistral tokenizer, packing) over a
 synthetic retrieval dataset with realistic lengths (queries of ~50-200 tokens, passages of
 ~150-500), so queries with examples run to ~1-2k tokens. Every batch is padded to one row count,
-so the step compiles once (compile time is reported apart). The step is `train.make_train_step`,
-the trainer's own. MFU uses `observe.flops_per_token` (4·N_base + 6·N_lora + attention at the
-batches' real mean causal context) over the device's dense bf16 peak.
+so the step compiles once (compile time is reported apart). The step is
+`train_step.make_train_step`, the trainer's own. MFU uses `observe.flops_per_token` (4·N_base +
+6·N_lora + attention at the batches' real mean causal context) over the device's dense bf16 peak.
 
 Each attention implementation runs in its own process (its own peak memory; a compile that
 overruns `--compile-timeout` is killed without stopping the others). The processes compile at
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
@@ -48,14 +49,19 @@ import jaxlib
 import numpy as np
 from flax import nnx
 
-from jax_iclemb import compile_cache, parallel, train
+from jax_iclemb import compile_cache, parallel
+from jax_iclemb.checkpoint import TrainState
 from jax_iclemb.config import default_config, validate
+from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.data.packing import pad_batch
 from jax_iclemb.data.pipeline import pipeline_from_config
 from jax_iclemb.model import TRAINABLE, ModelConfig, create_model, state_shardings
 from jax_iclemb.model.block_sparse import pad_pairs
+from jax_iclemb.model.build import build_model, lora_config, model_options, split_model
 from jax_iclemb.observe import flops_per_token, peak_flops
 from jax_iclemb.optim import make_optimizer
+from jax_iclemb.step_batch import attention_tiles, device_batch
+from jax_iclemb.train_step import StepConfig, initial_state, make_train_step
 
 SYLLABLES = ("ka", "lo", "mi", "ren", "tor", "vel", "zan", "qui", "bor", "fen", "sa", "dru", "ept")
 
@@ -128,7 +134,7 @@ def make_batches(config: Any, count: int, chunk_rows: int, data_shards: int):
 
 def model_config_of(config: Any, vocab_size: int) -> ModelConfig:
     arch = dict(config.model.arch.to_dict(), vocab_size=vocab_size)
-    return ModelConfig.from_hf(arch, **train.model_options(config))
+    return ModelConfig.from_hf(arch, **model_options(config.model))
 
 
 def device_info() -> dict[str, Any]:
@@ -173,17 +179,22 @@ def run(config: Any, args: argparse.Namespace, note=lambda result: None) -> dict
     )
     config.train.grad_cache_chunks = chunks
     with jax.set_mesh(mesh):
-        model, model_config = train.build_model(config, mesh, vocab_size=vocab)
-        graphdef, params, frozen = train.split_model(model)
+        model, model_config = build_model(
+            config.model, lora_config(config.lora, config.train.trainable), seed=config.seed,
+            mesh=mesh, vocab_size=vocab,
+        )
+        graphdef, params, frozen = split_model(model)
         del model
         tx, schedule = make_optimizer(config.optim, 1000)
-        state = train.initial_state(params, tx)
+        state = initial_state(params, tx)
         # One tile count for all batches (block_sparse), so the step compiles once.
-        tiles = [train.attention_tiles(config, b, chunks * shards) for b in batches]
+        tiles = [attention_tiles(config.model, b, chunks * shards) for b in batches]
         count = max((t.shape[1] for t in tiles if t is not None), default=0)
         num_blocks = config.data.pack_len // config.model.attention_block
         device_batches = [
-            train.device_batch(mesh, b, None if t is None else pad_pairs(t, count, num_blocks))
+            device_batch(mesh, dataclasses.replace(
+                b, block_pairs=None if t is None else pad_pairs(t, count, num_blocks)
+            ))
             for b, t in zip(batches, tiles)
         ]
         context = float(np.mean([mean_causal_context(b.segment_ids) for b in batches]))
@@ -199,7 +210,10 @@ def run(config: Any, args: argparse.Namespace, note=lambda result: None) -> dict
             "mean_query_tokens_with_examples": _mean_query_tokens(batches),
             "mean_causal_context": context,
         }
-        step_fn = jax.jit(train.make_train_step(graphdef, config, tx, schedule), donate_argnums=0)
+        step_fn = jax.jit(
+            make_train_step(graphdef, StepConfig.from_config(config), tx, schedule),
+            donate_argnums=0,
+        )
         t0, hits = time.perf_counter(), compile_cache.hits()
         compiled = step_fn.lower(state, frozen, device_batches[0]).compile()
         memory = compiled.memory_analysis()
@@ -223,7 +237,9 @@ def run(config: Any, args: argparse.Namespace, note=lambda result: None) -> dict
     measured = slice(args.warmup, None)
     seconds = float(np.sum(times[measured]))
     tokens = sum(i["real_tokens"] for i in infos[measured])
-    flops = flops_per_token(model_config, train.lora_config(config), mean_context=context)
+    flops = flops_per_token(
+        model_config, lora_config(config.lora, config.train.trainable), mean_context=context
+    )
     peak = peak_flops(jax.devices()[0]) * jax.device_count()
     tokens_per_s = tokens / seconds
     result.update(
@@ -271,7 +287,7 @@ def estimate(
     config.train.grad_cache_chunks = chunks
     vocab = int(config.model.arch.vocab_size) + 3
     model_config = model_config_of(config, vocab)
-    lora = train.lora_config(config)
+    lora = lora_config(config.lora, config.train.trainable)
     abstract = nnx.eval_shape(lambda: create_model(model_config, lora, seed=0))
     graphdef, params_state, frozen_state = nnx.split(abstract, TRAINABLE, ...)
 
@@ -285,7 +301,7 @@ def estimate(
     params, frozen = placed(params_state), placed(frozen_state)
     tx, schedule = make_optimizer(config.optim, 1000)
     opt = jax.eval_shape(tx.init, params)
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt": opt}
+    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt=opt)
     length, segments = int(config.data.pack_len), int(config.data.max_segments_per_row)
     b, g = int(config.data.batch_size), int(config.data.train_group_size)
 
@@ -295,23 +311,27 @@ def estimate(
             shape, dtype, sharding=parallel.named_sharding(mesh, axes, shape)
         )
 
-    batch = {
-        "tokens": sds((rows, length), jnp.int32, True),
-        "segment_ids": sds((rows, length), jnp.int32, True),
-        "positions": sds((rows, length), jnp.int32, True),
-        "last_index": sds((rows, segments), jnp.int32, True),
-        "query_slot": sds((b,), jnp.int32), "passage_slot": sds((b, g), jnp.int32),
-        "passage_mask": sds((b, g), jnp.bool_), "teacher_scores": sds((b, g), jnp.float32),
-        "has_teacher": sds((b,), jnp.bool_), "in_batch_negatives": sds((), jnp.bool_),
-        "query_label": sds((b,), jnp.int32), "passage_label": sds((b, g), jnp.int32),
-    }
+    block_pairs = None
     if config.model.attention_impl == "block_sparse":
         # Tile lists per (data shard, chunk) group, at `tiles_per_row` tiles per row.
         groups = chunks * shards
-        tiles = rows // groups * tiles_per_row
-        batch["block_pairs"] = sds((groups, tiles, 3), jnp.int32, True)
+        block_pairs = sds((groups, rows // groups * tiles_per_row, 3), jnp.int32, True)
+    batch = PackedBatch(
+        tokens=sds((rows, length), jnp.int32, True),
+        segment_ids=sds((rows, length), jnp.int32, True),
+        positions=sds((rows, length), jnp.int32, True),
+        last_index=sds((rows, segments), jnp.int32, True),
+        block_pairs=block_pairs,
+        query_slot=sds((b,), jnp.int32), passage_slot=sds((b, g), jnp.int32),
+        passage_mask=sds((b, g), jnp.bool_), teacher_scores=sds((b, g), jnp.float32),
+        has_teacher=sds((b,), jnp.bool_), in_batch_negatives=sds((), jnp.bool_),
+        query_label=sds((b,), jnp.int32), passage_label=sds((b, g), jnp.int32),
+    )
     with jax.set_mesh(mesh):
-        step_fn = jax.jit(train.make_train_step(graphdef, config, tx, schedule), donate_argnums=0)
+        step_fn = jax.jit(
+            make_train_step(graphdef, StepConfig.from_config(config), tx, schedule),
+            donate_argnums=0,
+        )
         t0 = time.perf_counter()
         memory = step_fn.lower(state, frozen, batch).compile().memory_analysis()
     lora_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))

@@ -2,12 +2,12 @@
 
     python bench/grad_cache_memory.py [--rows 4 8 16 32 64] [--chunk-rows 4] [--remat full]
 
-For each global batch of R packed rows, the trainer's step (`train.make_train_step`) is compiled
-ahead of time on abstract inputs (nothing is allocated) once with `grad_cache_chunks = 1` and once
-with C = R / chunk_rows, and XLA's `memory_analysis()` gives the temporary (activations and other
-scratch) and argument bytes. Model: a small Mistral-shaped decoder (hidden 512, 4 layers, 8 heads /
-4 KV heads, MLP 1536, vocab 32003), fp32, LoRA r16 on all projections, rows of 512 tokens, one
-query and 3 passages per row. Prints a Markdown table.
+For each global batch of R packed rows, the trainer's step (`train_step.make_train_step`) is
+compiled ahead of time on abstract inputs (nothing is allocated) once with `grad_cache_chunks = 1`
+and once with C = R / chunk_rows, and XLA's `memory_analysis()` gives the temporary (activations
+and other scratch) and argument bytes. Model: a small Mistral-shaped decoder (hidden 512, 4
+layers, 8 heads / 4 KV heads, MLP 1536, vocab 32003), fp32, LoRA r16 on all projections, rows of
+512 tokens, one query and 3 passages per row. Prints a Markdown table.
 """
 
 from __future__ import annotations

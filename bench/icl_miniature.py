@@ -72,7 +72,7 @@ def top1(queries: np.ndarray, passages: np.ndarray) -> float:
 def evaluate(workdir: Path, eval_sets: dict[str, dict], shots: Sequence[int] = SHOTS) -> dict:
     """{task: {str(k): top-1 accuracy}} of a trained workdir (string keys, as in JSON)."""
     from jax_iclemb.data.icl import encode_inference_query
-    from jax_iclemb.encode import Embedder
+    from jax_iclemb.embedder import Embedder
 
     emb = Embedder.from_pretrained(workdir, progress=False)
     out: dict[str, dict[str, float]] = {}

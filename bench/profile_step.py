@@ -105,9 +105,12 @@ def attribute(times: collections.Counter, sources: dict[str, str]) -> list[tuple
 
 def profile(config_path: str, overrides: list[str], step: int, top: int) -> str:
     from jax_iclemb import config as config_lib
-    from jax_iclemb import parallel, train
+    from jax_iclemb import parallel
     from jax_iclemb.data.pipeline import pipeline_from_config
+    from jax_iclemb.model.build import build_model, lora_config, split_model
     from jax_iclemb.optim import make_optimizer
+    from jax_iclemb.train_loop import StepCompiler, TrainLoop
+    from jax_iclemb.train_step import StepConfig, initial_state, make_grad_fn
 
     config = config_lib.load_config(config_path, overrides)
     mesh = parallel.make_mesh(config.train.mesh)
@@ -116,21 +119,24 @@ def profile(config_path: str, overrides: list[str], step: int, top: int) -> str:
         row_multiple=config.train.grad_cache_chunks * parallel.data_parallel_size(mesh),
     )
     with jax.set_mesh(mesh):
-        model, _ = train.build_model(config, mesh, len(pipeline.tokenizer))
-        graphdef, params, frozen = train.split_model(model, config.train.trainable)
+        model, _ = build_model(
+            config.model, lora_config(config.lora, config.train.trainable), seed=config.seed,
+            mesh=mesh, vocab_size=len(pipeline.tokenizer),
+        )
+        graphdef, params, frozen = split_model(model, config.train.trainable)
         del model
         tx, _ = make_optimizer(config.optim, max(step + 1, 100))
-        state = train.initial_state(params, tx)
-        grad_step = jax.jit(train.make_grad_fn(graphdef, config))
-        loop = train.TrainLoop(
+        state = initial_state(params, tx)
+        grad_step = jax.jit(make_grad_fn(graphdef, StepConfig.from_config(config)))
+        loop = TrainLoop(
             config, Path(tempfile.mkdtemp()), pipeline, mesh, grad_step, None, None,
             flops_token=0.0, graphdef=graphdef,
         )
         batch, shape, info = loop.next_batch(step)
-        compiler = train.StepCompiler(grad_step, state, frozen, note=lambda _: None)
+        compiler = StepCompiler(grad_step, state, frozen, note=lambda _: None)
         executable, compile_s = compiler.get(shape, batch)
         compiler.close()
-        args = (state["params"], frozen, batch, state["step"])
+        args = (state.params, frozen, batch, state.step)
         times = []
         for _ in range(2):
             t0 = time.perf_counter()

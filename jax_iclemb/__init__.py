@@ -9,7 +9,7 @@ __all__ = ["Embedder"]
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import jax_iclemb.config` does not pull in JAX and transformers.
     if name == "Embedder":
-        from jax_iclemb.encode import Embedder
+        from jax_iclemb.embedder import Embedder  # loads JAX: only when asked for
 
         return Embedder
     raise AttributeError(f"module 'jax_iclemb' has no attribute {name!r}")

@@ -1,9 +1,11 @@
-"""Orbax checkpoints of the training state (trainable parameters, optimizer state, step).
+"""Orbax checkpoints of the training state: what is saved, how, and how to read it back.
 
-Only what training changes is saved: the frozen base comes from its source again on resume, and the
-data position and dropout keys are pure functions of (seed, step). Orbax writes each step into a
-temporary folder and renames it when complete, so a half-written checkpoint is never listed, and
-`latest_step` only returns finished ones.
+Only what training changes is saved (`TrainState`: trainable parameters, optimizer state, step):
+the frozen base comes from its source again on resume, and the data position, step shapes and
+dropout keys are pure functions of (seed, step), so the step number is all the position there is.
+Orbax writes each step into a temporary folder and renames it when complete, so a half-written
+checkpoint is never listed, and `latest_step` only returns finished ones. Inference reads the
+trainable parameters alone (`restore_params`), without building an optimizer.
 """
 
 from __future__ import annotations
@@ -13,6 +15,16 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import struct
+
+STATE = "state"  # the item of a step's folder that holds the TrainState
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []: updates done (micro-steps, with gradient accumulation)
+    params: dict  # the trainable parameters (LoRA adapters, or all), a pure dict
+    opt: Any  # the optimizer's state
 
 
 class Checkpointer:
@@ -37,8 +49,10 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-        """Start an asynchronous save when `step` is due (or `force`); returns whether it saved."""
+    def save(self, state: TrainState, *, force: bool = False) -> bool:
+        """Start an asynchronous save of `state` when its step is due (or `force`); returns
+        whether it saved."""
+        step = int(state.step)
         if not force and step % self.every:
             return False
         if step in self._manager.all_steps():
@@ -46,20 +60,31 @@ class Checkpointer:
         return self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                **{STATE: ocp.args.StandardSave(state)}, meta=ocp.args.JsonSave({"step": step})
             ),
             force=True,
         )
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restore `step` onto the shapes, dtypes and shardings of `abstract_state`."""
+    def restore(self, step: int, like: TrainState) -> TrainState:
+        """Restore `step` onto the shapes, dtypes and shardings of `like`'s arrays (which are
+        not read: a restore target may be abstract)."""
         restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_like(like))})
+        )
+        return restored[STATE]
+
+    def restore_params(self, step: int, like: dict) -> dict:
+        """The trainable parameters of `step` alone, onto the shapes, dtypes and shardings of
+        `like` (the freshly built model's): no optimizer state is read or needed."""
+        target = {"params": abstract_like(like)}
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+        restored = ocp.PyTreeCheckpointer().restore(
+            self._manager.directory / str(step) / STATE,
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True
             ),
         )
-        return restored.state, restored.meta
+        return restored["params"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

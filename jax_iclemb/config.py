@@ -19,9 +19,41 @@ from typing import Any
 import ml_collections
 
 from jax_iclemb.errors import BadValue
-from jax_iclemb.model.attention import ATTENTION_IMPLS
-from jax_iclemb.model.config import HF_CONFIG_KEYS
-from jax_iclemb.optim import OPTIM_DEFAULTS
+
+# The choice lists and defaults the model and optimizer check against live here, once: this
+# module imports no JAX, so the CLIs validate a config before loading it.
+DTYPES = ("bfloat16", "float32", "float16")
+ATTENTION_MASKS = ("causal", "bidirectional")
+ATTENTION_IMPLS = ("xla", "block_sparse", "pallas", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+INITS = ("normal", "fan_in")
+POOLINGS = ("last_token", "mean")
+TRAINABLE_MODES = ("lora", "all")  # the adapters only, or every parameter (from scratch)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DECAYS = ("linear", "cosine", "constant")
+# The optimizer's keys and defaults (paper: AdamW, lr 1e-4, 100 warm-up steps then linear decay,
+# weight decay 0, clip 1.0).
+OPTIM_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-4,
+    "warmup_steps": 100,
+    "decay": "linear",
+    "end_lr_ratio": 0.0,
+    "weight_decay": 0.0,
+    "b1": 0.9,
+    "b2": 0.999,
+    "eps": 1e-8,
+    "grad_clip": 1.0,
+    "accumulate_steps": 1,
+}
+# The Hugging Face config fields `ModelConfig.from_hf` reads (the rest of a config.json is
+# ignored): what `model.arch` may hold.
+HF_CONFIG_KEYS = (
+    "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+    "mlp_bias", "attention_bias", "use_sliding_window", "sliding_window", "rope_theta",
+    "rope_parameters", "rope_scaling", "rms_norm_eps", "tie_word_embeddings",
+    "max_position_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+)
 
 MISTRAL_7B_ARCH: dict[str, Any] = {
     "model_type": "mistral",
@@ -45,15 +77,15 @@ MISTRAL_7B_ARCH: dict[str, Any] = {
 # Keys whose values must come from a fixed set.
 CHOICES: dict[str, tuple[Any, ...]] = {
     "data.on_bad_record": ("error", "skip"),
-    "model.dtype": ("bfloat16", "float32", "float16"),
-    "model.param_dtype": ("bfloat16", "float32", "float16"),
-    "model.attention": ("causal", "bidirectional"),
-    "model.pooling": ("last_token", "mean"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
+    "model.attention": ATTENTION_MASKS,
+    "model.pooling": POOLINGS,
+    "model.remat": REMAT_POLICIES,
     "model.attention_impl": ATTENTION_IMPLS,
-    "model.init": ("normal", "fan_in"),
-    "optim.decay": ("linear", "cosine", "constant"),
-    "train.trainable": ("lora", "all"),
+    "model.init": INITS,
+    "optim.decay": DECAYS,
+    "train.trainable": TRAINABLE_MODES,
 }
 
 # Keys that must be positive (> 0) or non-negative (>= 0).
@@ -98,7 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora.rank = 64
     c.lora.alpha = 32.0
     c.lora.dropout = 0.1
-    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    c.lora.targets = LORA_TARGETS
 
     c.data = ml_collections.ConfigDict()
     c.data.path = "builtin"

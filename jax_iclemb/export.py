@@ -17,72 +17,18 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import ml_collections
 import transformers
-from flax import nnx
 
-from jax_iclemb import checkpoint, model_card, parallel
-from jax_iclemb import config as config_lib
+from jax_iclemb import model_card
 from jax_iclemb.data.icl import chat_template, format_query
-from jax_iclemb.data.tokenizer import load_tokenizer
-from jax_iclemb.errors import BadValue, MissingPath, PathExists, add_debug_flag, cli
-from jax_iclemb.model import ModelConfig, export_merged, export_peft
+from jax_iclemb.errors import BadValue, PathExists, add_debug_flag, cli
+from jax_iclemb.model import export_merged, export_peft
 from jax_iclemb.model.hf import parse_size, remove_export
-from jax_iclemb.optim import make_optimizer
-from jax_iclemb.train import build_model, initial_state, split_model
-
-
-def is_workdir(path: str | Path) -> bool:
-    """Whether `path` is a training workdir (its config.json is a run's config, not an HF
-    model's), with or without checkpoints yet."""
-    config = Path(path) / "config.json"
-    try:
-        raw = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and {"train", "data", "model"} <= raw.keys()
-
-
-def load_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    if not is_workdir(workdir):
-        what = "does not exist" if not Path(workdir).exists() else "has no run's config.json"
-        raise MissingPath(f"{workdir} is not a training workdir: it {what}")
-    return config_lib.from_json((Path(workdir) / "config.json").read_text())
-
-
-def load_trained(
-    workdir: str | Path, step: int | None = None, mesh: jax.sharding.Mesh | None = None
-) -> tuple[nnx.Module, ModelConfig, Any, ml_collections.ConfigDict, int]:
-    """(model with trained adapters, its config, tokenizer, run config, step) from a workdir,
-    which is only read."""
-    workdir = Path(workdir)
-    config = load_workdir_config(workdir)
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=1 << 30, read_only=True)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise MissingPath(
-            f"{workdir}: no checkpoint yet (the run saves every train.checkpoint_every="
-            f"{config.train.checkpoint_every} steps and at its end); resume it with its "
-            f"train command"
-        )
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise BadValue(f"{workdir}: no checkpoint for step {step}; available: {steps}")
-    tokenizer = load_tokenizer(str(workdir / "tokenizer"))
-    mesh = mesh or parallel.make_mesh((1, -1, 1))
-    with jax.set_mesh(mesh):
-        model, model_config = build_model(config, mesh, vocab_size=len(tokenizer))
-        _, params, _ = split_model(model, config.train.trainable)
-        tx, _ = make_optimizer(config.optim, 1)
-        abstract = checkpoint.abstract_like(initial_state(params, tx))
-        state, _ = ckpt.restore(step, abstract)
-    ckpt.close()
-    nnx.update(model, state["params"])
-    return model, model_config, tokenizer, config, step
-
+from jax_iclemb.model.trained import load_trained
+from jax_iclemb.workdir import load_workdir_config
 
 ST_MODULES = (("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize"))
 ST_DIRS = tuple(path for path, _ in ST_MODULES[1:])

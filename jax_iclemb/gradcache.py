@@ -29,7 +29,7 @@ from jax_iclemb.parallel import data_parallel_size, logical_to_spec
 
 Params = Any
 # (params, rows of one chunk [r, ...], chunk index) -> slot embeddings [r * S, D]
-EmbedFn = Callable[[Params, dict[str, jax.Array], jax.Array], jax.Array]
+EmbedFn = Callable[[Params, Any, jax.Array], jax.Array]
 # embeddings of every slot [R * S, D] -> (loss, aux)
 ObjectiveFn = Callable[[jax.Array], tuple[jax.Array, Any]]
 
@@ -76,19 +76,20 @@ def value_and_grad(
     embed: EmbedFn,
     objective: ObjectiveFn,
     params: Params,
-    rows: dict[str, jax.Array],
+    rows: Any,
     chunks: int,
 ) -> tuple[tuple[jax.Array, Any], Params]:
     """((loss, aux), d loss / d params) of `objective(embeddings of all rows)`, chunk by chunk.
 
     Equal (up to float rounding) to `jax.value_and_grad` of the composed function when `embed`
-    does not depend on the chunk index. `rows` are [R, ...] arrays; R must split into `chunks`
-    equal chunks on every data shard.
+    does not depend on the chunk index. `rows` is a pytree of [R, ...] arrays (`PackedRows`, whose
+    block-sparse tile lists are [groups, ...], a group per chunk and shard); R must split into
+    `chunks` equal chunks on every data shard.
     """
     shards = row_shards()
-    num_rows = next(iter(rows.values())).shape[0]
+    num_rows = jax.tree.leaves(rows)[0].shape[0]
     check_rows(num_rows, chunks, shards)
-    chunked = {k: to_chunks(v, chunks, shards) for k, v in rows.items()}
+    chunked = jax.tree.map(lambda v: to_chunks(v, chunks, shards), rows)
     index = jnp.arange(chunks)
 
     # Pass 1: embeddings only; nothing here is differentiated, so no activation outlives its chunk.

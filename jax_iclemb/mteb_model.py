@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_iclemb.evaluate import load_examples
+from jax_iclemb.beir import load_examples
 
 # The paper's evaluation instructions (those of e5-mistral) for a few common tasks.
 DEFAULT_INSTRUCTIONS = {
@@ -81,7 +81,7 @@ class MTEBEmbedder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> MTEBEmbedder:
-        from jax_iclemb.encode import Embedder
+        from jax_iclemb.embedder import Embedder
 
         keys = ("tasks", "examples_dir", "name", "revision")
         own = {k: kwargs.pop(k) for k in keys if k in kwargs}

@@ -16,21 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# The single source of the optimizer's config keys and defaults (paper: AdamW, lr 1e-4, 100
-# warm-up steps then linear decay, weight decay 0, clip 1.0).
-OPTIM_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-4,
-    "warmup_steps": 100,
-    "decay": "linear",
-    "end_lr_ratio": 0.0,
-    "weight_decay": 0.0,
-    "b1": 0.9,
-    "b2": 0.999,
-    "eps": 1e-8,
-    "grad_clip": 1.0,
-    "accumulate_steps": 1,
-}
-DECAYS = ("linear", "cosine", "constant")
+from jax_iclemb.config import DECAYS, OPTIM_DEFAULTS
 
 Schedule = Callable[[jax.Array | int], jax.Array]
 

@@ -17,10 +17,10 @@ import pytest
 from conftest import REPO, TINY_OVERRIDES
 
 from jax_iclemb import errors
+from jax_iclemb.beir import beir_from_jsonl
 from jax_iclemb.config import load_config, to_json
 from jax_iclemb.data.builtin import builtin_data_dir
 from jax_iclemb.data.tokenizer import load_tokenizer
-from jax_iclemb.evaluate import beir_from_jsonl
 
 TINY = str(REPO / "configs" / "tiny.py")
 RECORD = {"query": "Where does Ana live?", "pos": ["Ana lives in Porto."], "neg": ["Bo bakes."]}

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from jax_iclemb.config import (
+    HF_CONFIG_KEYS,
     ConfigError,
     default_config,
     from_json,
@@ -14,7 +15,7 @@ from jax_iclemb.config import (
     to_json,
     validate,
 )
-from jax_iclemb.model.config import HF_CONFIG_KEYS, ModelConfig
+from jax_iclemb.model.config import ModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for p in CONFIGS.glob("*.py") if not p.stem.startswith("_"))

@@ -2,7 +2,7 @@
 matrix, the BEIR builder against the records it reads, bad input, and evaluation during training.
 
 References: the BEIR files re-read here with `json`/`csv`, embeddings scored with one NumPy matrix
-product, runs selected by `metrics.top_k_from_scores` (itself tested against pytrec_eval).
+product, runs selected by `ir_metrics.top_k_from_scores` (itself tested against pytrec_eval).
 """
 
 import csv
@@ -12,17 +12,11 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_OVERRIDES
 
-from jax_iclemb import metrics
-from jax_iclemb.encode import Embedder
-from jax_iclemb.evaluate import (
-    EvalDataError,
-    beir_from_jsonl,
-    blocked_top_k,
-    load_beir,
-    load_examples,
-    main,
-    retrieval_metrics,
-)
+from jax_iclemb import ir_metrics
+from jax_iclemb.beir import EvalDataError, beir_from_jsonl, load_beir, load_examples
+from jax_iclemb.embedder import Embedder
+from jax_iclemb.evaluate import main
+from jax_iclemb.retrieval import blocked_top_k, retrieval_metrics
 
 INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query."
 
@@ -82,17 +76,17 @@ def direct_metrics(embedder, beir_dir, examples):
     q = embedder.encode_queries(
         [x["text"] for x in queries], instruction=INSTRUCTION, examples=examples
     )
-    run = metrics.top_k_from_scores(
+    run = ir_metrics.top_k_from_scores(
         q @ d.T, 100, [x["_id"] for x in queries], [c["_id"] for c in corpus]
     )
-    top10 = metrics.top_k_from_scores(
+    top10 = ir_metrics.top_k_from_scores(
         q @ d.T, 10, [x["_id"] for x in queries], [c["_id"] for c in corpus]
     )
     return top10, {
-        "ndcg@10": metrics.ndcg_at_k(qrels, run, 10)[1],
-        "mrr@10": metrics.mrr_at_k(qrels, run, 10)[1],
-        "recall@10": metrics.recall_at_k(qrels, run, 10)[1],
-        "recall@100": metrics.recall_at_k(qrels, run, 100)[1],
+        "ndcg@10": ir_metrics.ndcg_at_k(qrels, run, 10)[1],
+        "mrr@10": ir_metrics.mrr_at_k(qrels, run, 10)[1],
+        "recall@10": ir_metrics.recall_at_k(qrels, run, 10)[1],
+        "recall@100": ir_metrics.recall_at_k(qrels, run, 100)[1],
     }
 
 
@@ -141,7 +135,7 @@ def test_blocked_top_k_equals_full_matrix():
     doc_ids = [f"d{j}" for j in rng.permutation(len(corpus))]
     query_ids = [f"q{i}" for i in range(len(queries))]
     for k in (1, 5, 20, 100):
-        expected = metrics.top_k_from_scores(queries @ corpus.T, k, query_ids, doc_ids)
+        expected = ir_metrics.top_k_from_scores(queries @ corpus.T, k, query_ids, doc_ids)
         got = blocked_top_k(
             queries, corpus, k, query_ids, doc_ids, query_block=4, doc_block=7
         )

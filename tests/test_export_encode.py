@@ -29,10 +29,10 @@ from jax_iclemb.data.icl import (
     format_inference_query,
     format_query,
 )
-from jax_iclemb.encode import Embedder
-from jax_iclemb.export import load_trained
+from jax_iclemb.embedder import Embedder
 from jax_iclemb.export import main as export_main
 from jax_iclemb.model import l2_normalize
+from jax_iclemb.model.trained import load_trained
 from jax_iclemb.train import run
 
 INSTRUCTION = "Given a question about a person, retrieve the fact that answers it."

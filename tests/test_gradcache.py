@@ -1,22 +1,24 @@
 """The gradient cache gives the unchunked step's loss and gradients (fp32, 1e-5 relative), also with
 rows sharded over a mesh; with dropout it is the exact gradient of the chunked forward."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jax_iclemb import gradcache, parallel
-from jax_iclemb.config import default_config
+from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.model import LoraConfig, ModelConfig, create_model
 from jax_iclemb.model.block_sparse import block_pairs
-from jax_iclemb.train import (
-    ROW_ARRAYS,
+from jax_iclemb.model.build import split_model
+from jax_iclemb.train_step import (
+    StepConfig,
     dropout_key,
     make_embed_fn,
     make_grad_fn,
     make_objective,
-    split_model,
 )
 
 ROWS, LENGTH, SEGMENTS = 8, 16, 2
@@ -38,15 +40,11 @@ def tiny(dropout: float, attention_impl: str = "xla"):
     return graphdef, params, frozen
 
 
-def config(chunks: int):
-    c = default_config()
-    c.loss.temperature = 0.1
-    c.loss.distill_weight = 0.5
-    c.train.grad_cache_chunks = chunks
-    return c
+def config(chunks: int) -> StepConfig:
+    return StepConfig(temperature=0.1, distill_weight=0.5, grad_cache_chunks=chunks)
 
 
-def batch() -> dict:
+def batch() -> PackedBatch:
     rng = np.random.default_rng(0)
     segs = np.zeros((ROWS, LENGTH), np.int32)
     pos = np.zeros((ROWS, LENGTH), np.int32)
@@ -60,20 +58,20 @@ def batch() -> dict:
     slots = rng.permutation(ROWS * SEGMENTS)
     mask = np.ones((QUERIES, GROUP), bool)
     mask[3, 2] = False
-    return {
-        "tokens": jnp.asarray(rng.integers(1, 50, (ROWS, LENGTH)), jnp.int32),
-        "segment_ids": jnp.asarray(segs),
-        "positions": jnp.asarray(pos),
-        "last_index": jnp.asarray(last),
-        "query_slot": jnp.asarray(slots[:QUERIES], jnp.int32),
-        "passage_slot": jnp.asarray(slots[QUERIES:].reshape(QUERIES, GROUP), jnp.int32),
-        "passage_mask": jnp.asarray(mask),
-        "teacher_scores": jnp.asarray(rng.normal(size=(QUERIES, GROUP)), jnp.float32),
-        "has_teacher": jnp.asarray([True, False, True, True]),
-        "in_batch_negatives": jnp.asarray(True),
-        "query_label": jnp.asarray([0, 0, -1, 1], jnp.int32),
-        "passage_label": jnp.asarray(rng.integers(-1, 2, (QUERIES, GROUP)), jnp.int32),
-    }
+    return PackedBatch(
+        tokens=jnp.asarray(rng.integers(1, 50, (ROWS, LENGTH)), jnp.int32),
+        segment_ids=jnp.asarray(segs),
+        positions=jnp.asarray(pos),
+        last_index=jnp.asarray(last),
+        query_slot=jnp.asarray(slots[:QUERIES], jnp.int32),
+        passage_slot=jnp.asarray(slots[QUERIES:].reshape(QUERIES, GROUP), jnp.int32),
+        passage_mask=jnp.asarray(mask),
+        teacher_scores=jnp.asarray(rng.normal(size=(QUERIES, GROUP)), jnp.float32),
+        has_teacher=jnp.asarray([True, False, True, True]),
+        in_batch_negatives=jnp.asarray(True),
+        query_label=jnp.asarray([0, 0, -1, 1], jnp.int32),
+        passage_label=jnp.asarray(rng.integers(-1, 2, (QUERIES, GROUP)), jnp.int32),
+    )
 
 
 def assert_close(got, want):
@@ -110,8 +108,8 @@ def test_grad_cache_on_a_mesh_equals_the_unchunked_step(impl):
     mesh = parallel.make_mesh((2, 2, 2))
     graphdef, _, _ = tiny(dropout=0.0, attention_impl=impl)
     if impl == "block_sparse":  # one tile list per (data shard, chunk) row group
-        tiles = block_pairs(np.asarray(b["segment_ids"]), block=4, causal=True, groups=8)
-        b = dict(b, block_pairs=jnp.asarray(tiles))
+        tiles = block_pairs(np.asarray(b.segment_ids), block=4, causal=True, groups=8)
+        b = dataclasses.replace(b, block_pairs=jnp.asarray(tiles))
     with jax.set_mesh(mesh):
         got = jax.jit(make_grad_fn(graphdef, config(2)))(params, frozen, b, step)
     assert_close(got, want)
@@ -125,13 +123,13 @@ def test_grad_cache_with_dropout_is_the_gradient_of_the_chunked_forward():
     b, step, chunks = batch(), jnp.int32(5), 2
     cfg = config(chunks)
     embed, objective = make_embed_fn(graphdef, cfg), make_objective(cfg)
-    rows = {k: b[k] for k in ROW_ARRAYS if k in b}
+    rows = b.rows()
     n = ROWS // chunks
 
     def reference_loss(p):
         key = dropout_key(cfg, step)
         parts = [
-            embed(p, frozen, {k: v[c * n : (c + 1) * n] for k, v in rows.items()},
+            embed(p, frozen, jax.tree.map(lambda v, c=c: v[c * n : (c + 1) * n], rows),
                   jax.random.fold_in(key, c))
             for c in range(chunks)
         ]

@@ -38,10 +38,13 @@ def probe(out: Path) -> None:
     from conftest import TINY_OVERRIDES
     from jax.experimental import multihost_utils
 
-    from jax_iclemb import distributed, parallel, train
+    from jax_iclemb import distributed, parallel
     from jax_iclemb.config import load_config
     from jax_iclemb.data.packing import pad_batch
     from jax_iclemb.data.pipeline import pipeline_from_config
+    from jax_iclemb.model.build import build_model, lora_config, split_model
+    from jax_iclemb.train_loop import TrainLoop
+    from jax_iclemb.train_step import StepConfig, make_loss_fn
 
     distributed.initialize()
     config = load_config(REPO / "configs" / "tiny.py", [*TINY_OVERRIDES, "--config.seed=3"])
@@ -58,11 +61,11 @@ def probe(out: Path) -> None:
     segments = local.max_segments
     result = {}
     for name, mesh in meshes.items():
-        loop = train.TrainLoop(
+        loop = TrainLoop(
             config, out, pipeline, mesh, None, None, None, flops_token=0, graphdef=None
         )
         batch, _, _ = loop.next_batch(0)
-        rows = parallel.process_rows(batch["tokens"].sharding, batch["tokens"].shape)
+        rows = parallel.process_rows(batch.tokens.sharding, batch.tokens.shape)
         # What this host packed (padded as next_batch pads it), fingerprinted on its own rows,
         # gathered over hosts in process order, as the per-query arrays are.
         padded = pad_batch(
@@ -81,13 +84,16 @@ def probe(out: Path) -> None:
         with jax.set_mesh(mesh):
             got = {
                 slot: np.asarray(jax.jit(fingerprints, static_argnums=3)(
-                    batch["tokens"], batch["segment_ids"], batch[slot], segments
+                    batch.tokens, batch.segment_ids, getattr(batch, slot), segments
                 )).tolist()
                 for slot in ("query_slot", "passage_slot")
             }
-            model, _ = train.build_model(config, mesh, vocab_size=len(pipeline.tokenizer))
-            graphdef, params, frozen = train.split_model(model)
-            loss, _ = jax.jit(train.make_loss_fn(graphdef, config))(
+            model, _ = build_model(
+                config.model, lora_config(config.lora, config.train.trainable),
+                seed=config.seed, mesh=mesh, vocab_size=len(pipeline.tokenizer),
+            )
+            graphdef, params, frozen = split_model(model)
+            loss, _ = jax.jit(make_loss_fn(graphdef, StepConfig.from_config(config)))(
                 params, frozen, batch, jax.numpy.zeros((), jax.numpy.int32)
             )
         result[name] = {

@@ -19,7 +19,7 @@ from jax_iclemb.model import (
     lora_state,
 )
 from jax_iclemb.model.lora import (
-    DEFAULT_TARGETS,
+    LORA_TARGETS,
     Linear,
     dense,
     dropout,
@@ -84,7 +84,7 @@ def test_linear_matches_formula_and_dropout_touches_only_adapter():
     np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)  # no key: no dropout
 
     key = jax.random.key(3)
-    keep, p = keep_mask(jax.random.fold_in(key, DEFAULT_TARGETS.index("up_proj")), x.shape, 0.5)
+    keep, p = keep_mask(jax.random.fold_in(key, LORA_TARGETS.index("up_proj")), x.shape, 0.5)
     dropped = np.where(keep, x / p, 0)
     want = x @ w.T + b + (8.0 / 4) * (dropped @ a.T @ bb.T)  # the mask is on the adapter input
     np.testing.assert_allclose(layer(x, key), want, rtol=1e-5, atol=1e-5)

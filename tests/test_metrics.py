@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from jax_iclemb.metrics import mrr_at_k, ndcg_at_k, recall_at_k, top_k_from_scores
+from jax_iclemb.ir_metrics import mrr_at_k, ndcg_at_k, recall_at_k, top_k_from_scores
 
 QRELS = {
     "q1": {"d1": 2, "d2": 1, "d3": 0},

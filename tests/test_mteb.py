@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from jax_iclemb.encode import Embedder
+from jax_iclemb.embedder import Embedder
 from jax_iclemb.mteb_model import MTEBEmbedder
 
 mteb = pytest.importorskip("mteb")

@@ -10,7 +10,9 @@ from jax_iclemb import parallel
 from jax_iclemb.config import default_config
 from jax_iclemb.data.packing import pack_batch
 from jax_iclemb.model import LoraConfig, ModelConfig, create_model
-from jax_iclemb.train import attention_tiles, device_batch, make_loss_fn, split_model
+from jax_iclemb.model.build import split_model
+from jax_iclemb.step_batch import device_batch, shape_batch
+from jax_iclemb.train_step import StepConfig, make_loss_fn
 
 ARCH = {
     "model_type": "mistral", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
@@ -36,11 +38,14 @@ def random_batch(rng: np.random.Generator, num_queries=8, group=3):
 
 
 def loss_and_grads(mesh, batch, impl="xla"):
-    config = default_config()
-    config.loss.temperature = 0.05
-    config.loss.distill_weight = 1.0  # InfoNCE + distillation: both terms cross devices
-    config.model.attention_impl, config.model.attention_block = impl, 8
-    tiles = attention_tiles(config, batch, parallel.data_parallel_size(mesh))
+    model_section = default_config().model
+    model_section.attention_impl, model_section.attention_block = impl, 8
+    # InfoNCE + distillation: both terms cross devices.
+    step_config = StepConfig(temperature=0.05, distill_weight=1.0)
+    batch, _ = shape_batch(
+        batch, model_section, groups=parallel.data_parallel_size(mesh),
+        num_queries=len(batch.query_slot), pad_id=0,
+    )
     cfg = ModelConfig.from_hf(
         ARCH, dtype="float32", param_dtype="float32", attention_impl=impl, attention_block=8
     )
@@ -53,8 +58,8 @@ def loss_and_grads(mesh, batch, impl="xla"):
             lambda x: jax.device_put(0.1 * rng.standard_normal(x.shape, np.float32), x.sharding),
             params,
         )
-        fn = jax.jit(jax.value_and_grad(make_loss_fn(graphdef, config), has_aux=True))
-        (loss, _), grads = fn(params, frozen, device_batch(mesh, batch, tiles), 0)
+        fn = jax.jit(jax.value_and_grad(make_loss_fn(graphdef, step_config), has_aux=True))
+        (loss, _), grads = fn(params, frozen, device_batch(mesh, batch), 0)
         return float(loss), jax.tree.map(np.asarray, grads)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_OVERRIDES
 
-from jax_iclemb import train
+from jax_iclemb import step_batch
 from jax_iclemb.config import load_config
 from jax_iclemb.data.builtin import builtin_data_dir
 from jax_iclemb.data.packing import ladder, row_bucket
@@ -202,7 +202,7 @@ def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tm
         batch, info = pipeline.batch(r["step"] - 1)
         tiles = block_pairs(batch.segment_ids, block=64, causal=True, groups=groups)
         assert r["rows"] == row_bucket(info["rows_used"], groups), r
-        assert r["tiles"] == ladder(tiles.shape[1], train.TILE_RUNGS), r
+        assert r["tiles"] == ladder(tiles.shape[1], step_batch.TILE_RUNGS), r
         assert r["real_tokens"] == info["real_tokens"]
         assert r["utilisation"] == r["real_tokens"] / (r["rows"] * config.data.pack_len)
     shapes = {(r["rows"], r["tiles"]) for r in records}

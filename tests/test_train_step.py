@@ -4,16 +4,17 @@ import jax
 import numpy as np
 from test_sharded_step import ARCH, random_batch
 
-from jax_iclemb import parallel, train
+from jax_iclemb import parallel, step_batch
 from jax_iclemb.config import default_config
 from jax_iclemb.data.packing import ladder, row_bucket
 from jax_iclemb.model import LoraConfig, ModelConfig, create_model
-from jax_iclemb.train import device_batch, make_loss_fn, same_label_passages, split_model
+from jax_iclemb.model.build import split_model
+from jax_iclemb.step_batch import device_batch
+from jax_iclemb.train_step import StepConfig, make_loss_fn, same_label_passages
 
 
 def test_dropout_masks_follow_the_step_and_repeat_for_the_same_step():
-    config = default_config()
-    config.loss.temperature = 0.05
+    config = StepConfig(temperature=0.05)
     mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     cfg = ModelConfig.from_hf(ARCH, dtype="float32", param_dtype="float32")
     with jax.set_mesh(mesh):
@@ -48,7 +49,7 @@ def test_step_shape_is_the_largest_rung_over_processes(monkeypatch):
     batch = random_batch(np.random.default_rng(0))  # 8 rows in 8 row groups
     config = default_config()
     config.model.attention_block = 8
-    tiles = train.attention_tiles(config, batch, 2)
+    tiles = step_batch.attention_tiles(config.model, batch, 2)
     local = [batch.num_rows // 2, tiles.shape[1]]
     other = [local[0] + 3, 2 * tiles.shape[1] + 1, 100, 2]
     calls = []
@@ -57,11 +58,11 @@ def test_step_shape_is_the_largest_rung_over_processes(monkeypatch):
         calls.append(list(values))
         return np.array([list(values), other])
 
-    monkeypatch.setattr(train, "gather_counts", gather)
-    shape = train.step_shape(config, batch, tiles, groups=2)
+    monkeypatch.setattr(step_batch, "gather_counts", gather)
+    shape = step_batch.step_shape(batch, tiles, groups=2)
     assert len(calls) == 1 and calls[0][:2] == local
     assert shape.rows == 2 * other[0] and shape.length == batch.tokens.shape[1]
-    assert shape.tiles == ladder(other[1], train.TILE_RUNGS) >= other[1]
+    assert shape.tiles == ladder(other[1], step_batch.TILE_RUNGS) >= other[1]
     assert shape.real_tokens == int((batch.segment_ids > 0).sum()) + 100
     assert shape.rows_used == int((batch.segment_ids > 0).any(axis=1).sum()) + 2
     assert row_bucket(shape.rows // 2) >= shape.rows // 2

@@ -28,10 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from jax_iclemb.config import ATTENTION_IMPLS
 from jax_iclemb.model import block_sparse
 from jax_iclemb.parallel import logical_to_spec
-
-ATTENTION_IMPLS = ("xla", "block_sparse", "pallas", "cudnn", "splash")
 
 
 def attention_mask(

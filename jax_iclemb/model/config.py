@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from jax_iclemb.config import ATTENTION_IMPLS, ATTENTION_MASKS, INITS, REMAT_POLICIES
 from jax_iclemb.errors import BadValue
-from jax_iclemb.model.attention import ATTENTION_IMPLS
 
 # model_type -> the base-model class name written to `architectures` on export.
 FAMILIES = {
@@ -22,16 +22,6 @@ FAMILIES = {
     "qwen3": "Qwen3Model",
 }
 ROPE_TYPES = ("default", "llama3")
-# The Hugging Face config fields `ModelConfig.from_hf` reads (the rest of a config.json is ignored):
-# what `model.arch` may hold.
-HF_CONFIG_KEYS = (
-    "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
-    "mlp_bias", "attention_bias", "use_sliding_window", "sliding_window", "rope_theta",
-    "rope_parameters", "rope_scaling", "rms_norm_eps", "tie_word_embeddings",
-    "max_position_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-)
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +78,8 @@ class ModelConfig:
             raise BadValue(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        if self.attention not in ("causal", "bidirectional"):
-            raise BadValue(
-                f"attention must be 'causal' or 'bidirectional', got {self.attention!r}"
-            )
+        if self.attention not in ATTENTION_MASKS:
+            raise BadValue(f"attention must be one of {ATTENTION_MASKS}, got {self.attention!r}")
         if self.remat not in REMAT_POLICIES:
             raise BadValue(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
@@ -100,8 +88,8 @@ class ModelConfig:
             )
         if self.attention_block < 1:
             raise BadValue(f"attention_block must be >= 1, got {self.attention_block}")
-        if self.init not in ("normal", "fan_in"):
-            raise BadValue(f"init must be 'normal' or 'fan_in', got {self.init!r}")
+        if self.init not in INITS:
+            raise BadValue(f"init must be one of {INITS}, got {self.init!r}")
         for name in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, name))  # raises TypeError on a bad name
 

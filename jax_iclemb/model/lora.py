@@ -16,11 +16,12 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.traversals import flatten_mapping
 
+from jax_iclemb.config import LORA_TARGETS
+
 # Optimise only the adapters; `nnx.LoRAParam` subclasses `nnx.Param`, so "frozen" must exclude it.
 TRAINABLE = nnx.LoRAParam
 FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # The decoder stores its layers stacked: every variable under this state path has a leading
 # [num_layers] axis, and that axis has this logical name.
@@ -32,16 +33,16 @@ class LoraConfig:
     rank: int = 64
     alpha: float = 32.0
     dropout: float = 0.1
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        unknown = set(self.targets) - set(DEFAULT_TARGETS)
+        unknown = set(self.targets) - set(LORA_TARGETS)
         if unknown:
-            raise ValueError(f"unknown LoRA targets {sorted(unknown)}; known: {DEFAULT_TARGETS}")
+            raise ValueError(f"unknown LoRA targets {sorted(unknown)}; known: {LORA_TARGETS}")
 
     @property
     def scale(self) -> float:
@@ -96,7 +97,7 @@ class Linear(nnx.Module):
         self.scale = lora.scale if lora is not None else 0.0
         self.dropout_rate = lora.dropout if lora is not None else 0.0
         # Which projection this is: its dropout key is the layer's key folded with it.
-        self.stream = DEFAULT_TARGETS.index(name) if name in DEFAULT_TARGETS else 0
+        self.stream = LORA_TARGETS.index(name) if name in LORA_TARGETS else 0
         if lora is None:
             self.lora_a = self.lora_b = None
             return

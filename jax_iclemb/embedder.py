@@ -1,6 +1,6 @@
 """`Embedder`: few-shot query and corpus encoding with a trained model.
 
-    from jax_iclemb import Embedder
+    from jax_iclemb import Embedder  # or jax_iclemb.embedder
     emb = Embedder.from_pretrained("runs/tiny")  # a workdir, a merged HF folder, or PEFT
     q = emb.encode_queries(
         ["how do I reset my card pin"], instruction="Classify the intent of the query",
@@ -24,19 +24,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import transformers
 from flax import nnx
 from tqdm import tqdm
 
 from jax_iclemb import parallel
+from jax_iclemb.data.batch import PackedRows
 from jax_iclemb.data.icl import encode_inference_query, encode_passage
 from jax_iclemb.data.packing import pack_sequences
 from jax_iclemb.data.tokenizer import load_tokenizer
 from jax_iclemb.errors import MissingPath
 from jax_iclemb.model import load_peft, load_pretrained
+from jax_iclemb.model.build import embed_packed
 from jax_iclemb.model.hf import is_hub_id
-from jax_iclemb.train import embed_packed
+from jax_iclemb.model.trained import load_trained
+from jax_iclemb.workdir import is_workdir
 
 MIN_ROW_LEN = 64
 MODEL_FILES = ("config.json", "adapter_config.json")  # a workdir's or HF model's; a PEFT adapter's
@@ -48,7 +52,7 @@ def row_length(longest: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "pooling"))
-def _embed_rows(state: Any, rows: dict, *, graphdef: nnx.GraphDef, pooling: str) -> jax.Array:
+def _embed_rows(state: Any, rows: PackedRows, *, graphdef: nnx.GraphDef, pooling: str) -> jax.Array:
     # One jitted function for every Embedder: a new Embedder of the same model (e.g. each
     # periodic evaluation during training) reuses the compiled shapes instead of recompiling.
     return embed_packed(nnx.merge(graphdef, state), rows, pooling)
@@ -59,7 +63,25 @@ def local_mesh() -> jax.sharding.Mesh:
     return parallel.make_mesh((-1, 1, 1), jax.local_devices())
 
 
+def options_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `Embedder` options of a run's config: its sequence lengths and pooling (the one
+    mapping from a training config to inference)."""
+    return {
+        "query_max_len": config.data.query_max_len,
+        "passage_max_len": config.data.passage_max_len,
+        "pooling": config.model.pooling,
+    }
+
+
 class Embedder:
+    """Encodes queries (few-shot) and passages with a model, data-parallel over `mesh`.
+
+    `query_max_len` bounds a query with its instruction, not its examples, which are kept whole
+    in front of it (as the published bge-en-icl model card does); in training, `data.
+    query_max_len` bounds the query and its examples together. A workdir's value is used as is
+    (`options_from_config`), so a trained query is never cut shorter at inference.
+    """
+
     def __init__(
         self,
         model: nnx.Module,
@@ -96,8 +118,6 @@ class Embedder:
     ) -> Embedder:
         """A training workdir (latest or given step), a merged HF folder, a PEFT folder, or a
         Hugging Face Hub id. Nothing is written to `path`."""
-        from jax_iclemb.export import is_workdir, load_trained
-
         path = Path(path)
         if not path.is_dir() and not is_hub_id(path):
             raise MissingPath(
@@ -112,10 +132,7 @@ class Embedder:
         mesh = kwargs.setdefault("mesh", local_mesh())
         if is_workdir(path):
             model, _, tokenizer, config, _ = load_trained(path, step, mesh=mesh)
-            kwargs.setdefault("query_max_len", config.data.query_max_len)
-            kwargs.setdefault("passage_max_len", config.data.passage_max_len)
-            kwargs.setdefault("pooling", config.model.pooling)
-            return cls(model, tokenizer, **kwargs)
+            return cls(model, tokenizer, **(options_from_config(config) | kwargs))
         tokenizer = load_tokenizer(str(path))
         options = {"dtype": dtype, "param_dtype": dtype, "vocab_size": len(tokenizer), "mesh": mesh}
         is_adapter = (path / "adapter_config.json").is_file()
@@ -169,13 +186,13 @@ class Embedder:
         out = []
         with jax.set_mesh(self.mesh):
             for start in tqdm(chunks, desc="encode", disable=not self.progress or len(chunks) < 8):
-                chunk = {k: v[start : start + self.rows_per_call] for k, v in arrays.items()}
-                chunk = {
+                chunk = PackedRows(**{
                     k: jax.device_put(
-                        v, parallel.named_sharding(self.mesh, ("batch",) + (None,) * (v.ndim - 1))
+                        v[start : start + self.rows_per_call],
+                        parallel.named_sharding(self.mesh, ("batch",) + (None,) * (v.ndim - 1)),
                     )
-                    for k, v in chunk.items()
-                }
+                    for k, v in arrays.items()
+                })
                 emb = self._embed(
                     self._state, chunk, graphdef=self._graphdef, pooling=self._pooling
                 )

@@ -1,0 +1,86 @@
+"""The embedder model from its config sections: build it, split its trainable part off, embed a
+packed batch. Training, inference and export all start here; nothing here knows about optimizers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from jax_iclemb.data.batch import PackedBatch
+from jax_iclemb.model.config import ModelConfig
+from jax_iclemb.model.decoder import create_model
+from jax_iclemb.model.hf import load_pretrained
+from jax_iclemb.model.lora import TRAINABLE, LoraConfig
+from jax_iclemb.model.pooling import l2_normalize, last_token_pool, mean_pool
+
+# What the optimizer updates (`train.trainable`): the adapters, or every parameter (from scratch).
+TRAINABLE_BY_MODE = {"lora": TRAINABLE, "all": nnx.Param}
+
+
+def model_options(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `model.*` keys that are our options rather than the architecture's."""
+    keys = ("dtype", "param_dtype", "attention", "remat", "scan_layers", "attention_impl",
+            "attention_block", "init")
+    return {key: model[key] for key in keys}
+
+
+def lora_config(lora: ml_collections.ConfigDict, trainable: str) -> LoraConfig | None:
+    """The adapters of the `lora.*` section; None when the whole model is trained
+    (`train.trainable="all"`)."""
+    if trainable == "all":
+        return None
+    return LoraConfig(
+        rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets)
+    )
+
+
+def build_model(
+    model: ml_collections.ConfigDict,
+    lora: LoraConfig | None,
+    *,
+    seed: int,
+    mesh: jax.sharding.Mesh,
+    vocab_size: int,
+) -> tuple[nnx.Module, ModelConfig]:
+    """The decoder of the `model.*` section (pretrained from `hf_path`, or random from `arch`)
+    with fresh adapters, its parameters created directly into their shards."""
+    if model.hf_path:
+        return load_pretrained(
+            model.hf_path, lora=lora, mesh=mesh, vocab_size=vocab_size, seed=seed,
+            **model_options(model),
+        )
+    arch = dict(model.arch.to_dict())
+    arch["vocab_size"] = max(int(arch["vocab_size"]), vocab_size)
+    model_config = ModelConfig.from_hf(arch, **model_options(model))
+    return create_model(model_config, lora, seed=seed, mesh=mesh), model_config
+
+
+def split_model(model: nnx.Module, trainable: str = "lora") -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, trainable parameters, everything else), both as plain dicts: merged inside a
+    traced function they become that trace's variables (dropout may then advance its RNG)."""
+    graphdef, params, frozen = nnx.split(model, TRAINABLE_BY_MODE[trainable], ...)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+
+
+def embed_packed(
+    model: nnx.Module,
+    batch: PackedBatch,
+    pooling: str = "last_token",
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """Normalised embeddings of every segment slot of a packed batch: [R * S, D]; LoRA dropout
+    on when a `dropout_key` is given (training)."""
+    hidden = model(
+        batch.tokens, batch.positions, batch.segment_ids, batch.block_pairs,
+        dropout_key=dropout_key,
+    )
+    if pooling == "mean":
+        pooled = mean_pool(hidden, batch.segment_ids, batch.last_index.shape[1])
+    else:
+        pooled = last_token_pool(hidden, batch.last_index)
+    pooled = l2_normalize(pooled)
+    return pooled.reshape(-1, pooled.shape[-1])

@@ -1,0 +1,145 @@
+"""A step's packed batch onto the mesh, at a shape from a small ladder.
+
+Each step runs at its own shape (`StepShape`: rows on `packing.row_bucket`'s ladder, attention
+tiles on `ladder(·, TILE_RUNGS)`, queries padded to the pipeline's maximum), the largest over
+processes (one collective), and a function of the step's own batches only, so that a resumed
+run computes exactly what an uninterrupted one does. Each field of the batch lands where its
+`PackedBatch` declaration says: rows split over the data axes, the rest replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jax_iclemb import parallel
+from jax_iclemb.data.batch import ROW_FIELDS, SLOTS, PackedBatch
+from jax_iclemb.data.packing import ladder, pad_batch
+from jax_iclemb.model.block_sparse import block_pairs, pad_pairs
+
+TILE_RUNGS = 4  # attention tiles: under 25% padding tiles (attention is ~10% of a CPU step)
+
+
+def attention_tiles(
+    model: ml_collections.ConfigDict, batch: PackedBatch, groups: int
+) -> np.ndarray | None:
+    """The block-sparse attention's tile lists of the batch's rows, one per contiguous row group
+    (`block_sparse.block_pairs`), not yet padded; None unless `model.attention_impl` is
+    "block_sparse"."""
+    if model.attention_impl != "block_sparse":
+        return None
+    return block_pairs(
+        batch.segment_ids, block=model.attention_block, causal=model.attention == "causal",
+        groups=groups,
+    )
+
+
+def gather_counts(values: Sequence[int]) -> np.ndarray:
+    """int64 [processes, len(values)]: every process's `values`, in one collective."""
+    local = np.asarray(values, np.int64)[None]
+    if jax.process_count() == 1:
+        return local
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def global_max(value: int) -> int:
+    """The largest `value` over all processes."""
+    return int(gather_counts([value]).max())
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What a step computes, agreed by all processes: its shape decides its executable."""
+
+    rows: int  # packed rows per process
+    length: int  # tokens per row
+    tiles: int  # block-sparse tiles per row group (0: dense attention)
+    real_tokens: int  # over all processes
+    rows_used: int  # rows holding a token, over all processes (before the ladder)
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return self.rows, self.length, self.tiles
+
+
+def step_shape(batch: PackedBatch, tile_lists: np.ndarray | None, groups: int) -> StepShape:
+    """The step's shape on the ladders: rows per group as packed (already on `row_bucket`'s
+    ladder), tile lists on `ladder(·, TILE_RUNGS)`, both the largest over processes."""
+    used = int((batch.segment_ids > 0).any(axis=1).sum())
+    real = int((batch.segment_ids > 0).sum())
+    count = 0 if tile_lists is None else tile_lists.shape[1]
+    counts = gather_counts([batch.num_rows // groups, count, real, used])
+    per_group, count = counts[:, :2].max(axis=0)
+    return StepShape(
+        rows=int(per_group) * groups,
+        length=batch.tokens.shape[1],
+        tiles=ladder(int(count), TILE_RUNGS) if tile_lists is not None else 0,
+        real_tokens=int(counts[:, 2].sum()),
+        rows_used=int(counts[:, 3].sum()),
+    )
+
+
+def shape_batch(
+    batch: PackedBatch,
+    model: ml_collections.ConfigDict,
+    *,
+    groups: int,
+    num_queries: int,
+    pad_id: int,
+) -> tuple[PackedBatch, StepShape]:
+    """The batch padded to its step shape, with its attention tile lists. `groups`: one row
+    group per data shard and gradient-cache chunk, each with its own tile list."""
+    tile_lists = attention_tiles(model, batch, groups)
+    shape = step_shape(batch, tile_lists, groups)
+    batch = pad_batch(batch, num_rows=shape.rows, num_queries=num_queries, pad_id=pad_id,
+                      groups=groups)
+    if tile_lists is not None:
+        tile_lists = pad_pairs(tile_lists, shape.tiles, shape.length // model.attention_block)
+    return dataclasses.replace(batch, block_pairs=tile_lists), shape
+
+
+def device_batch(mesh: jax.sharding.Mesh, batch: PackedBatch) -> PackedBatch:
+    """This host's packed rows (and their attention tile lists) -> global arrays on the mesh.
+
+    Row fields are split over the data axes; each host contributes its own rows
+    (`make_array_from_process_local_data`), which land where its devices' shards are: one block
+    or several, depending on the mesh's device order. The small per-query arrays are gathered to
+    every host and replicated, with slot indices moved to the global rows their local rows became
+    (`parallel.process_rows`). The batch must already have the same shape on every host
+    (`pad_batch`).
+    """
+    global_shape = (batch.num_rows * jax.process_count(), batch.tokens.shape[1])
+    rows = parallel.process_rows(
+        parallel.named_sharding(mesh, ("batch", None), global_shape), global_shape
+    )
+    if len(rows) != batch.num_rows:
+        raise ValueError(
+            f"this process's devices hold {len(rows)} of the step's {global_shape[0]} rows, but "
+            f"it packed {batch.num_rows}: the mesh's data axes must split the rows evenly over "
+            f"processes (mesh {dict(mesh.shape)})"
+        )
+    out = {}
+    for field in dataclasses.fields(batch):
+        value = getattr(batch, field.name)
+        if value is None:
+            out[field.name] = None
+        elif field.name in ROW_FIELDS:
+            spec = ("batch",) + (None,) * (value.ndim - 1)
+            shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+            sharding = parallel.named_sharding(mesh, spec, shape)
+            out[field.name] = jax.make_array_from_process_local_data(sharding, value, shape)
+        else:
+            if field.metadata == SLOTS:
+                row, segment = np.divmod(value, batch.max_segments)
+                value = (rows[row] * batch.max_segments + segment).astype(value.dtype)
+            if jax.process_count() > 1 and value.ndim:
+                value = multihost_utils.process_allgather(value, tiled=True)
+            out[field.name] = jax.device_put(
+                value, parallel.named_sharding(mesh, (None,) * value.ndim)
+            )
+    return PackedBatch(**out)
