@@ -10,7 +10,8 @@ from jax_iclemb.config import default_config
 from jax_iclemb.data import icl
 from jax_iclemb.data.icl import BudgetError
 from jax_iclemb.data.pipeline import TrainPipeline
-from jax_iclemb.data.records import Record, open_datasets
+from jax_iclemb.data.records import Record
+from jax_iclemb.data.sources import open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
 from jax_iclemb.errors import BadValue
 

@@ -19,7 +19,8 @@ import transformers
 from jax_iclemb.data import icl, sampling
 from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.data.packing import pack_batch
-from jax_iclemb.data.records import Dataset, Record, open_datasets, task_kind
+from jax_iclemb.data.records import Dataset, Record, task_kind
+from jax_iclemb.data.sources import open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
 from jax_iclemb.errors import BadValue
 

@@ -1,8 +1,9 @@
-"""Training records: the reference JSONL format, its validation, and random-access readers.
+"""Training records: the reference JSONL format, its validation, and the JSONL reader.
 
-One JSONL file (or one TFDS split) is one dataset = one task. A JSONL dataset keeps only an index of
-byte offsets; `dataset[i]` seeks, reads and parses one line, so memory does not grow with the data
-and every process (or forked worker) can read any record.
+One JSONL file (or one TFDS split, tfds_reader.py) is one dataset = one task. A JSONL dataset keeps
+only an index of byte offsets; `dataset[i]` seeks, reads and parses one line, so memory does not
+grow with the data and every process (or forked worker) can read any record. `sources.py` opens
+the datasets of a `data.path`.
 """
 
 from __future__ import annotations
@@ -327,19 +328,9 @@ def task_kind(dataset: Dataset) -> str:
     return TASK_KINDS[dataset[0].type]
 
 
-def _drop_empty(datasets: list[Any], on_bad_record: str) -> list[Any]:
-    """Empty datasets cannot be trained on: an error, or in skip mode a warning if others remain."""
-    empty = [d for d in datasets if len(d) == 0]
-    if not empty:
-        return datasets
-    where = ", ".join(f"{getattr(d, 'path', d.name)} ({d.skipped} bad records)" for d in empty)
-    if on_bad_record == "error" or len(empty) == len(datasets):
-        raise BadRecordError(f"dataset(s) with no valid records: {where}")
-    log.warning("dropping dataset(s) with no valid records: %s", where)
-    return [d for d in datasets if len(d) > 0]
-
-
-def _open_jsonl(path: Path, on_bad_record: str) -> list[JsonlDataset]:
+def open_jsonl(path: Path, on_bad_record: str) -> list[JsonlDataset]:
+    """The datasets of a .jsonl file or of a directory's *.jsonl files (recursive), named by
+    their paths relative to the directory."""
     root, files = _jsonl_files(path)
     datasets = []
     for file in files:
@@ -347,33 +338,4 @@ def _open_jsonl(path: Path, on_bad_record: str) -> list[JsonlDataset]:
         name = rel.with_suffix("").as_posix()
         flag = in_batch_negatives_for(root.name, rel)
         datasets.append(JsonlDataset(file, name, flag, on_bad_record))
-    return datasets
-
-
-def open_datasets(
-    path: str, *, on_bad_record: str = "error", tfds_dir: str | None = None
-) -> list[Dataset]:
-    """Opens and validates every dataset under `path`, sorted by name.
-
-    path: a .jsonl file, a directory (recursive *.jsonl), "tfds:NAME" (an ArrayRecord TFDS dataset
-    written by `python -m jax_iclemb.data.prepare`, found in `tfds_dir`), or "builtin" (the
-    project's generated default data).
-    """
-    if on_bad_record not in BAD_RECORD_MODES:
-        raise BadValue(f"on_bad_record must be one of {BAD_RECORD_MODES}, got {on_bad_record!r}")
-    if path.startswith("tfds:"):
-        from jax_iclemb.data import prepare  # imports tensorflow_datasets: only when asked for
-
-        datasets = prepare.open_tfds(path.removeprefix("tfds:"), tfds_dir or None)
-    else:
-        if path == "builtin":
-            from jax_iclemb.data.builtin import builtin_data_dir
-
-            path = str(builtin_data_dir())
-        datasets = _open_jsonl(Path(path).expanduser(), on_bad_record)
-    datasets = _drop_empty(datasets, on_bad_record)
-    datasets.sort(key=lambda d: d.name)
-    skipped = {d.name: d.skipped for d in datasets if getattr(d, "skipped", 0)}
-    if skipped:
-        log.warning("skipped bad records (dataset: count): %s", skipped)
     return datasets
