@@ -26,7 +26,6 @@ from jax_iclemb.errors import BadValue
 NEWLINE = "\n"
 EXAMPLE_SEPARATOR = "\n\n"
 SUFFIX = "\n<response>"
-SYMMETRIC_PASSAGE_TYPES = ("symmetric_sts", "symmetric_clustering")
 
 
 class BudgetError(BadValue):

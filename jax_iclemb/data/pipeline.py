@@ -24,9 +24,6 @@ from jax_iclemb.data.sources import open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
 from jax_iclemb.errors import BadValue
 
-# Types whose queries are scored only against their own group (no in-batch negatives).
-NO_IN_BATCH_TYPES = ("symmetric_class", "symmetric_clustering")
-
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
@@ -141,7 +138,7 @@ class TrainPipeline:
                 f"example's query (its template takes {example} tokens)",
             ),
             (
-                rec.type in icl.SYMMETRIC_PASSAGE_TYPES and query >= p,
+                rec.task.symmetric_passages and query >= p,
                 f"data.passage_max_len={p} leaves no room for the text of a {rec.type} passage "
                 f"(formatted like a query)",
             ),
@@ -163,7 +160,8 @@ class TrainPipeline:
         return max(self.layout.batch_sizes) // self.process_count
 
     def _group_size(self, record: Record) -> int:
-        return 2 if record.type == "only_1neg" else int(self.cfg.train_group_size)
+        fixed = record.task.group_size
+        return int(self.cfg.train_group_size) if fixed is None else fixed
 
     def _plan_and_records(self, step: int) -> tuple[StepPlan, list[Record]]:
         where = sampling.locate_step(self.seed, step, self.layout)
@@ -183,9 +181,7 @@ class TrainPipeline:
             )
             for slot, rec in enumerate(records)
         )
-        in_batch = dataset.in_batch_negatives and not any(
-            r.type in NO_IN_BATCH_TYPES for r in records
-        )
+        in_batch = dataset.in_batch_negatives and all(r.task.in_batch_negatives for r in records)
         plan = StepPlan(
             step=step,
             epoch=where.epoch,
@@ -213,11 +209,11 @@ class TrainPipeline:
         rec = records[slot]
         if rec.response is not None:
             return rec.response
-        if rec.type == "symmetric_clustering":
+        if rec.task.response_from == "category":
             if rec.category is None:
                 raise ValueError(
-                    f"{plan.dataset_name} record {plan.records[slot]}: symmetric_clustering "
-                    f"records need a 'category' (the response of an in-context example)"
+                    f"{plan.dataset_name} record {plan.records[slot]}: {rec.type} records need "
+                    f"a 'category' (the response of an in-context example)"
                 )
             return rec.category
         return rec.pos[plan.samples[slot].pos]
@@ -238,7 +234,7 @@ class TrainPipeline:
             rec, sample = records[i], plan.samples[i]
             texts += [self._prompt(rec) + nl, rec.query + nl]
             group = [rec.pos[sample.pos], *(rec.neg[n] for n in sample.neg)]
-            symmetric = rec.type in icl.SYMMETRIC_PASSAGE_TYPES
+            symmetric = rec.task.symmetric_passages
             texts += [p + nl for p in group] if symmetric else group
         self.encoder.prime(texts)
 
@@ -274,7 +270,7 @@ class TrainPipeline:
                     query = icl.query_ids(
                         enc, prompt, rec.query, max_len=int(cfg.query_max_len), prefix=prefix
                     )
-                symmetric = rec.type in icl.SYMMETRIC_PASSAGE_TYPES
+                symmetric = rec.task.symmetric_passages
                 texts = [rec.pos[sample.pos], *(rec.neg[n] for n in sample.neg)]
                 with self._budget("passage_max_len", plan.dataset_name, int(plan.records[i])):
                     passages = [
