@@ -172,6 +172,24 @@ def test_class_records_disable_in_batch_negatives(tok):
     assert not pipe.batch(0)[1]["in_batch_negatives"]
 
 
+def test_a_step_tokenizes_its_texts_in_one_batched_call(tok, sample_data, monkeypatch):
+    """The batched primer asks for every text run the id builders read (examples with category
+    responses, symmetric passages...): nothing cut, nothing is tokenized one by one."""
+    calls = []
+    encode = icl.Encoder._encode
+    monkeypatch.setattr(
+        icl.Encoder, "_encode", lambda self, texts: calls.append(texts) or encode(self, texts)
+    )
+    ds = open_datasets(str(sample_data))
+    lengths = dict(query_max_len=1024, passage_max_len=256, example_query_max_len=256,
+                   example_passage_max_len=256)
+    pipe = TrainPipeline(config(batch_size=10, **lengths), tok, ds, seed=0)
+    for step in range(pipe.steps_per_epoch):
+        calls.clear()
+        _, info = pipe.batch(step)
+        assert len(calls) == 1, (info["dataset"], calls[1:])
+
+
 def test_bad_process_split_and_pack_len(tok, datasets):
     with pytest.raises(
         ValueError, match="batch size 8 of dataset 'a/retrieval' is not divisible by 3"

@@ -11,10 +11,13 @@ string are the concatenation, run by run, of `[special] + ids(run)`. Every run t
 ends with a fixed tail ("\\n" or "\\n\\n"): when the run fits, it is tokenized whole (ids then equal
 `tokenizer(full_string)`); when it must be cut, the cut ids are followed by the tail's ids as a
 continuation (`Encoder.tail_ids`), so no spurious "▁" word-prefix pieces are ever inserted.
+`query_runs`, `example_runs` and `passage_runs` spell the templates as such runs, once: the strings,
+the ids and the training pipeline's batched tokenization (`Encoder.prime`) all read them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -23,9 +26,10 @@ import transformers
 from jax_iclemb.data.tokenizer import ICL_SPECIAL_TOKENS
 from jax_iclemb.errors import BadValue
 
+INSTRUCT, QUERY, RESPONSE = ICL_SPECIAL_TOKENS
 NEWLINE = "\n"
 EXAMPLE_SEPARATOR = "\n\n"
-SUFFIX = "\n<response>"
+SUFFIX = NEWLINE + RESPONSE  # closes a task query: its text run's tail, then <response>
 
 
 class BudgetError(BadValue):
@@ -33,14 +37,46 @@ class BudgetError(BadValue):
     the text (and the template's own tokens) without a word."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The text between two special tokens: a `body` a length budget may cut, then a fixed `tail`
+    that is always kept."""
+
+    body: str
+    tail: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.body + self.tail
+
+
+# The templates, run by run; the strings, the token ids and the pipeline's batched tokenization
+# all read them, so a template changes here only.
+def query_runs(prompt: str, query: str) -> tuple[Run, Run]:
+    """A task query: the runs after <instruct> (the prompt, never cut) and after <query>."""
+    return Run(prompt, NEWLINE), Run(query, NEWLINE)
+
+
+def example_runs(prompt: str, query: str, response: str) -> tuple[Run, Run, Run]:
+    """An in-context example: a task query's runs, then the run after <response>."""
+    return (*query_runs(prompt, query), Run(response, EXAMPLE_SEPARATOR))
+
+
+def passage_runs(text: str, *, prompt: str, symmetric: bool) -> tuple[Run, ...]:
+    """A passage (`passage_ids`): a task query's runs when `symmetric`, else the raw text."""
+    return query_runs(prompt, text) if symmetric else (Run(text),)
+
+
 def format_query(prompt: str, query: str) -> str:
     """The instruction-formatted query (no suffix)."""
-    return f"<instruct>{prompt}\n<query>{query}"
+    instruction, text = query_runs(prompt, query)
+    return f"{INSTRUCT}{instruction.text}{QUERY}{text.body}"
 
 
 def format_example(prompt: str, query: str, response: str) -> str:
     """One in-context example, with its trailing separator."""
-    return f"{format_query(prompt, query)}\n<response>{response}{EXAMPLE_SEPARATOR}"
+    instruction, text, answer = example_runs(prompt, query, response)
+    return f"{INSTRUCT}{instruction.text}{QUERY}{text.text}{RESPONSE}{answer.text}"
 
 
 def format_inference_query(
@@ -62,7 +98,7 @@ def chat_template() -> str:
     enclose the whole. Tokenized, the rendering gives the ids `encode_inference_query` /
     `encode_passage` build (untruncated): the tokenizer splits at the same special tokens.
     """
-    suffix, head = json.dumps(SUFFIX), json.dumps(ICL_SPECIAL_TOKENS[0])
+    suffix, head = json.dumps(SUFFIX), json.dumps(INSTRUCT)
     return (
         "{%- set text = namespace(value='') -%}"
         "{%- for message in messages -%}"
@@ -80,7 +116,7 @@ def chat_template() -> str:
 class Encoder:
     """Token ids of template pieces for one tokenizer, with a per-step memo of text runs.
 
-    `prime(texts)` tokenizes many runs in one batched call (the fast path for the training
+    `prime(runs)` tokenizes many runs in one batched call (the fast path for the training
     pipeline); `text(s)` falls back to one call per run.
     """
 
@@ -95,7 +131,8 @@ class Encoder:
             raise ValueError("tokenizer has no EOS token; the embedding is read at EOS")
         self.eos: int = tokenizer.eos_token_id
         self._memo: dict[str, list[int]] = {}
-        self.tail_ids = {t: self._continuation(t) for t in (NEWLINE, EXAMPLE_SEPARATOR)}
+        # What follows a cut run: the continuation ids of each tail of the templates.
+        self.tail_ids = {r.tail: self._continuation(r.tail) for r in example_runs("", "", "")}
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -108,8 +145,9 @@ class Encoder:
             raise ValueError(f"cannot split {anchor + tail!r} into {anchor!r} + {tail!r} tokens")
         return joint[len(head) :]
 
-    def prime(self, texts: Iterable[str]) -> None:
-        todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
+    def prime(self, runs: Iterable[Run]) -> None:
+        """Tokenize the runs whole (as the id builders first ask for them) in one batched call."""
+        todo = list(dict.fromkeys(r.text for r in runs if r.text not in self._memo))
         if todo:
             self._memo.update(zip(todo, self._encode(todo)))
 
@@ -126,20 +164,21 @@ class Encoder:
 
 def instruction_head(enc: Encoder, prompt: str) -> list[int]:
     """`<instruct>{prompt}\\n<query>`: what precedes a query's text in every template."""
-    return [enc.instruct, *enc.text(prompt + NEWLINE), enc.query]
+    instruction, _ = query_runs(prompt, "")
+    return [enc.instruct, *enc.text(instruction.text), enc.query]
 
 
-def _run_with_tail(enc: Encoder, head: list[int], body: str, tail: str, limit: int) -> list[int]:
-    """`head + ids(body)` cut to `limit` ids, then the tail.
+def _run_with_tail(enc: Encoder, head: list[int], run: Run, limit: int) -> list[int]:
+    """`head + ids(run.body)` cut to `limit` ids, then the tail.
 
     When the whole run fits, it is tokenized as one piece, so the ids equal the tokenizer's on the
     full string; otherwise the cut ids are followed by the tail's continuation ids.
     """
-    tail_ids = enc.tail_ids[tail]
-    joint = enc.text(body + tail)
+    tail_ids = enc.tail_ids[run.tail]
+    joint = enc.text(run.text)
     if len(head) + len(joint) <= limit + len(tail_ids):
         return head + joint
-    return (head + enc.text(body))[: max(limit, 0)] + tail_ids
+    return (head + enc.text(run.body))[: max(limit, 0)] + tail_ids
 
 
 def example_ids(
@@ -153,18 +192,19 @@ def example_ids(
 ) -> list[int]:
     """One example; its formatted query is cut to `query_limit` ids, its response to
     `response_limit` ids (None: no limit)."""
+    _, question, answer = example_runs(prompt, query, response)
     head = instruction_head(enc, prompt)
     if query_limit is not None and len(head) >= query_limit:
         raise BudgetError(
             f"an example's template with this instruction takes {len(head)} tokens: no room for "
             f"its query in {query_limit}"
         )
-    q_limit = len(head) + len(enc.text(query)) if query_limit is None else query_limit
-    r_limit = len(enc.text(response)) if response_limit is None else response_limit
+    q_limit = len(head) + len(enc.text(question.body)) if query_limit is None else query_limit
+    r_limit = len(enc.text(answer.body)) if response_limit is None else response_limit
     return [
-        *_run_with_tail(enc, head, query, NEWLINE, q_limit),
+        *_run_with_tail(enc, head, question, q_limit),
         enc.response,
-        *_run_with_tail(enc, [], response, EXAMPLE_SEPARATOR, r_limit),
+        *_run_with_tail(enc, [], answer, r_limit),
     ]
 
 
@@ -186,7 +226,8 @@ def add_examples(
 def query_overhead(enc: Encoder, prompt: str) -> int:
     """Ids of a task query besides its text and examples: BOS, <instruct>, the instruction and
     its newline, <query>, the closing newline, <response>, EOS."""
-    return len(enc.bos) + len(instruction_head(enc, prompt)) + len(enc.tail_ids[NEWLINE]) + 2
+    _, text = query_runs(prompt, "")
+    return len(enc.bos) + len(instruction_head(enc, prompt)) + len(enc.tail_ids[text.tail]) + 2
 
 
 def query_ids(
@@ -200,9 +241,10 @@ def query_ids(
             f"the query template with this instruction takes {overhead} tokens{examples}: no "
             f"room for the text in {max_len}"
         )
+    _, run = query_runs(prompt, text)
     head = [*prefix, *instruction_head(enc, prompt)]
-    budget = max_len - len(enc.bos) - len(enc.tail_ids[NEWLINE]) - 2  # <response>, EOS
-    return [*enc.bos, *_run_with_tail(enc, head, text, NEWLINE, budget), enc.response, enc.eos]
+    budget = max_len - len(enc.bos) - len(enc.tail_ids[run.tail]) - 2  # <response>, EOS
+    return [*enc.bos, *_run_with_tail(enc, head, run, budget), enc.response, enc.eos]
 
 
 def raw_passage_ids(enc: Encoder, text: str, *, max_len: int) -> list[int]:
@@ -217,11 +259,11 @@ def passage_ids(
     enc: Encoder, text: str, *, max_len: int, prompt: str | None, symmetric: bool
 ) -> list[int]:
     """A passage: formatted like a query without examples when `symmetric`, else raw."""
-    if symmetric:
-        if prompt is None:
-            raise ValueError("a symmetric passage needs the task prompt")
-        return query_ids(enc, prompt, text, max_len=max_len)
-    return raw_passage_ids(enc, text, max_len=max_len)
+    if not symmetric:
+        return raw_passage_ids(enc, text, max_len=max_len)
+    if prompt is None:
+        raise ValueError("a symmetric passage needs the task prompt")
+    return query_ids(enc, prompt, text, max_len=max_len)
 
 
 def _example_pair(example: Mapping[str, str], index: int) -> tuple[str, str]:

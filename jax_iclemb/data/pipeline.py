@@ -53,6 +53,11 @@ class QuerySequences:
     passage_labels: list[int]  # label_id of each passage: the positive has the record's label
 
 
+def _passage_texts(record: Record, sample: sampling.QuerySample) -> list[str]:
+    """A query's passage group: its sampled positive, then its sampled negatives."""
+    return [record.pos[sample.pos], *(record.neg[n] for n in sample.neg)]
+
+
 def label_id(label: str | None) -> int:
     """A record label as a non-negative int, the same in every process (-1: no label)."""
     return -1 if label is None else zlib.crc32(label.encode()) & 0x7FFFFFFF
@@ -220,23 +225,20 @@ class TrainPipeline:
 
     def _prime(self, plan: StepPlan, records: list[Record], slots: range) -> None:
         """Tokenize the step's text runs in one batched call (much faster than one by one)."""
-        nl, sep = icl.NEWLINE, icl.EXAMPLE_SEPARATOR
-        texts: list[str] = []
-        example_slots = {j for i in slots for j in plan.samples[i].examples}
-        for j in example_slots:
+        runs: list[icl.Run] = []
+        for j in {j for i in slots for j in plan.samples[i].examples}:
             rec = records[j]
-            texts += [
-                self._prompt(rec) + nl,
-                rec.query + nl,
-                self._response(plan, records, j) + sep,
-            ]
+            runs += icl.example_runs(
+                self._prompt(rec), rec.query, self._response(plan, records, j)
+            )
         for i in slots:
-            rec, sample = records[i], plan.samples[i]
-            texts += [self._prompt(rec) + nl, rec.query + nl]
-            group = [rec.pos[sample.pos], *(rec.neg[n] for n in sample.neg)]
-            symmetric = rec.task.symmetric_passages
-            texts += [p + nl for p in group] if symmetric else group
-        self.encoder.prime(texts)
+            rec, prompt = records[i], self._prompt(records[i])
+            runs += icl.query_runs(prompt, rec.query)
+            for text in _passage_texts(rec, plan.samples[i]):
+                runs += icl.passage_runs(
+                    text, prompt=prompt, symmetric=rec.task.symmetric_passages
+                )
+        self.encoder.prime(runs)
 
     def _sequences(self, step: int) -> tuple[StepPlan, list[QuerySequences]]:
         plan, records = self._plan_and_records(step)
@@ -271,14 +273,13 @@ class TrainPipeline:
                         enc, prompt, rec.query, max_len=int(cfg.query_max_len), prefix=prefix
                     )
                 symmetric = rec.task.symmetric_passages
-                texts = [rec.pos[sample.pos], *(rec.neg[n] for n in sample.neg)]
                 with self._budget("passage_max_len", plan.dataset_name, int(plan.records[i])):
                     passages = [
                         icl.passage_ids(
                             enc, t, max_len=int(cfg.passage_max_len), prompt=prompt,
                             symmetric=symmetric,
                         )
-                        for t in texts
+                        for t in _passage_texts(rec, sample)
                     ]
                 teacher = None
                 if rec.pos_scores is not None and (not sample.neg or rec.neg_scores is not None):
