@@ -81,7 +81,7 @@ class TrainPipeline:
         self.seed = int(seed)
         self.process_index, self.process_count = process_index, process_count
         self.row_multiple = row_multiple
-        self.encoder = icl.Encoder(tokenizer)
+        self.template_tokenizer = icl.TemplateTokenizer(tokenizer)
         self.pack_len = int(data_config.pack_len) or int(data_config.query_max_len)
         self.layout = sampling.layout_for(
             [d.name for d in self.datasets],
@@ -122,20 +122,20 @@ class TrainPipeline:
         """Fail at the start, not at some later step, when a dataset's prompt (its first
         record's) and the templates leave no room for the text in a length budget, whatever the
         in-context examples take (at most query_max_len - passage_max_len, with BOS and EOS)."""
-        cfg, enc, rec = self.cfg, self.encoder, dataset[0]
+        cfg, tt, rec = self.cfg, self.template_tokenizer, dataset[0]
         prompt = self._prompt(rec)
-        query = icl.query_overhead(enc, prompt)
-        example = len(icl.instruction_head(enc, prompt))
-        enc.clear()
+        query = icl.query_overhead(tt, prompt)
+        example = len(icl.instruction_head(tt, prompt))
+        tt.clear()
         q, p = int(cfg.query_max_len), int(cfg.passage_max_len)
-        examples = max(0, q - p - len(enc.bos) - 1) if int(cfg.max_examples) else 0
+        examples = max(0, q - p - len(tt.bos) - 1) if int(cfg.max_examples) else 0
         checks = [
             (query >= q, f"data.query_max_len={q} leaves no room for the query text"),
             (
                 examples and query + examples >= q,
                 f"in-context examples may take up to data.query_max_len - data.passage_max_len "
                 f"= {q - p} tokens, which leaves no room for the query text: data.passage_max_len"
-                f"={p} must be more than {query - len(enc.bos) - 1}",
+                f"={p} must be more than {query - len(tt.bos) - 1}",
             ),
             (
                 examples and example >= int(cfg.example_query_max_len),
@@ -238,12 +238,12 @@ class TrainPipeline:
                 runs += icl.passage_runs(
                     text, prompt=prompt, symmetric=rec.task.symmetric_passages
                 )
-        self.encoder.prime(runs)
+        self.template_tokenizer.prime(runs)
 
     def _sequences(self, step: int) -> tuple[StepPlan, list[QuerySequences]]:
         plan, records = self._plan_and_records(step)
         slots = self.local_slots(len(records))
-        cfg, enc = self.cfg, self.encoder
+        cfg, tt = self.cfg, self.template_tokenizer
         self._prime(plan, records, slots)
         try:
             examples: dict[int, list[int]] = {}
@@ -255,7 +255,7 @@ class TrainPipeline:
                         where = ("example_query_max_len", plan.dataset_name, int(plan.records[j]))
                         with self._budget(*where):
                             examples[j] = icl.example_ids(
-                                enc,
+                                tt,
                                 self._prompt(records[j]),
                                 records[j].query,
                                 self._response(plan, records, j),
@@ -263,20 +263,20 @@ class TrainPipeline:
                                 response_limit=int(cfg.example_passage_max_len),
                             )
                 prefix, used = icl.add_examples(
-                    enc,
+                    tt,
                     (examples[j] for j in sample.examples),
                     limit=int(cfg.query_max_len) - int(cfg.passage_max_len),
                 )
                 prompt = self._prompt(rec)
                 with self._budget("query_max_len", plan.dataset_name, int(plan.records[i])):
                     query = icl.query_ids(
-                        enc, prompt, rec.query, max_len=int(cfg.query_max_len), prefix=prefix
+                        tt, prompt, rec.query, max_len=int(cfg.query_max_len), prefix=prefix
                     )
                 symmetric = rec.task.symmetric_passages
                 with self._budget("passage_max_len", plan.dataset_name, int(plan.records[i])):
                     passages = [
                         icl.passage_ids(
-                            enc, t, max_len=int(cfg.passage_max_len), prompt=prompt,
+                            tt, t, max_len=int(cfg.passage_max_len), prompt=prompt,
                             symmetric=symmetric,
                         )
                         for t in _passage_texts(rec, sample)
@@ -302,7 +302,7 @@ class TrainPipeline:
                     )
                 )
         finally:
-            enc.clear()
+            tt.clear()
         return plan, out
 
     def batch(self, step: int) -> tuple[PackedBatch, dict[str, Any]]:
