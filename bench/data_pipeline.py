@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from jax_iclemb.data.pipeline import TrainPipeline
-from jax_iclemb.data.records import open_datasets
+from jax_iclemb.data.sources import open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
 
 

@@ -99,7 +99,7 @@ def measure(data_dir: Path, batches: int, batch_size: int) -> dict:
     os.sched_setaffinity(0, {0})
     from jax_iclemb.config import default_config
     from jax_iclemb.data.pipeline import TrainPipeline
-    from jax_iclemb.data.records import open_datasets
+    from jax_iclemb.data.sources import open_datasets
     from jax_iclemb.data.tokenizer import load_tokenizer
 
     data = default_config().data  # paper lengths: 2048 / 512 / 256 / 256, group 8, 0-5 examples

@@ -144,7 +144,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train_group_size = 8
     c.data.max_examples = 5
     c.data.batch_size = 512
-    # By the task kind of a dataset's records (records.TASK_KINDS): retrieval (normal,
+    # By the task kind of a dataset's records (records.TASK_TYPES): retrieval (normal,
     # only_1neg) or symmetric (STS, classification, clustering); 0 = data.batch_size.
     c.data.batch_size_by_kind = ml_collections.ConfigDict({"retrieval": 0, "symmetric": 0})
     # Per dataset name (fnmatch patterns, the most specific wins): before the kinds' sizes.
@@ -385,7 +385,7 @@ def paper_recipe(hf_path: str, tokenizer: str) -> ml_collections.ConfigDict:
     in-context examples; query 2048 / passage 512 / example 256+256 tokens; lr 1e-4 with 100
     warm-up steps and linear decay; AdamW without weight decay; clip 1.0; one epoch; batch 512 for
     retrieval datasets and 256 for the others, by the task kind of each dataset's records
-    (`records.TASK_KINDS`), whatever its file name. Parameters are sharded over all devices (FSDP).
+    (`records.TASK_TYPES`), whatever its file name. Parameters are sharded over all devices (FSDP).
     """
     c = default_config()
     c.model.hf_path = hf_path

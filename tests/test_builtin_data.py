@@ -6,7 +6,7 @@ import re
 import pytest
 
 from jax_iclemb.data import builtin
-from jax_iclemb.data.records import open_datasets
+from jax_iclemb.data.sources import open_datasets
 
 # Written from the spec of the tasks, not from the generator's internals.
 EXPECTED = {

@@ -308,25 +308,25 @@ def test_evaluate_a_query_budget_smaller_than_the_instruction(trained, beir):
     assert_user_error(result, "the query template with this instruction takes", "no room")
 
 
-# ---- data.inspect and data.prepare -----------------------------------------------------------
+# ---- data.preview and data.prepare -----------------------------------------------------------
 
 
 def test_inspect_bad_inputs(tmp_path, template):
     data = f"--config.data.path={builtin_data_dir() / 'retrieval'}"
     assert_user_error(
-        cli("jax_iclemb.data.inspect", "--config", TINY, "--step", "0", data,
+        cli("jax_iclemb.data.preview", "--config", TINY, "--step", "0", data,
             "--config.data.batch_size_overrides.retrieval=4"),
         "['retrieval'] match no dataset", "['world_facts']",
     )
     assert_user_error(
-        cli("jax_iclemb.data.inspect", "--config", TINY, "--step", "0", data,
+        cli("jax_iclemb.data.preview", "--config", TINY, "--step", "0", data,
             "--config.data.query_max_len=16", "--config.data.passage_max_len=16",
             "--config.data.pack_len=64"),
         "data.query_max_len=16 leaves no room for the query text",
         f"its prompt takes {template['query']} tokens",
     )
     assert_user_error(
-        cli("jax_iclemb.data.inspect", "--config", str(tmp_path / "nope.py"), "--step", "0"),
+        cli("jax_iclemb.data.preview", "--config", str(tmp_path / "nope.py"), "--step", "0"),
         f"config file {tmp_path / 'nope.py'} does not exist",
     )
 

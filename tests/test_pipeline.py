@@ -10,7 +10,8 @@ from jax_iclemb.config import default_config
 from jax_iclemb.data import icl
 from jax_iclemb.data.icl import BudgetError
 from jax_iclemb.data.pipeline import TrainPipeline
-from jax_iclemb.data.records import Record, open_datasets
+from jax_iclemb.data.records import Record
+from jax_iclemb.data.sources import open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
 from jax_iclemb.errors import BadValue
 
@@ -171,6 +172,23 @@ def test_class_records_disable_in_batch_negatives(tok):
     assert not pipe.batch(0)[1]["in_batch_negatives"]
 
 
+def test_a_step_tokenizes_its_texts_in_one_batched_call(tok, sample_data, monkeypatch):
+    """The batched primer asks for every text run the id builders read (examples with category
+    responses, symmetric passages...): nothing cut, nothing is tokenized one by one."""
+    calls = []
+    encode = icl.TemplateTokenizer._encode
+    record = lambda self, texts: calls.append(texts) or encode(self, texts)
+    monkeypatch.setattr(icl.TemplateTokenizer, "_encode", record)
+    ds = open_datasets(str(sample_data))
+    lengths = dict(query_max_len=1024, passage_max_len=256, example_query_max_len=256,
+                   example_passage_max_len=256)
+    pipe = TrainPipeline(config(batch_size=10, **lengths), tok, ds, seed=0)
+    for step in range(pipe.steps_per_epoch):
+        calls.clear()
+        _, info = pipe.batch(step)
+        assert len(calls) == 1, (info["dataset"], calls[1:])
+
+
 def test_bad_process_split_and_pack_len(tok, datasets):
     with pytest.raises(
         ValueError, match="batch size 8 of dataset 'a/retrieval' is not divisible by 3"
@@ -188,8 +206,8 @@ def test_row_multiple_and_info(tok, datasets):
     assert info["utilisation"] == pytest.approx(batch.utilisation())
 
 
-def test_inspect_cli(tmp_path, sample_data, capsys):
-    from jax_iclemb.data import inspect
+def test_preview_cli(tmp_path, sample_data, capsys):
+    from jax_iclemb.data import preview
 
     cfg = tmp_path / "cfg.py"
     cfg.write_text(
@@ -201,7 +219,7 @@ def test_inspect_cli(tmp_path, sample_data, capsys):
         "    return c\n"
     )
     argv = ["--config", str(cfg), "--step", "4", "--config.data.query_max_len=1024"]
-    assert inspect.main(argv) == 0
+    assert preview.main(argv) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     head, queries = lines[0], lines[1:]
     assert head["kind"] == "step" and head["step"] == 4 and 0 < head["utilisation"] <= 1
@@ -213,7 +231,7 @@ def test_inspect_cli(tmp_path, sample_data, capsys):
         assert q["query"].count("<instruct>") == q["num_examples"] + 1
         assert q["query_tokens"] <= 1024 and len(q["passages"]) == 8
     with pytest.raises(SystemExit):
-        inspect.main(["--config", str(cfg), "--step", "0", "--data.x=1"])
+        preview.main(["--config", str(cfg), "--step", "0", "--data.x=1"])
 
 
 def test_batch_size_follows_the_records_task_kind_not_the_file_name(tok):
@@ -248,8 +266,8 @@ def test_an_override_pattern_that_matches_no_dataset_is_an_error(tok, datasets):
 def test_a_budget_too_small_for_the_prompt_is_an_error_with_the_numbers(tok, datasets):
     prompt = "Given a question about a person, retrieve the fact that answers it."
     data = [ListDataset("r", make_records("r", 8, prompt=prompt))]
-    head = len(icl.instruction_head(icl.Encoder(tok), prompt))
-    query = icl.query_overhead(icl.Encoder(tok), prompt)
+    head = len(icl.instruction_head(icl.TemplateTokenizer(tok), prompt))
+    query = icl.query_overhead(icl.TemplateTokenizer(tok), prompt)
     assert head == len(tok(f"<instruct>{prompt}\n<query>", add_special_tokens=False).input_ids)
     with pytest.raises(BudgetError, match=rf"'r': data.example_query_max_len=16 .*takes {head}"):
         TrainPipeline(config(), tok, data, seed=0)

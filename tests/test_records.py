@@ -3,13 +3,16 @@
 import json
 import logging
 import os
+import subprocess
+import sys
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from jax_iclemb.data.records import BadRecordError, Record, open_datasets
+from jax_iclemb.data.records import BadRecordError, Record
+from jax_iclemb.data.sources import open_datasets
 
 GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"], "prompt": "Find it.", "type": "normal"}
 
@@ -207,6 +210,20 @@ def test_tfds_round_trip_equals_jsonl(sample_data, tmp_path):
         prepare.prepare(str(sample_data), str(out), "sample")
     with pytest.raises(FileNotFoundError, match="'other'"):
         open_datasets("tfds:other", tfds_dir=str(out))
+
+
+def test_jsonl_data_opens_without_tensorflow_datasets(sample_data):
+    """The TFDS reader (and its large tensorflow_datasets import) loads only for tfds: paths."""
+    code = (
+        "import sys\n"
+        "from jax_iclemb.data.sources import open_datasets\n"
+        "assert open_datasets(sys.argv[1])\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('tensorflow', 'jax_iclemb.data.t'))))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(sample_data)], capture_output=True, text=True, check=True
+    )
+    assert run.stdout.strip() == "[]"
 
 
 def test_tfds_prepare_validates(tmp_path):

@@ -9,7 +9,7 @@ from scipy import stats
 
 from jax_iclemb.config import paper_recipe
 from jax_iclemb.data import sampling
-from jax_iclemb.data.records import TASK_KINDS
+from jax_iclemb.data.records import TASK_TYPES
 from jax_iclemb.errors import BadValue
 
 
@@ -123,7 +123,7 @@ def test_paper_recipe_split_by_kind_equals_the_old_file_name_rule_on_the_referen
         "clustering-no_in_batch_neg/arXiv_title": "symmetric_clustering",
     }
     names = list(layout)
-    kinds = [TASK_KINDS[t] for t in layout.values()]
+    kinds = [TASK_TYPES[t].kind for t in layout.values()]
     new = sampling.layout_for(
         names, [1000] * len(names), data.batch_size, dict(data.batch_size_overrides), kinds,
         dict(data.batch_size_by_kind),

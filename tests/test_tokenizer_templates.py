@@ -10,7 +10,7 @@ import pytest
 from jax_iclemb.config import default_config
 from jax_iclemb.data import icl
 from jax_iclemb.data.pipeline import TrainPipeline
-from jax_iclemb.data.records import open_datasets
+from jax_iclemb.data.sources import open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
 
 INSTRUCT, QUERY, RESPONSE, NL = 32000, 32001, 32002, 13

@@ -10,11 +10,15 @@ special tokens and tokenizes the text runs between them independently, so the id
 string are the concatenation, run by run, of `[special] + ids(run)`. Every run that may be truncated
 ends with a fixed tail ("\\n" or "\\n\\n"): when the run fits, it is tokenized whole (ids then equal
 `tokenizer(full_string)`); when it must be cut, the cut ids are followed by the tail's ids as a
-continuation (`Encoder.tail_ids`), so no spurious "▁" word-prefix pieces are ever inserted.
+continuation (`TemplateTokenizer.tail_ids`), so no spurious "▁" word-prefix pieces are ever
+inserted. `query_runs`, `example_runs` and `passage_runs` spell the templates as such runs, once:
+the strings, the ids and the training pipeline's batched tokenization (`TemplateTokenizer.prime`)
+all read them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -23,10 +27,10 @@ import transformers
 from jax_iclemb.data.tokenizer import ICL_SPECIAL_TOKENS
 from jax_iclemb.errors import BadValue
 
+INSTRUCT, QUERY, RESPONSE = ICL_SPECIAL_TOKENS
 NEWLINE = "\n"
 EXAMPLE_SEPARATOR = "\n\n"
-SUFFIX = "\n<response>"
-SYMMETRIC_PASSAGE_TYPES = ("symmetric_sts", "symmetric_clustering")
+SUFFIX = NEWLINE + RESPONSE  # closes a task query: its text run's tail, then <response>
 
 
 class BudgetError(BadValue):
@@ -34,14 +38,46 @@ class BudgetError(BadValue):
     the text (and the template's own tokens) without a word."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The text between two special tokens: a `body` a length budget may cut, then a fixed `tail`
+    that is always kept."""
+
+    body: str
+    tail: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.body + self.tail
+
+
+# The templates, run by run; the strings, the token ids and the pipeline's batched tokenization
+# all read them, so a template changes here only.
+def query_runs(prompt: str, query: str) -> tuple[Run, Run]:
+    """A task query: the runs after <instruct> (the prompt, never cut) and after <query>."""
+    return Run(prompt, NEWLINE), Run(query, NEWLINE)
+
+
+def example_runs(prompt: str, query: str, response: str) -> tuple[Run, Run, Run]:
+    """An in-context example: a task query's runs, then the run after <response>."""
+    return (*query_runs(prompt, query), Run(response, EXAMPLE_SEPARATOR))
+
+
+def passage_runs(text: str, *, prompt: str, symmetric: bool) -> tuple[Run, ...]:
+    """A passage (`passage_ids`): a task query's runs when `symmetric`, else the raw text."""
+    return query_runs(prompt, text) if symmetric else (Run(text),)
+
+
 def format_query(prompt: str, query: str) -> str:
     """The instruction-formatted query (no suffix)."""
-    return f"<instruct>{prompt}\n<query>{query}"
+    instruction, text = query_runs(prompt, query)
+    return f"{INSTRUCT}{instruction.text}{QUERY}{text.body}"
 
 
 def format_example(prompt: str, query: str, response: str) -> str:
     """One in-context example, with its trailing separator."""
-    return f"{format_query(prompt, query)}\n<response>{response}{EXAMPLE_SEPARATOR}"
+    instruction, text, answer = example_runs(prompt, query, response)
+    return f"{INSTRUCT}{instruction.text}{QUERY}{text.text}{RESPONSE}{answer.text}"
 
 
 def format_inference_query(
@@ -63,7 +99,7 @@ def chat_template() -> str:
     enclose the whole. Tokenized, the rendering gives the ids `encode_inference_query` /
     `encode_passage` build (untruncated): the tokenizer splits at the same special tokens.
     """
-    suffix, head = json.dumps(SUFFIX), json.dumps(ICL_SPECIAL_TOKENS[0])
+    suffix, head = json.dumps(SUFFIX), json.dumps(INSTRUCT)
     return (
         "{%- set text = namespace(value='') -%}"
         "{%- for message in messages -%}"
@@ -78,10 +114,10 @@ def chat_template() -> str:
     )
 
 
-class Encoder:
+class TemplateTokenizer:
     """Token ids of template pieces for one tokenizer, with a per-step memo of text runs.
 
-    `prime(texts)` tokenizes many runs in one batched call (the fast path for the training
+    `prime(runs)` tokenizes many runs in one batched call (the fast path for the training
     pipeline); `text(s)` falls back to one call per run.
     """
 
@@ -96,7 +132,8 @@ class Encoder:
             raise ValueError("tokenizer has no EOS token; the embedding is read at EOS")
         self.eos: int = tokenizer.eos_token_id
         self._memo: dict[str, list[int]] = {}
-        self.tail_ids = {t: self._continuation(t) for t in (NEWLINE, EXAMPLE_SEPARATOR)}
+        # What follows a cut run: the continuation ids of each tail of the templates.
+        self.tail_ids = {r.tail: self._continuation(r.tail) for r in example_runs("", "", "")}
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -109,8 +146,9 @@ class Encoder:
             raise ValueError(f"cannot split {anchor + tail!r} into {anchor!r} + {tail!r} tokens")
         return joint[len(head) :]
 
-    def prime(self, texts: Iterable[str]) -> None:
-        todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
+    def prime(self, runs: Iterable[Run]) -> None:
+        """Tokenize the runs whole (as the id builders first ask for them) in one batched call."""
+        todo = list(dict.fromkeys(r.text for r in runs if r.text not in self._memo))
         if todo:
             self._memo.update(zip(todo, self._encode(todo)))
 
@@ -125,26 +163,27 @@ class Encoder:
         return ids
 
 
-def instruction_head(enc: Encoder, prompt: str) -> list[int]:
+def instruction_head(tt: TemplateTokenizer, prompt: str) -> list[int]:
     """`<instruct>{prompt}\\n<query>`: what precedes a query's text in every template."""
-    return [enc.instruct, *enc.text(prompt + NEWLINE), enc.query]
+    instruction, _ = query_runs(prompt, "")
+    return [tt.instruct, *tt.text(instruction.text), tt.query]
 
 
-def _run_with_tail(enc: Encoder, head: list[int], body: str, tail: str, limit: int) -> list[int]:
-    """`head + ids(body)` cut to `limit` ids, then the tail.
+def _run_with_tail(tt: TemplateTokenizer, head: list[int], run: Run, limit: int) -> list[int]:
+    """`head + ids(run.body)` cut to `limit` ids, then the tail.
 
     When the whole run fits, it is tokenized as one piece, so the ids equal the tokenizer's on the
     full string; otherwise the cut ids are followed by the tail's continuation ids.
     """
-    tail_ids = enc.tail_ids[tail]
-    joint = enc.text(body + tail)
+    tail_ids = tt.tail_ids[run.tail]
+    joint = tt.text(run.text)
     if len(head) + len(joint) <= limit + len(tail_ids):
         return head + joint
-    return (head + enc.text(body))[: max(limit, 0)] + tail_ids
+    return (head + tt.text(run.body))[: max(limit, 0)] + tail_ids
 
 
 def example_ids(
-    enc: Encoder,
+    tt: TemplateTokenizer,
     prompt: str,
     query: str,
     response: str,
@@ -154,75 +193,78 @@ def example_ids(
 ) -> list[int]:
     """One example; its formatted query is cut to `query_limit` ids, its response to
     `response_limit` ids (None: no limit)."""
-    head = instruction_head(enc, prompt)
+    _, question, answer = example_runs(prompt, query, response)
+    head = instruction_head(tt, prompt)
     if query_limit is not None and len(head) >= query_limit:
         raise BudgetError(
             f"an example's template with this instruction takes {len(head)} tokens: no room for "
             f"its query in {query_limit}"
         )
-    q_limit = len(head) + len(enc.text(query)) if query_limit is None else query_limit
-    r_limit = len(enc.text(response)) if response_limit is None else response_limit
+    q_limit = len(head) + len(tt.text(question.body)) if query_limit is None else query_limit
+    r_limit = len(tt.text(answer.body)) if response_limit is None else response_limit
     return [
-        *_run_with_tail(enc, head, query, NEWLINE, q_limit),
-        enc.response,
-        *_run_with_tail(enc, [], response, EXAMPLE_SEPARATOR, r_limit),
+        *_run_with_tail(tt, head, question, q_limit),
+        tt.response,
+        *_run_with_tail(tt, [], answer, r_limit),
     ]
 
 
 def add_examples(
-    enc: Encoder, examples: Iterable[list[int]], *, limit: int
+    tt: TemplateTokenizer, examples: Iterable[list[int]], *, limit: int
 ) -> tuple[list[int], int]:
     """Concatenate examples in order, stopping before the first that would make BOS + prefix + EOS
     longer than `limit`. Returns (prefix ids, number of examples used)."""
     prefix: list[int] = []
     used = 0
     for ex in examples:
-        if len(enc.bos) + len(prefix) + len(ex) + 1 > limit:
+        if len(tt.bos) + len(prefix) + len(ex) + 1 > limit:
             break
         prefix += ex
         used += 1
     return prefix, used
 
 
-def query_overhead(enc: Encoder, prompt: str) -> int:
+def query_overhead(tt: TemplateTokenizer, prompt: str) -> int:
     """Ids of a task query besides its text and examples: BOS, <instruct>, the instruction and
     its newline, <query>, the closing newline, <response>, EOS."""
-    return len(enc.bos) + len(instruction_head(enc, prompt)) + len(enc.tail_ids[NEWLINE]) + 2
+    _, text = query_runs(prompt, "")
+    return len(tt.bos) + len(instruction_head(tt, prompt)) + len(tt.tail_ids[text.tail]) + 2
 
 
 def query_ids(
-    enc: Encoder, prompt: str, text: str, *, max_len: int, prefix: Sequence[int] = ()
+    tt: TemplateTokenizer, prompt: str, text: str, *, max_len: int, prefix: Sequence[int] = ()
 ) -> list[int]:
     """BOS + prefix + formatted query (cut) + "\\n<response>" + EOS, at most `max_len` ids."""
-    overhead = query_overhead(enc, prompt)
+    overhead = query_overhead(tt, prompt)
     if len(prefix) + overhead >= max_len:
         examples = f" and the in-context examples {len(prefix)}" if prefix else ""
         raise BudgetError(
             f"the query template with this instruction takes {overhead} tokens{examples}: no "
             f"room for the text in {max_len}"
         )
-    head = [*prefix, *instruction_head(enc, prompt)]
-    budget = max_len - len(enc.bos) - len(enc.tail_ids[NEWLINE]) - 2  # <response>, EOS
-    return [*enc.bos, *_run_with_tail(enc, head, text, NEWLINE, budget), enc.response, enc.eos]
+    _, run = query_runs(prompt, text)
+    head = [*prefix, *instruction_head(tt, prompt)]
+    budget = max_len - len(tt.bos) - len(tt.tail_ids[run.tail]) - 2  # <response>, EOS
+    return [*tt.bos, *_run_with_tail(tt, head, run, budget), tt.response, tt.eos]
 
 
-def raw_passage_ids(enc: Encoder, text: str, *, max_len: int) -> list[int]:
+def raw_passage_ids(tt: TemplateTokenizer, text: str, *, max_len: int) -> list[int]:
     """BOS + text (cut) + EOS."""
-    budget = max_len - len(enc.bos) - 1
+    budget = max_len - len(tt.bos) - 1
     if budget < 1:
         raise BudgetError(f"max_len={max_len} leaves no room for a passage between BOS and EOS")
-    return [*enc.bos, *enc.text(text)[:budget], enc.eos]
+    return [*tt.bos, *tt.text(text)[:budget], tt.eos]
 
 
 def passage_ids(
-    enc: Encoder, text: str, *, max_len: int, prompt: str | None, symmetric: bool
+    tt: TemplateTokenizer, text: str, *, max_len: int, prompt: str | None, symmetric: bool
 ) -> list[int]:
     """A passage: formatted like a query without examples when `symmetric`, else raw."""
-    if symmetric:
-        if prompt is None:
-            raise ValueError("a symmetric passage needs the task prompt")
-        return query_ids(enc, prompt, text, max_len=max_len)
-    return raw_passage_ids(enc, text, max_len=max_len)
+    if not symmetric:
+        return raw_passage_ids(tt, text, max_len=max_len)
+    if prompt is None:
+        raise ValueError("a symmetric passage needs the task prompt")
+    return query_ids(tt, prompt, text, max_len=max_len)
 
 
 def _example_pair(example: Mapping[str, str], index: int) -> tuple[str, str]:
@@ -248,13 +290,13 @@ def encode_inference_query(
     As in the published model card, `max_len` bounds BOS + the task query + suffix + EOS; the user's
     examples are kept whole in front of it (so the total is at most len(examples' ids) + max_len).
     """
-    enc = Encoder(tokenizer)
+    tt = TemplateTokenizer(tokenizer)
     prefix = [
         t
         for i, e in enumerate(examples)
-        for t in example_ids(enc, instruction, *_example_pair(e, i))
+        for t in example_ids(tt, instruction, *_example_pair(e, i))
     ]
-    return query_ids(enc, instruction, query, max_len=max_len + len(prefix), prefix=prefix)
+    return query_ids(tt, instruction, query, max_len=max_len + len(prefix), prefix=prefix)
 
 
 def encode_passage(
@@ -266,9 +308,9 @@ def encode_passage(
 ) -> list[int]:
     """A passage for inference: raw text, or query-formatted when an instruction is given
     (symmetric tasks such as STS and clustering)."""
-    enc = Encoder(tokenizer)
+    tt = TemplateTokenizer(tokenizer)
     return passage_ids(
-        enc, text, max_len=max_len, prompt=instruction, symmetric=instruction is not None
+        tt, text, max_len=max_len, prompt=instruction, symmetric=instruction is not None
     )
 
 

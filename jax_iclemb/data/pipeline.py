@@ -19,12 +19,10 @@ import transformers
 from jax_iclemb.data import icl, sampling
 from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.data.packing import pack_batch
-from jax_iclemb.data.records import Dataset, Record, open_datasets, task_kind
+from jax_iclemb.data.records import Dataset, Record, task_kind
+from jax_iclemb.data.sources import open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
 from jax_iclemb.errors import BadValue
-
-# Types whose queries are scored only against their own group (no in-batch negatives).
-NO_IN_BATCH_TYPES = ("symmetric_class", "symmetric_clustering")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +53,11 @@ class QuerySequences:
     passage_labels: list[int]  # label_id of each passage: the positive has the record's label
 
 
+def _passage_texts(record: Record, sample: sampling.QuerySample) -> list[str]:
+    """A query's passage group: its sampled positive, then its sampled negatives."""
+    return [record.pos[sample.pos], *(record.neg[n] for n in sample.neg)]
+
+
 def label_id(label: str | None) -> int:
     """A record label as a non-negative int, the same in every process (-1: no label)."""
     return -1 if label is None else zlib.crc32(label.encode()) & 0x7FFFFFFF
@@ -78,7 +81,7 @@ class TrainPipeline:
         self.seed = int(seed)
         self.process_index, self.process_count = process_index, process_count
         self.row_multiple = row_multiple
-        self.encoder = icl.Encoder(tokenizer)
+        self.template_tokenizer = icl.TemplateTokenizer(tokenizer)
         self.pack_len = int(data_config.pack_len) or int(data_config.query_max_len)
         self.layout = sampling.layout_for(
             [d.name for d in self.datasets],
@@ -119,20 +122,20 @@ class TrainPipeline:
         """Fail at the start, not at some later step, when a dataset's prompt (its first
         record's) and the templates leave no room for the text in a length budget, whatever the
         in-context examples take (at most query_max_len - passage_max_len, with BOS and EOS)."""
-        cfg, enc, rec = self.cfg, self.encoder, dataset[0]
+        cfg, tt, rec = self.cfg, self.template_tokenizer, dataset[0]
         prompt = self._prompt(rec)
-        query = icl.query_overhead(enc, prompt)
-        example = len(icl.instruction_head(enc, prompt))
-        enc.clear()
+        query = icl.query_overhead(tt, prompt)
+        example = len(icl.instruction_head(tt, prompt))
+        tt.clear()
         q, p = int(cfg.query_max_len), int(cfg.passage_max_len)
-        examples = max(0, q - p - len(enc.bos) - 1) if int(cfg.max_examples) else 0
+        examples = max(0, q - p - len(tt.bos) - 1) if int(cfg.max_examples) else 0
         checks = [
             (query >= q, f"data.query_max_len={q} leaves no room for the query text"),
             (
                 examples and query + examples >= q,
                 f"in-context examples may take up to data.query_max_len - data.passage_max_len "
                 f"= {q - p} tokens, which leaves no room for the query text: data.passage_max_len"
-                f"={p} must be more than {query - len(enc.bos) - 1}",
+                f"={p} must be more than {query - len(tt.bos) - 1}",
             ),
             (
                 examples and example >= int(cfg.example_query_max_len),
@@ -140,7 +143,7 @@ class TrainPipeline:
                 f"example's query (its template takes {example} tokens)",
             ),
             (
-                rec.type in icl.SYMMETRIC_PASSAGE_TYPES and query >= p,
+                rec.task.symmetric_passages and query >= p,
                 f"data.passage_max_len={p} leaves no room for the text of a {rec.type} passage "
                 f"(formatted like a query)",
             ),
@@ -162,7 +165,8 @@ class TrainPipeline:
         return max(self.layout.batch_sizes) // self.process_count
 
     def _group_size(self, record: Record) -> int:
-        return 2 if record.type == "only_1neg" else int(self.cfg.train_group_size)
+        fixed = record.task.group_size
+        return int(self.cfg.train_group_size) if fixed is None else fixed
 
     def _plan_and_records(self, step: int) -> tuple[StepPlan, list[Record]]:
         where = sampling.locate_step(self.seed, step, self.layout)
@@ -182,9 +186,7 @@ class TrainPipeline:
             )
             for slot, rec in enumerate(records)
         )
-        in_batch = dataset.in_batch_negatives and not any(
-            r.type in NO_IN_BATCH_TYPES for r in records
-        )
+        in_batch = dataset.in_batch_negatives and all(r.task.in_batch_negatives for r in records)
         plan = StepPlan(
             step=step,
             epoch=where.epoch,
@@ -212,39 +214,36 @@ class TrainPipeline:
         rec = records[slot]
         if rec.response is not None:
             return rec.response
-        if rec.type == "symmetric_clustering":
+        if rec.task.response_from == "category":
             if rec.category is None:
                 raise ValueError(
-                    f"{plan.dataset_name} record {plan.records[slot]}: symmetric_clustering "
-                    f"records need a 'category' (the response of an in-context example)"
+                    f"{plan.dataset_name} record {plan.records[slot]}: {rec.type} records need "
+                    f"a 'category' (the response of an in-context example)"
                 )
             return rec.category
         return rec.pos[plan.samples[slot].pos]
 
     def _prime(self, plan: StepPlan, records: list[Record], slots: range) -> None:
         """Tokenize the step's text runs in one batched call (much faster than one by one)."""
-        nl, sep = icl.NEWLINE, icl.EXAMPLE_SEPARATOR
-        texts: list[str] = []
-        example_slots = {j for i in slots for j in plan.samples[i].examples}
-        for j in example_slots:
+        runs: list[icl.Run] = []
+        for j in {j for i in slots for j in plan.samples[i].examples}:
             rec = records[j]
-            texts += [
-                self._prompt(rec) + nl,
-                rec.query + nl,
-                self._response(plan, records, j) + sep,
-            ]
+            runs += icl.example_runs(
+                self._prompt(rec), rec.query, self._response(plan, records, j)
+            )
         for i in slots:
-            rec, sample = records[i], plan.samples[i]
-            texts += [self._prompt(rec) + nl, rec.query + nl]
-            group = [rec.pos[sample.pos], *(rec.neg[n] for n in sample.neg)]
-            symmetric = rec.type in icl.SYMMETRIC_PASSAGE_TYPES
-            texts += [p + nl for p in group] if symmetric else group
-        self.encoder.prime(texts)
+            rec, prompt = records[i], self._prompt(records[i])
+            runs += icl.query_runs(prompt, rec.query)
+            for text in _passage_texts(rec, plan.samples[i]):
+                runs += icl.passage_runs(
+                    text, prompt=prompt, symmetric=rec.task.symmetric_passages
+                )
+        self.template_tokenizer.prime(runs)
 
     def _sequences(self, step: int) -> tuple[StepPlan, list[QuerySequences]]:
         plan, records = self._plan_and_records(step)
         slots = self.local_slots(len(records))
-        cfg, enc = self.cfg, self.encoder
+        cfg, tt = self.cfg, self.template_tokenizer
         self._prime(plan, records, slots)
         try:
             examples: dict[int, list[int]] = {}
@@ -256,7 +255,7 @@ class TrainPipeline:
                         where = ("example_query_max_len", plan.dataset_name, int(plan.records[j]))
                         with self._budget(*where):
                             examples[j] = icl.example_ids(
-                                enc,
+                                tt,
                                 self._prompt(records[j]),
                                 records[j].query,
                                 self._response(plan, records, j),
@@ -264,24 +263,23 @@ class TrainPipeline:
                                 response_limit=int(cfg.example_passage_max_len),
                             )
                 prefix, used = icl.add_examples(
-                    enc,
+                    tt,
                     (examples[j] for j in sample.examples),
                     limit=int(cfg.query_max_len) - int(cfg.passage_max_len),
                 )
                 prompt = self._prompt(rec)
                 with self._budget("query_max_len", plan.dataset_name, int(plan.records[i])):
                     query = icl.query_ids(
-                        enc, prompt, rec.query, max_len=int(cfg.query_max_len), prefix=prefix
+                        tt, prompt, rec.query, max_len=int(cfg.query_max_len), prefix=prefix
                     )
-                symmetric = rec.type in icl.SYMMETRIC_PASSAGE_TYPES
-                texts = [rec.pos[sample.pos], *(rec.neg[n] for n in sample.neg)]
+                symmetric = rec.task.symmetric_passages
                 with self._budget("passage_max_len", plan.dataset_name, int(plan.records[i])):
                     passages = [
                         icl.passage_ids(
-                            enc, t, max_len=int(cfg.passage_max_len), prompt=prompt,
+                            tt, t, max_len=int(cfg.passage_max_len), prompt=prompt,
                             symmetric=symmetric,
                         )
-                        for t in texts
+                        for t in _passage_texts(rec, sample)
                     ]
                 teacher = None
                 if rec.pos_scores is not None and (not sample.neg or rec.neg_scores is not None):
@@ -304,7 +302,7 @@ class TrainPipeline:
                     )
                 )
         finally:
-            enc.clear()
+            tt.clear()
         return plan, out
 
     def batch(self, step: int) -> tuple[PackedBatch, dict[str, Any]]:

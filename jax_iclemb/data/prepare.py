@@ -1,10 +1,10 @@
-"""JSONL datasets <-> a TFDS dataset in ArrayRecord format (one split per JSONL dataset).
+"""JSONL datasets -> a TFDS dataset in ArrayRecord format (one split per JSONL dataset).
 
     python -m jax_iclemb.data.prepare --src DIR --out TFDS_DIR [--name NAME] [--overwrite]
 
 then train with `data.path = "tfds:NAME"`, `data.tfds_dir = TFDS_DIR`. tensorflow-datasets runs
-without TensorFlow only with `file_format="array_record"` and random-access reading
-(`as_data_source`), which is all this module uses. Each example holds one validated record as
+without TensorFlow only with `file_format="array_record"` (written here) and random-access reading
+(`as_data_source`, in `tfds_reader.py`). Each example holds one validated record as
 reference-format JSON; the original dataset names and in-batch flags are kept in the builder's
 metadata (metadata.json beside dataset_info.json), so reading restores them exactly.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -25,21 +24,14 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from jax_iclemb.data.records import (
-    BAD_RECORD_MODES,
-    BadRecordError,
-    Dataset,
-    Record,
-    open_datasets,
-    parse_line,
-    record_to_dict,
-)
-from jax_iclemb.errors import BadValue, MissingPath, PathExists, add_debug_flag, cli
+from jax_iclemb.data.records import BAD_RECORD_MODES, Dataset, record_to_dict
+from jax_iclemb.data.sources import open_datasets
+from jax_iclemb.data.tfds_reader import FORMAT
+from jax_iclemb.errors import BadValue, PathExists, add_debug_flag, cli
 
 log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
-FORMAT = "jax_iclemb-records-v1"  # metadata tag: what the "record" feature holds
 _BUILDER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -112,73 +104,6 @@ def prepare(
         builder.download_and_prepare(download_dir=downloads)
     log.info("wrote %d splits to %s", len(datasets), target)
     return target
-
-
-class TfdsDataset:
-    """Random access to one split of a prepared TFDS dataset (an ArrayRecord data source)."""
-
-    skipped = 0  # bad records were dropped (or refused) when the dataset was prepared
-
-    def __init__(self, source: Any, name: str, in_batch_negatives: bool, where: str):
-        self.name = name
-        self.in_batch_negatives = in_batch_negatives
-        self._source = source
-        self._where = where
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> Record:
-        n = len(self._source)
-        if not -n <= index < n:
-            raise IndexError(f"{self.name}: index {index} out of range for {n} records")
-        index %= n
-        try:
-            return parse_line(self._source[index]["record"])
-        except BadRecordError as e:
-            raise BadRecordError(f"{self._where}[{index}]: {e}") from None
-
-    def __repr__(self) -> str:
-        return (
-            f"TfdsDataset({self.name!r}, {len(self)} records, "
-            f"in_batch_negatives={self.in_batch_negatives}, split={self._where!r})"
-        )
-
-
-def _version_dir(name: str, tfds_dir: str | None) -> Path:
-    root = Path(tfds_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
-    base = root / name
-    versions = sorted(
-        (p for p in base.glob("*") if (p / "dataset_info.json").is_file()),
-        key=lambda p: tuple(int(x) for x in p.name.split(".") if x.isdigit()),
-    )
-    if not versions:
-        raise MissingPath(
-            f"no prepared TFDS dataset {name!r} in {root} (expected {base}/<version>/"
-            "dataset_info.json; write one with `python -m jax_iclemb.data.prepare`)"
-        )
-    return versions[-1]
-
-
-def open_tfds(name: str, tfds_dir: str | None) -> list[Dataset]:
-    """The datasets of a TFDS dataset written by `prepare`, with their original names and flags."""
-    version_dir = _version_dir(name, tfds_dir)
-    builder = tfds.builder_from_directory(version_dir)
-    metadata = builder.info.metadata or {}
-    if metadata.get("format") != FORMAT:
-        raise BadValue(
-            f"{version_dir} was not written by jax_iclemb.data.prepare "
-            f"(metadata.json format {metadata.get('format')!r}, expected {FORMAT!r})"
-        )
-    return [
-        TfdsDataset(
-            builder.as_data_source(split=entry["split"]),
-            entry["name"],
-            bool(entry["in_batch_negatives"]),
-            f"{version_dir}:{entry['split']}",
-        )
-        for entry in metadata["datasets"]
-    ]
 
 
 @cli

@@ -1,8 +1,9 @@
-"""Training records: the reference JSONL format, its validation, and random-access readers.
+"""Training records: the reference JSONL format, its validation, and the JSONL reader.
 
-One JSONL file (or one TFDS split) is one dataset = one task. A JSONL dataset keeps only an index of
-byte offsets; `dataset[i]` seeks, reads and parses one line, so memory does not grow with the data
-and every process (or forked worker) can read any record.
+One JSONL file (or one TFDS split, tfds_reader.py) is one dataset = one task. A JSONL dataset keeps
+only an index of byte offsets; `dataset[i]` seeks, reads and parses one line, so memory does not
+grow with the data and every process (or forked worker) can read any record. `sources.py` opens
+the datasets of a `data.path`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -23,22 +24,37 @@ from jax_iclemb.errors import BadValue, MissingPath
 
 log = logging.getLogger(__name__)
 
-RECORD_TYPES = (
-    "normal",
-    "only_1neg",
-    "symmetric_sts",
-    "symmetric_class",
-    "symmetric_clustering",
-)
-# A dataset's task kind, from its records' type: retrieval (a query and its passages) or a
-# symmetric task (STS, classification, clustering). The paper's recipe batches them differently.
-TASK_KINDS = {
-    "normal": "retrieval",
-    "only_1neg": "retrieval",
-    "symmetric_sts": "symmetric",
-    "symmetric_class": "symmetric",
-    "symmetric_clustering": "symmetric",
+
+@dataclasses.dataclass(frozen=True)
+class TaskType:
+    """What a record `type` means to the recipe: one row per type, read by sampling, templates and
+    the pipeline."""
+
+    # "retrieval" (a query and its passages) or "symmetric" (STS, classification, clustering):
+    # the paper's recipe batches them differently (data.batch_size_by_kind).
+    kind: Literal["retrieval", "symmetric"]
+    # Whether the other queries' passages serve as negatives: classes and clusters recur within a
+    # batch, so another query's passage may well be this query's positive.
+    in_batch_negatives: bool
+    # Passages formatted like a query without examples (both sides are the same kind of text).
+    symmetric_passages: bool
+    # A fixed passage group size (positive + negatives), or None for data.train_group_size.
+    group_size: int | None
+    # The response of an in-context example when the record has no `response`: the sampled
+    # positive ("pos"), or the record's `category` ("category", then a required field).
+    response_from: Literal["pos", "category"]
+
+
+TASK_TYPES = {  # kind, in_batch_negatives, symmetric_passages, group_size, response_from
+    "normal": TaskType("retrieval", True, False, None, "pos"),
+    "only_1neg": TaskType("retrieval", True, False, 2, "pos"),
+    "symmetric_sts": TaskType("symmetric", True, True, None, "pos"),
+    "symmetric_class": TaskType("symmetric", False, False, None, "pos"),
+    "symmetric_clustering": TaskType("symmetric", False, True, None, "category"),
 }
+RECORD_TYPES = tuple(TASK_TYPES)
+# A dataset whose file stem, a parent dir or the root dir ends in this has no in-batch negatives,
+# whatever its records' types (the reference's folder convention).
 NO_IN_BATCH_SUFFIX = "no_in_batch_neg"
 BAD_RECORD_MODES = ("error", "skip")
 _READ_CHUNK = 1 << 14
@@ -66,6 +82,10 @@ class Record:
     # Our extension: when set, the response of this record when it serves as an in-context example
     # (instead of its sampled positive), e.g. a short answer that reveals the task.
     response: str | None = None
+
+    @property
+    def task(self) -> TaskType:
+        return TASK_TYPES[self.type]
 
 
 class Dataset(Protocol):
@@ -158,9 +178,9 @@ def parse_record(obj: Any) -> Record:
     response = _optional_str(obj, "response")
     if response == "":
         raise BadRecordError("field 'response': empty string")
-    if rtype == "symmetric_clustering" and category is None:
-        # Clustering examples use the category as the response: without it the record is unusable.
-        raise BadRecordError("field 'category': required for type 'symmetric_clustering'")
+    if TASK_TYPES[rtype].response_from == "category" and category is None:
+        # Its examples' response is the category: without it the record is unusable.
+        raise BadRecordError(f"field 'category': required for type {rtype!r}")
     has_pos_scores = obj.get("pos_scores") is not None
     has_neg_scores = obj.get("neg_scores") is not None
     if has_pos_scores != has_neg_scores:
@@ -322,24 +342,14 @@ def _jsonl_files(path: Path) -> tuple[Path, list[Path]]:
 
 
 def task_kind(dataset: Dataset) -> str:
-    """"retrieval" or "symmetric" (`TASK_KINDS`), read from the dataset's first record: a
+    """"retrieval" or "symmetric" (`TaskType.kind`), read from the dataset's first record: a
     dataset is one task."""
-    return TASK_KINDS[dataset[0].type]
+    return dataset[0].task.kind
 
 
-def _drop_empty(datasets: list[Any], on_bad_record: str) -> list[Any]:
-    """Empty datasets cannot be trained on: an error, or in skip mode a warning if others remain."""
-    empty = [d for d in datasets if len(d) == 0]
-    if not empty:
-        return datasets
-    where = ", ".join(f"{getattr(d, 'path', d.name)} ({d.skipped} bad records)" for d in empty)
-    if on_bad_record == "error" or len(empty) == len(datasets):
-        raise BadRecordError(f"dataset(s) with no valid records: {where}")
-    log.warning("dropping dataset(s) with no valid records: %s", where)
-    return [d for d in datasets if len(d) > 0]
-
-
-def _open_jsonl(path: Path, on_bad_record: str) -> list[JsonlDataset]:
+def open_jsonl(path: Path, on_bad_record: str) -> list[JsonlDataset]:
+    """The datasets of a .jsonl file or of a directory's *.jsonl files (recursive), named by
+    their paths relative to the directory."""
     root, files = _jsonl_files(path)
     datasets = []
     for file in files:
@@ -347,33 +357,4 @@ def _open_jsonl(path: Path, on_bad_record: str) -> list[JsonlDataset]:
         name = rel.with_suffix("").as_posix()
         flag = in_batch_negatives_for(root.name, rel)
         datasets.append(JsonlDataset(file, name, flag, on_bad_record))
-    return datasets
-
-
-def open_datasets(
-    path: str, *, on_bad_record: str = "error", tfds_dir: str | None = None
-) -> list[Dataset]:
-    """Opens and validates every dataset under `path`, sorted by name.
-
-    path: a .jsonl file, a directory (recursive *.jsonl), "tfds:NAME" (an ArrayRecord TFDS dataset
-    written by `python -m jax_iclemb.data.prepare`, found in `tfds_dir`), or "builtin" (the
-    project's generated default data).
-    """
-    if on_bad_record not in BAD_RECORD_MODES:
-        raise BadValue(f"on_bad_record must be one of {BAD_RECORD_MODES}, got {on_bad_record!r}")
-    if path.startswith("tfds:"):
-        from jax_iclemb.data import prepare  # imports tensorflow_datasets: only when asked for
-
-        datasets = prepare.open_tfds(path.removeprefix("tfds:"), tfds_dir or None)
-    else:
-        if path == "builtin":
-            from jax_iclemb.data.builtin import builtin_data_dir
-
-            path = str(builtin_data_dir())
-        datasets = _open_jsonl(Path(path).expanduser(), on_bad_record)
-    datasets = _drop_empty(datasets, on_bad_record)
-    datasets.sort(key=lambda d: d.name)
-    skipped = {d.name: d.skipped for d in datasets if getattr(d, "skipped", 0)}
-    if skipped:
-        log.warning("skipped bad records (dataset: count): %s", skipped)
     return datasets

@@ -1,6 +1,6 @@
 """Print what the model sees at a training step, one JSON object per line.
 
-    python -m jax_iclemb.data.inspect --config configs/tiny.py --step 3 [--config.data.x=...]
+    python -m jax_iclemb.data.preview --config configs/tiny.py --step 3 [--config.data.x=...]
 
 The first line summarises the step (dataset, epoch, utilisation, ...); then one line per query with
 its full text (in-context examples included), its passages and their token counts.
@@ -21,7 +21,7 @@ from jax_iclemb.errors import add_debug_flag, cli
 @cli
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jax_iclemb.data.inspect", description=__doc__.split("\n\n")[0]
+        prog="python -m jax_iclemb.data.preview", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--config", required=True, help="a config file, or a recipe name from configs/ (e.g. tiny)"
