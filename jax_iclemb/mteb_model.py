@@ -2,50 +2,33 @@
 
     import mteb
     from jax_iclemb.mteb_model import MTEBEmbedder
-    model = MTEBEmbedder.from_pretrained(
-        "runs/tiny", examples_dir="eval_examples",
-        tasks={"MyTask": {"instruction": "...", "examples": "x.json"}},
-    )
-    mteb.evaluate(model, mteb.get_tasks(tasks=["Banking77Classification"]))
+    model = MTEBEmbedder.from_pretrained("runs/tiny")  # the paper's protocol, few-shot
+    mteb.evaluate(model, mteb.get_benchmark("MTEB(eng, v1)"))
 
-As the paper evaluates: each task has an instruction (the paper's for common MTEB tasks, or the
-`tasks` mapping) and optional in-context examples; queries are encoded few-shot with them, the
-documents of retrieval and reranking tasks as plain passages, and the texts of every other task
-(classification, clustering, STS, pair classification, ...: `prompt_type` None) as queries, on
-both sides. Embeddings are L2-normalised, so cosine similarity is the dot product.
+As the paper evaluates: each task has an instruction and fixed in-context examples, by default
+the paper's (`jax_iclemb.mteb_protocol`), `examples="none"` for zero-shot, a folder of
+`<task name>.json` files or a `tasks` mapping to use others. Queries are encoded few-shot with
+them, the documents of retrieval and reranking tasks as plain passages, and the texts of every
+other task (classification, clustering, STS, pair classification, ...: `prompt_type` None) as
+queries, on both sides. Embeddings are L2-normalised, so cosine similarity is the dot product.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jax_iclemb import mteb_protocol
 from jax_iclemb.beir import load_examples
+from jax_iclemb.embedder import Embedder
+from jax_iclemb.errors import BadValue, MissingPath
 
-# The paper's evaluation instructions (those of e5-mistral) for a few common tasks.
-DEFAULT_INSTRUCTIONS = {
-    "MSMARCO": "Given a web search query, retrieve relevant passages that answer the query.",
-    "SciFact": "Given a scientific claim, retrieve documents that support or refute the claim.",
-    "NFCorpus": "Given a question, retrieve relevant documents that best answer the question.",
-    "ArguAna": "Given a claim, find documents that refute the claim.",
-    "FiQA2018": "Given a financial question, retrieve user replies that best answer the question.",
-    "Banking77Classification": "Given a online banking query, find the corresponding intents.",
-    "ArxivClusteringS2S": (
-        "Identify the main and secondary category of Arxiv papers based on the titles."
-    ),
-    "AskUbuntuDupQuestions": "Retrieve duplicate questions from AskUbuntu forum.",
-    "SprintDuplicateQuestions": "Retrieve duplicate questions from Sprint forum.",
-}
-# Task types whose instruction does not depend on the task.
-TYPE_INSTRUCTIONS = {
-    "STS": "Retrieve semantically similar text.",
-    "Summarization": "Given a news summary, retrieve other semantically similar summaries.",
-    "BitextMining": "Retrieve parallel sentences.",
-}
+EXAMPLES = ("paper", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,53 +46,74 @@ class MTEBEmbedder:
         embedder: Any,
         tasks: Mapping[str, Mapping[str, Any]] | None = None,
         *,
+        examples: str = "paper",
         examples_dir: str | Path | None = None,
         name: str = "jax_iclemb/embedder",
         revision: str | None = None,
     ):
-        """`tasks`: {task name: {"instruction": str, "examples": path to [{"query", "response"}]}}
-        (either key optional); `examples_dir`: a folder of `<task name>.json` example files."""
+        """`examples`: "paper" (the paper's in-context examples) or "none" (zero-shot);
+        `examples_dir`: a folder of `<task name>.json` example files, used for the tasks it has
+        a file for; `tasks`: {task name: {"instruction": str, "examples": path to
+        [{"query", "response"}]}} (either key optional), used before anything else."""
+        if examples not in EXAMPLES:
+            raise BadValue(f"examples={examples!r}: expected one of {', '.join(EXAMPLES)}")
         self.embedder, self.name, self.revision = embedder, name, revision
+        self.examples = examples
         self.examples_dir = Path(examples_dir) if examples_dir is not None else None
+        if self.examples_dir is not None and not self.examples_dir.is_dir():
+            raise MissingPath(f"examples_dir {str(self.examples_dir)!r}: no such folder")
         self.tasks = dict(tasks or {})
         for task, spec in self.tasks.items():
             unknown = set(spec) - {"instruction", "examples"}
             if unknown:
-                raise ValueError(f"tasks[{task!r}]: unknown keys {sorted(unknown)}; "
-                                 "expected 'instruction' and/or 'examples'")
+                raise BadValue(f"tasks[{task!r}]: unknown keys {sorted(unknown)}; "
+                               "expected 'instruction' and/or 'examples'")
         self._prompts: dict[str, TaskPrompt] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> MTEBEmbedder:
-        from jax_iclemb.embedder import Embedder
-
-        keys = ("tasks", "examples_dir", "name", "revision")
+        keys = ("tasks", "examples", "examples_dir", "name", "revision")
         own = {k: kwargs.pop(k) for k in keys if k in kwargs}
         own.setdefault("name", f"jax_iclemb/{Path(path).resolve().name}")
         return cls(Embedder.from_pretrained(path, **kwargs), **own)
 
-    def task_prompt(self, task_name: str, task_type: str | None = None) -> TaskPrompt:
-        """The instruction and examples used for a task (loaded once)."""
-        if task_name in self._prompts:
-            return self._prompts[task_name]
-        spec = self.tasks.get(task_name, {})
-        instruction = (
-            spec.get("instruction")
-            or DEFAULT_INSTRUCTIONS.get(task_name)
-            or TYPE_INSTRUCTIONS.get(task_type or "")
-        )
-        if not instruction:
-            raise KeyError(
-                f"no instruction for MTEB task {task_name!r} (type {task_type}); pass "
-                f"tasks={{{task_name!r}: {{'instruction': ...}}}}"
+    def task_prompt(self, task_name: str, task_type: str) -> TaskPrompt:
+        """The instruction and examples used for a task of an mteb task type (loaded once)."""
+        if task_name not in self._prompts:
+            spec = self.tasks.get(task_name, {})
+            instruction = spec.get("instruction") or mteb_protocol.instruction(
+                task_name, task_type
             )
-        examples_path = spec.get("examples")
-        if examples_path is None and self.examples_dir is not None:
-            candidate = self.examples_dir / f"{task_name}.json"
-            examples_path = candidate if candidate.is_file() else None
-        examples = tuple(load_examples(examples_path)) if examples_path else ()
-        self._prompts[task_name] = TaskPrompt(instruction, examples)
+            if not instruction:
+                raise BadValue(
+                    f"no instruction for MTEB task {task_name!r} (type {task_type}): the "
+                    f"paper's protocol does not cover it; pass "
+                    f"tasks={{{task_name!r}: {{'instruction': ...}}}}"
+                )
+            self._prompts[task_name] = TaskPrompt(
+                instruction, tuple(self._examples(task_name, task_type, spec))
+            )
         return self._prompts[task_name]
+
+    def _examples(
+        self, task_name: str, task_type: str, spec: Mapping[str, Any]
+    ) -> list[dict[str, str]]:
+        if "examples" in spec:
+            return load_examples(spec["examples"])
+        own = self.examples_dir / f"{task_name}.json" if self.examples_dir is not None else None
+        if own is not None and own.is_file():
+            return load_examples(own)
+        if self.examples == "none":
+            return []
+        paper = mteb_protocol.examples(task_name, task_type)
+        if paper is None:
+            # Zero-shot rather than failing: BitextMining and C-MTEB tasks have an instruction only.
+            warnings.warn(
+                f"MTEB task {task_name!r}: the paper's protocol has no in-context examples for "
+                "it; its queries are encoded zero-shot", stacklevel=3,
+            )
+            return []
+        return paper
 
     def encode(
         self,
@@ -125,7 +129,7 @@ class MTEBEmbedder:
         texts = [text for batch in inputs for text in batch["text"]]
         if prompt_type == "document":  # mteb's PromptType is a str enum
             return self.embedder.encode_corpus(texts)
-        prompt = self.task_prompt(task_metadata.name, getattr(task_metadata, "type", None))
+        prompt = self.task_prompt(task_metadata.name, task_metadata.type)
         return self.embedder.encode_queries(
             texts, instruction=prompt.instruction, examples=prompt.examples
         )
@@ -152,5 +156,7 @@ class MTEBEmbedder:
                 "revision": self.revision,
                 "similarity_fn_name": ScoringFunction.COSINE,
                 "use_instructions": True,
+                # Zero- and few-shot runs of one model get their own results folders.
+                "experiment_kwargs": {"examples": self.examples},
             }
         )

@@ -44,7 +44,7 @@ def test_a_violation_would_be_caught(tmp_path):
 
 def test_no_import_inside_a_function_names_a_package_module():
     """Function-level imports can hide a cycle from a reader: the ones kept (JAX or a heavy
-    optional dependency, loaded only when used) say why on their line."""
+    optional dependency, loaded only when used) say why, on their line or the one above."""
     for path in PACKAGE.rglob("*.py"):
         lines = path.read_text().splitlines()
         for node in ast.walk(ast.parse(path.read_text())):
@@ -55,6 +55,7 @@ def test_no_import_inside_a_function_names_a_package_module():
                     "jax_iclemb"
                 ):
                     line = lines[inner.lineno - 1]
-                    assert "#" in line, (
+                    said = "#" in line or lines[inner.lineno - 2].strip().startswith("#")
+                    assert said, (
                         f"{path.relative_to(REPO)}:{inner.lineno}: {line.strip()}"
                     )

@@ -1,7 +1,9 @@
 """The sdist and wheel as a user gets them: built offline from the tracked files, the sdist builds
-a wheel again, and the wheel carries the recipes, console scripts and declared dependencies."""
+a wheel again, and the wheel carries the recipes, the MTEB protocol data, console scripts and
+declared dependencies."""
 
 import email
+import json
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,9 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("train", "export", "evaluate", "prepare", "inspect")
+PROTOCOL = REPO / "jax_iclemb" / "protocols" / "mteb_icl"
+# Checked with one file named as well: a moved folder would make this set empty.
+PROTOCOL_FILES = {str(p.relative_to(REPO)) for p in PROTOCOL.rglob("*") if p.is_file()}
 
 
 def _normal(requirement: str) -> str:
@@ -49,10 +54,28 @@ def dists(tmp_path_factory) -> dict[str, Path]:
     return {"sdist": sdist, "wheel": wheel, "tmp": tmp}
 
 
+@pytest.fixture(scope="module")
+def site(dists) -> Path:
+    """The wheel's files, where an install puts them on sys.path."""
+    site = dists["tmp"] / "site"
+    with zipfile.ZipFile(dists["wheel"]) as whl:
+        whl.extractall(site)
+    return site
+
+
+def _run_installed(site: Path, code: str, cwd: Path) -> list[str]:
+    """stdout lines of `code` run with the wheel's files (not this checkout) first on sys.path."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env={"PYTHONPATH": str(site), "PATH": ""},
+        check=True, capture_output=True, text=True,
+    ).stdout.splitlines()
+
+
 def test_sdist_has_what_the_build_reads(dists):
     with tarfile.open(dists["sdist"]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     assert {"requirements.txt", "LICENSE", "pyproject.toml", "configs/tiny.py"} <= names
+    assert {*PROTOCOL_FILES, "jax_iclemb/protocols/mteb_icl/NOTICE"} <= names
 
 
 def test_wheel_metadata_scripts_and_recipes(dists):
@@ -63,6 +86,7 @@ def test_wheel_metadata_scripts_and_recipes(dists):
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
     recipes = {p.name for p in (REPO / "configs").glob("*.py")}
     assert {f"jax_iclemb/configs/{name}" for name in recipes} <= names
+    assert {*PROTOCOL_FILES, "jax_iclemb/protocols/mteb_icl/instructions.json"} <= names
     for script in SCRIPTS:
         assert f"jax-iclemb-{script} = jax_iclemb." in entry_points
     requirements = [
@@ -75,18 +99,27 @@ def test_wheel_metadata_scripts_and_recipes(dists):
     assert {"torch", "mteb", "gpu", "tpu", "test"} <= set(metadata.get_all("Provides-Extra"))
 
 
-def test_installed_wheel_loads_recipes_by_name(dists, tmp_path):
+def test_installed_wheel_loads_recipes_by_name(site, tmp_path):
     """The wheel's own files (not this checkout) resolve `--config tiny`."""
-    site = tmp_path / "site"
-    with zipfile.ZipFile(dists["wheel"]) as whl:
-        whl.extractall(site)
     code = (
         "import jax_iclemb.config as c; "
         "print(c.resolve_config_path('tiny')); print(c.load_config('tiny').train.steps)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""},
-        check=True, capture_output=True, text=True,
-    ).stdout.split()
+    out = _run_installed(site, code, tmp_path)
     assert Path(out[0]) == site / "jax_iclemb" / "configs" / "tiny.py"
     assert int(out[1]) > 0
+
+
+def test_installed_wheel_reads_the_mteb_protocol(site, tmp_path):
+    """The paper's instructions and examples come from the wheel's package data."""
+    code = (
+        "import jax_iclemb.mteb_protocol as p; print(p.PROTOCOL); "
+        "print(p.instruction('SciFact', 'Retrieval')); "
+        "print(len(p.examples('CQADupstackTexRetrieval', 'Retrieval')))"
+    )
+    out = _run_installed(site, code, tmp_path)
+    assert Path(out[0]) == site / "jax_iclemb" / "protocols" / "mteb_icl"
+    instructions = json.loads((PROTOCOL / "instructions.json").read_text(encoding="utf-8"))
+    assert out[1] == instructions["by_task"]["Retrieval"]["SciFact"]
+    cqadupstack = json.loads((PROTOCOL / "examples" / "CQADupstackRetrieval.json").read_text())
+    assert int(out[2]) == len(cqadupstack)
