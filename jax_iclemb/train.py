@@ -49,7 +49,7 @@ from jax_iclemb.model import (
     mean_pool,
 )
 from jax_iclemb.model.block_sparse import block_pairs, pad_pairs
-from jax_iclemb.observe import MetricsWriter, flops_per_token, peak_flops
+from jax_iclemb.observe import MetricsWriter, flops_per_token, peak_flops, wandb_options
 from jax_iclemb.optim import global_norm, make_optimizer
 
 log = logging.getLogger("jax_iclemb.train")
@@ -405,6 +405,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     path, record or config key fails with the workdir as it was."""
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
+    wandb_options(config.log)  # a missing wandb package stops here, on every process
 
     cache = compile_cache.enable(config.train.compilation_cache)
     log.info("compiled steps are cached in %s", cache or "(nowhere: cache off)")
@@ -574,7 +575,8 @@ class TrainLoop:
         stop = _StopFlag()
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         writer = MetricsWriter(
-            workdir, enabled=is_main, total=steps, initial=start, config=config_lib.to_json(config)
+            workdir, enabled=is_main, total=steps, initial=start, config=config_lib.to_json(config),
+            wandb=wandb_options(config.log),
         )
         peak = peak_flops(jax.devices()[0]) * jax.device_count()
         history: list[float] = []
