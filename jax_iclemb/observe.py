@@ -89,6 +89,8 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 @dataclasses.dataclass(frozen=True)
 class WandbOptions:
+    """Where the W&B run goes and what it is called (the `log.wandb_*` keys)."""
+
     project: str
     entity: str  # "" = the account's default entity
     name: str  # "" = the workdir's name
@@ -145,8 +147,8 @@ class WandbWriter:
 
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard + W&B (with `wandb` options) + a tqdm bar; all no-ops off
-    process 0, where wandb is not even imported.
+    """metrics.jsonl + TensorBoard + W&B (with `wandb` options) + a tqdm bar; all no-ops when not
+    `enabled` (off process 0), where wandb is not even imported.
 
     A run resumed at step `initial` first drops what a killed run logged after its checkpoint:
     records past `initial` leave metrics.jsonl, and TensorBoard is told to purge them
