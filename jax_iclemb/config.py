@@ -182,6 +182,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.data = ""
     c.eval.instruction = ""
     c.eval.examples = ""
+
+    # Weights & Biases, besides metrics.jsonl and TensorBoard (pip install 'jax_iclemb[wandb]').
+    c.log = ml_collections.ConfigDict()
+    c.log.wandb = False
+    c.log.wandb_project = "jax_iclemb"
+    c.log.wandb_entity = ""  # "" = the account's default entity
+    c.log.wandb_run_name = ""  # "" = the workdir's name
     return c
 
 

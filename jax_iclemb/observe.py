@@ -1,4 +1,5 @@
-"""What a run reports: metrics.jsonl, TensorBoard events, a progress bar, and the FLOP model.
+"""What a run reports: metrics.jsonl, TensorBoard events, optionally Weights & Biases, a progress
+bar, and the FLOP model.
 
 FLOP model (per real token, documented in docs/training.md): a frozen base with LoRA needs the
 forward (2·N) and the backward with respect to activations only (2·N), no weight gradients:
@@ -10,12 +11,21 @@ MFU, not hardware utilisation.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
+
+from jax_iclemb.errors import BadValue, UserError
+
+WANDB_INSTALL = "pip install 'jax_iclemb[wandb]'"
+WANDB_RUN_ID = "wandb_run_id.txt"  # in the workdir: a resumed run continues the same W&B run
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix.
 PEAK_FLOPS = {
@@ -65,27 +75,112 @@ def _logged_step(line: str) -> float:
         return float("inf")
 
 
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The plotted values of a record, by tag: `train/<key>` for its numbers, `<key>/<name>` for
+    the entries of its dicts (e.g. {"eval": {"ndcg@10/zero": ...}}); strings and `step` are not."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{name}": v for name, v in value.items()})
+        elif isinstance(value, int | float) and key != "step":
+            out[f"train/{key}"] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbOptions:
+    """Where the W&B run goes and what it is called (the `log.wandb_*` keys)."""
+
+    project: str
+    entity: str  # "" = the account's default entity
+    name: str  # "" = the workdir's name
+
+
+def wandb_options(log: ml_collections.ConfigDict) -> WandbOptions | None:
+    """The `log.wandb*` keys, or None when W&B is off. Checks that wandb is installed without
+    importing it: every process calls this before anything is written, so all stop alike."""
+    if not log.wandb:
+        return None
+    if importlib.util.find_spec("wandb") is None:
+        raise BadValue(
+            f"log.wandb=True needs the wandb package: {WANDB_INSTALL} "
+            "(or turn it off with --config.log.wandb=False)"
+        )
+    return WandbOptions(log.wandb_project, log.wandb_entity, log.wandb_run_name)
+
+
+class WandbWriter:
+    """One W&B run per workdir: its id is kept in `wandb_run_id.txt` and a resumed run continues
+    it (`resume="allow"`). W&B's history only grows, so steps it already holds (logged by a
+    killed run after its checkpoint, the same numbers as resume is exact) are not sent again."""
+
+    def __init__(self, workdir: Path, options: WandbOptions, config: dict[str, Any]):
+        import wandb
+
+        id_file = workdir / WANDB_RUN_ID
+        if not id_file.exists():
+            id_file.write_text(secrets.token_hex(4))  # before init: a crash in it keeps the id
+        try:
+            self._run = wandb.init(
+                project=options.project,
+                entity=options.entity or None,
+                name=options.name or workdir.resolve().name,
+                id=id_file.read_text().strip(),
+                resume="allow",
+                dir=workdir,  # its files (and offline runs) stay with the run's
+                config=config,
+                settings=wandb.Settings(quiet=True),  # no banner or summary around the bar
+            )
+        except wandb.errors.Error as e:
+            raise UserError(
+                f"W&B could not start a run: {e}. Log in (`wandb login` or WANDB_API_KEY), "
+                "log offline (WANDB_MODE=offline), or turn it off (--config.log.wandb=False)"
+            ) from None
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        if step >= self._run.starting_step:  # below it W&B drops the record, with a warning
+            self._run.log(scalars(record), step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard + a tqdm bar; all no-ops off process 0.
+    """metrics.jsonl + TensorBoard + W&B (with `wandb` options) + a tqdm bar; all no-ops when not
+    `enabled` (off process 0), where wandb is not even imported.
 
     A run resumed at step `initial` first drops what a killed run logged after its checkpoint:
     records past `initial` leave metrics.jsonl, and TensorBoard is told to purge them
-    (`purge_step`), so every step is plotted and listed once. `config` (JSON) is logged as text.
+    (`purge_step`), so every step is plotted and listed once. `config` (JSON) is logged as text
+    to TensorBoard and as the W&B run's config.
     """
 
-    def __init__(self, workdir: Path, *, enabled: bool, total: int, initial: int, config: str):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        enabled: bool,
+        total: int,
+        initial: int,
+        config: str,
+        wandb: WandbOptions | None = None,
+    ):
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
-        metrics = Path(workdir) / "metrics.jsonl"
+        workdir = Path(workdir)
+        # First, so that W&B's lines come before the bar.
+        self._wandb = WandbWriter(workdir, wandb, json.loads(config)) if wandb else None
+        metrics = workdir / "metrics.jsonl"
         if metrics.exists():
             kept = [x for x in metrics.read_text().splitlines() if _logged_step(x) <= initial]
             metrics.write_text("".join(f"{x}\n" for x in kept))
         self._file = open(metrics, "a")  # noqa: SIM115
-        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=initial + 1)
+        self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=initial + 1)
         self._tb.add_text("config", f"```json\n{config}\n```", initial)
         self._bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
@@ -94,13 +189,11 @@ class MetricsWriter:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for key, value in record.items():
-            if isinstance(value, dict):  # e.g. {"eval": {"ndcg@10/zero": ...}}
-                for name, v in value.items():
-                    self._tb.add_scalar(f"{key}/{name}", v, record["step"])
-            elif isinstance(value, int | float) and key != "step":
-                self._tb.add_scalar(f"train/{key}", value, record["step"])
+        for tag, value in scalars(record).items():
+            self._tb.add_scalar(tag, value, record["step"])
         self._tb.flush()  # as metrics.jsonl: a killed run keeps what it logged
+        if self._wandb:
+            self._wandb.write(record)
 
     def note(self, message: str) -> None:
         """A line above the progress bar (compiles, for example)."""
@@ -121,3 +214,5 @@ class MetricsWriter:
         self._bar.close()
         self._tb.close()
         self._file.close()
+        if self._wandb:
+            self._wandb.close()

@@ -31,7 +31,7 @@ from jax_iclemb import config as config_lib
 from jax_iclemb.data.pipeline import TrainPipeline, pipeline_from_config
 from jax_iclemb.errors import PathExists, add_debug_flag, cli
 from jax_iclemb.model.build import build_model, lora_config, split_model
-from jax_iclemb.observe import flops_per_token
+from jax_iclemb.observe import flops_per_token, wandb_options
 from jax_iclemb.optim import make_optimizer
 from jax_iclemb.train_loop import TrainLoop
 from jax_iclemb.train_step import StepConfig, initial_state, make_grad_fn, make_update
@@ -51,6 +51,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     path, record or config key fails with the workdir as it was."""
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
+    wandb_options(config.log)  # a missing wandb package stops here, on every process
 
     cache = compile_cache.enable(config.train.compilation_cache)
     log.info("compiled steps are cached in %s", cache or "(nowhere: cache off)")

@@ -23,7 +23,7 @@ from jax_iclemb.checkpoint import TrainState
 from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.embedder import Embedder, options_from_config
 from jax_iclemb.errors import ReportedError
-from jax_iclemb.observe import MetricsWriter, peak_flops
+from jax_iclemb.observe import MetricsWriter, peak_flops, wandb_options
 from jax_iclemb.retrieval import METRICS, MODES, evaluate_beir
 from jax_iclemb.step_batch import StepShape, device_batch, global_max, shape_batch
 
@@ -149,7 +149,8 @@ class TrainLoop:
         stop = _StopFlag()
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         writer = MetricsWriter(
-            workdir, enabled=is_main, total=steps, initial=start, config=config_lib.to_json(config)
+            workdir, enabled=is_main, total=steps, initial=start, config=config_lib.to_json(config),
+            wandb=wandb_options(config.log),
         )
         peak = peak_flops(jax.devices()[0]) * jax.device_count()
         history: list[float] = []

@@ -47,7 +47,8 @@ def two_processes(
     """2 processes x 2 CPU devices, started as the explicit-coordinator launcher or as a 2-task
     srun step on one node would start them (`EMULATE`, launch/local_multiprocess.sh)."""
     env = dict(
-        os.environ, PYTHON=sys.executable, LOG_DIR=str(logs), KILL_AFTER="10", EMULATE=emulate
+        os.environ, PYTHON=sys.executable, LOG_DIR=str(logs), KILL_AFTER="10", EMULATE=emulate,
+        WANDB_MODE="offline",  # for the run that logs to W&B
     )
     return subprocess.Popen(
         [str(LAUNCHER), "2", "2", "--", *TRAIN_ARGS, "--workdir", str(workdir), *overrides],
@@ -117,6 +118,7 @@ def runs(tmp_path_factory):
         "multi": two_processes(
             paths["multi"], root / "multi-logs", f"--config.train.steps={STEPS}",
             "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=5",
+            "--config.log.wandb=True",
         ),
         "slurm": two_processes(
             paths["slurm"], root / "slurm-logs", f"--config.train.steps={STEPS}",
@@ -191,10 +193,12 @@ def test_only_process_zero_writes_metrics_logs_and_config(runs):
     assert [r["step"] for r in records(workdir)] == list(range(1, STEPS + 1))  # each step once
     assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == STEPS
     assert len(list((workdir / "tensorboard").iterdir())) == 1  # one event file, not one per host
+    assert len(list((workdir / "wandb").glob("offline-run-*"))) == 1  # one W&B run, process 0's
     assert (workdir / "tokenizer").is_dir()
     # The progress bar is process 0's alone; process 1 only logs.
     assert PROGRESS_BAR.search((paths["multi-logs"] / "proc-0.log").read_text())
     assert not PROGRESS_BAR.search((paths["multi-logs"] / "proc-1.log").read_text())
+    assert "wandb:" not in (paths["multi-logs"] / "proc-1.log").read_text()
     assert checkpoint_steps(workdir) == [2, 4]
 
 

@@ -96,7 +96,8 @@ def test_wheel_metadata_scripts_and_recipes(dists):
     required = [r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r]
     assert sorted(map(_normal, required)) == sorted(map(_normal, requirements))
     assert metadata["License-Expression"] == "Apache-2.0"
-    assert {"torch", "mteb", "gpu", "tpu", "test"} <= set(metadata.get_all("Provides-Extra"))
+    extras = {"torch", "mteb", "gpu", "tpu", "wandb", "test"}
+    assert extras <= set(metadata.get_all("Provides-Extra"))
 
 
 def test_installed_wheel_loads_recipes_by_name(site, tmp_path):
