@@ -38,7 +38,7 @@ from jax_iclemb.data.tokenizer import load_tokenizer
 from jax_iclemb.errors import MissingPath
 from jax_iclemb.model import load_peft, load_pretrained
 from jax_iclemb.model.build import embed_packed
-from jax_iclemb.model.hf import is_hub_id
+from jax_iclemb.model.hf import download, is_hub_id
 from jax_iclemb.model.trained import load_trained
 from jax_iclemb.workdir import is_workdir
 
@@ -114,16 +114,24 @@ class Embedder:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, step: int | None = None, dtype: str = "float32", **kwargs: Any
+        cls,
+        path: str | Path,
+        *,
+        step: int | None = None,
+        dtype: str = "float32",
+        revision: str | None = None,
+        **kwargs: Any,
     ) -> Embedder:
         """A training workdir (latest or given step), a merged HF folder, a PEFT folder, or a
-        Hugging Face Hub id. Nothing is written to `path`."""
+        Hugging Face Hub id of either (at `revision`). Nothing is written to `path`."""
         path = Path(path)
         if not path.is_dir() and not is_hub_id(path):
             raise MissingPath(
                 f"{path}: no such folder (a training workdir, a merged or PEFT export, or a "
                 f"Hugging Face Hub id owner/name)"
             )
+        if not path.is_dir():  # a Hub id: its model or adapter files, the tokenizer among them
+            path = download(str(path), revision=revision)
         if path.is_dir() and not any((path / f).is_file() for f in MODEL_FILES):
             raise MissingPath(
                 f"{path}: neither a training workdir nor a model folder (it has none of "

@@ -1,6 +1,8 @@
-"""Hugging Face import/export: round trips through torch transformers and peft, bad inputs."""
+"""Hugging Face import/export: round trips through torch transformers and peft, bad inputs,
+loading Hub ids from a local fake of the Hub."""
 
 import json
+import logging
 import shutil
 
 import jax
@@ -9,8 +11,10 @@ import peft
 import pytest
 import torch
 import transformers
+from fake_hub import COMMITS, files_under, install
 from flax import nnx
 from jax.sharding import PartitionSpec
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from jax_iclemb.model import (
@@ -20,10 +24,11 @@ from jax_iclemb.model import (
     export_merged,
     export_peft,
     load_lora_state,
+    load_peft,
     load_pretrained,
     lora_state,
 )
-from jax_iclemb.model.hf import read_checkpoint
+from jax_iclemb.model.hf import HUB_META_FILES, read_checkpoint
 from jax_iclemb.parallel import make_mesh
 
 TOL = 1e-4
@@ -240,3 +245,138 @@ def test_import_onto_a_mesh_streams_into_shards(trained, base_dir):
         for p in path:
             want = want[p]
         np.testing.assert_array_equal(var.get_value(), want.get_value(), err_msg=str(path))
+
+
+def test_bfloat16_checkpoints_read_and_write_as_torch_does(base_dir, tmp_path):
+    torch_model = transformers.AutoModel.from_pretrained(base_dir, dtype=torch.bfloat16)
+    torch_model.save_pretrained(tmp_path / "bf16")
+    model, _ = load_pretrained(tmp_path / "bf16", param_dtype="bfloat16")
+    want = torch_model.layers[1].mlp.up_proj.weight.detach().view(torch.int16).numpy()
+    got = np.asarray(model.layers.mlp.up_proj.weight.get_value()[1])
+    assert got.dtype.name == "bfloat16"
+    np.testing.assert_array_equal(got.view(np.int16), want)  # bit for bit
+
+    out = export_merged(model, model.config, tmp_path / "out")
+    written = load_file(out / "model.safetensors")["layers.1.mlp.up_proj.weight"]
+    assert written.dtype == torch.bfloat16
+    np.testing.assert_array_equal(written.view(torch.int16).numpy(), want)
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}  # what transformers checks before loading
+    assert transformers.AutoConfig.from_pretrained(out).dtype == torch.bfloat16
+
+
+def test_legacy_config_keys_are_read_through_transformers(base_dir, tmp_path):
+    folder = shutil.copytree(base_dir, tmp_path / "legacy")
+    hf = json.loads((folder / "config.json").read_text())
+    del hf["rope_parameters"]  # a transformers 4 config: rope_theta on top, `rope_scaling`
+    hf.update(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=5e5,
+              rope_scaling={k: v for k, v in LLAMA3.items() if k != "rope_theta"})
+    (folder / "config.json").write_text(json.dumps(hf))
+    _, cfg = load_pretrained(folder, dtype="float32", param_dtype="float32")
+    assert (cfg.model_type, cfg.rope_theta, cfg.rope_scaling.factor) == ("llama", 5e5, 8.0)
+    (folder / "config.json").write_text(json.dumps({**hf, "model_type": "no-such-family"}))
+    with pytest.raises(ValueError, match=r"no-such-family.*supported model types.*mistral"):
+        load_pretrained(folder)
+
+
+# ---- Hub ids, against a local fake of the Hub ----
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    return install(tmp_path / "hub-cache", monkeypatch)
+
+
+def assert_same_params(got, want):
+    want = dict(nnx.to_flat_state(nnx.state(want, nnx.Param)))
+    got = dict(nnx.to_flat_state(nnx.state(got, nnx.Param)))
+    assert got.keys() == want.keys()
+    for path, var in got.items():
+        np.testing.assert_array_equal(var.get_value(), want[path].get_value(), err_msg=str(path))
+
+
+def test_hub_model_downloads_its_files_at_the_revision(trained, base_dir, hub, tmp_path, caplog):
+    model, cfg, _ = trained
+    repo = export_merged(model, cfg, tmp_path / "repo", max_shard_size="40KB")
+    shards = sorted(set(json.loads((repo / "model.safetensors.index.json").read_text())[
+        "weight_map"].values()))
+    (repo / "tokenizer.json").write_text("{}")
+    # What the repository holds besides: a consolidated copy, other formats, nested configs.
+    shutil.copy(repo / shards[0], repo / "consolidated.safetensors")
+    (repo / "pytorch_model.bin").write_bytes(b"torch")
+    (repo / "original").mkdir()
+    (repo / "original" / "config.json").write_text("{}")
+    hub.publish("owner/model", base_dir, "main")  # another vocabulary: the revision must count
+    hub.publish("owner/model", repo, "v1")
+
+    with caplog.at_level(logging.DEBUG):
+        got, got_cfg = load_pretrained("owner/model", revision="v1", token="hf_secret",
+                                       vocab_size=VOCAB, dtype="float32", param_dtype="float32")
+    want, want_cfg = load_pretrained(repo, dtype="float32", param_dtype="float32")
+    assert got_cfg == want_cfg and got_cfg.vocab_size == VOCAB
+    assert_same_params(got, want)
+    snapshot = hub.snapshot("owner/model", "v1")
+    assert files_under(snapshot) == sorted(
+        ["config.json", "model.safetensors.index.json", "tokenizer.json", *shards]
+    )
+    # Configs first at the asked revision, then the weights of that same commit.
+    assert [(c["revision"], c["token"]) for c in hub.calls] == [
+        ("v1", "hf_secret"), (COMMITS["v1"], "hf_secret")
+    ]
+    assert hub.calls[0]["allow_patterns"] == list(HUB_META_FILES)
+    assert hub.calls[1]["allow_patterns"] == shards
+    assert "hf_secret" not in caplog.text
+
+    hub.calls.clear()
+    _, main_cfg = load_pretrained("owner/model", dtype="float32", param_dtype="float32")
+    assert main_cfg.vocab_size == BASE_VOCAB
+    assert [(c["revision"], c["token"]) for c in hub.calls] == [
+        (None, None), (COMMITS["main"], None)  # None: huggingface_hub's own login or $HF_TOKEN
+    ]
+    assert files_under(hub.snapshot("owner/model")) == ["config.json", "model.safetensors"]
+
+
+def test_hub_adapter_id_resolves_its_hub_base_at_its_revision(trained, base_dir, hub, tmp_path):
+    model, cfg, _ = trained
+    adapter = export_peft(model, cfg, tmp_path / "adapter", base_model_name_or_path="owner/base")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["revision"] = "v1"  # PEFT's field for the base model's revision
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    hub.publish("owner/adapter", adapter)
+    hub.publish("owner/base", base_dir, "v1")  # no main: only the adapter's revision loads
+
+    got, got_cfg = load_peft("owner/adapter", vocab_size=VOCAB, token="hf_secret",
+                             dtype="float32", param_dtype="float32")
+    assert got_cfg == cfg
+    assert_same_params(got, model)
+    assert [(c["repo"], c["revision"], c["token"]) for c in hub.calls] == [
+        ("owner/adapter", None, "hf_secret"),
+        ("owner/adapter", COMMITS["main"], "hf_secret"),
+        ("owner/base", "v1", "hf_secret"),
+        ("owner/base", COMMITS["v1"], "hf_secret"),
+    ]
+    snapshot = hub.snapshot("owner/adapter")
+    assert files_under(snapshot) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_hub_adapter_id_with_its_base_inside_the_repository(trained, hub, tmp_path):
+    model, cfg, _ = trained
+    # A random-init run's export: the LoRA-free base in base/, named relatively.
+    adapter = export_peft(model, cfg, tmp_path / "adapter", base_model_name_or_path="base")
+    export_merged(model, cfg, adapter / "base", merge_lora=False)
+    hub.publish("owner/adapter", adapter)
+
+    got, got_cfg = load_peft("owner/adapter", dtype="float32", param_dtype="float32")
+    assert got_cfg == cfg.replace(base_vocab_size=None)  # base/ has the extended vocabulary
+    assert_same_params(got, model)
+    assert [c["repo"] for c in hub.calls] == ["owner/adapter"] * 2
+    assert hub.calls[1]["allow_patterns"] == ["adapter_model.safetensors", "base/*"]
+
+
+def test_hub_failures_say_what_went_wrong(trained, hub, tmp_path):
+    model, cfg, _ = trained
+    with pytest.raises(FileNotFoundError, match=r"owner/nope.*Hub download failed.*404"):
+        load_pretrained("owner/nope")
+    adapter = export_peft(model, cfg, tmp_path / "adapter", base_model_name_or_path="owner/base")
+    hub.publish("owner/adapter", adapter)
+    with pytest.raises(FileNotFoundError, match=r"config.json not found.*PEFT adapter.*load_peft"):
+        load_pretrained("owner/adapter")

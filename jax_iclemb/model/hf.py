@@ -1,9 +1,8 @@
 """Hugging Face import (safetensors -> sharded Decoder) and export (merged model, PEFT adapter).
 
-Tensors stream one at a time in both directions: import reads each shard of each tensor straight
-from a memory-mapped safetensors file into its device; export gathers one tensor to the host,
-writes it and drops it. The safetensors container is read and written here directly because the
-`safetensors` numpy API cannot represent bfloat16, the dtype of nearly every released checkpoint.
+Import reads each shard of each tensor lazily from its safetensors file straight into its device;
+export gathers tensors to the host one file (a shard, at most `max_shard_size`) at a time. Hub ids
+are downloaded with `huggingface_hub`, only the files that loading needs.
 """
 
 from __future__ import annotations
@@ -15,21 +14,24 @@ import logging
 import math
 import os
 import re
-import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", which safetensors' numpy API returns)
 import numpy as np
+import transformers
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jax_iclemb.errors import BadValue, MissingPath, PathExists
-from jax_iclemb.model.config import ModelConfig
+from jax_iclemb.model.config import FAMILIES, ModelConfig
 from jax_iclemb.model.decoder import Decoder, layer_view, model_rngs, state_shardings
 from jax_iclemb.model.lora import (
     FROZEN,
@@ -44,54 +46,34 @@ from jax_iclemb.model.lora import (
 
 log = logging.getLogger(__name__)
 
+CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # What export_merged / export_peft write besides weight shards (overwrite=True removes them).
 EXPORT_FILES = (
-    "config.json", INDEX_FILE, ADAPTER_FILE, ADAPTER_CONFIG,
+    CONFIG_FILE, INDEX_FILE, ADAPTER_FILE, ADAPTER_CONFIG,
     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
 )
+# What a Hub download fetches before the weights: the configs, and the tokenizer of any family.
+HUB_META_FILES = (
+    CONFIG_FILE, INDEX_FILE, ADAPTER_CONFIG,
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
+)
 _IGNORED = re.compile(r"^(lm_head\.weight|.*rotary_emb\.inv_freq)$")  # never needed by an embedder
-
-_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 # ---- the safetensors container ----
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Tensor name -> read-only memory-mapped array (nothing is read until sliced)."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
-    out = {}
-    for name, info in header.items():
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        dtype = _DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end == begin:
-            out[name] = np.zeros(shape, dtype)
-            continue
-        flat = np.memmap(path, np.uint8, mode="r", offset=8 + header_len + begin, shape=end - begin)
-        out[name] = flat.view(dtype).reshape(shape)
-    return out
+def _open_safetensors(path: Path) -> dict[str, Any]:
+    """Tensor name -> lazy slice (`get_shape()`; nothing is read until it is indexed)."""
+    with safe_open(path, framework="np") as f:
+        # safe_open is not iterable; its slices outlive the handle.
+        return {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118
 
 
 class _Tensor(NamedTuple):
@@ -108,31 +90,21 @@ class _Tensor(NamedTuple):
 
 
 def _write_safetensors(path: Path, tensors: list[_Tensor]) -> None:
-    """Write `tensors`; each is fetched, written and dropped in turn."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
+    """Write `tensors` to one file, with the `{"format": "pt"}` metadata transformers expects.
+
+    safetensors has no streaming writer (it serialises arrays that are all in memory), so the host
+    holds one file's tensors at once: `_write_sharded` bounds that by the shard size.
+    """
+    arrays = {}
     for t in tensors:
-        header[t.name] = {
-            "dtype": _DTYPE_NAMES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in tensors:
-            array = np.ascontiguousarray(t.fetch(), dtype=t.dtype)
-            if array.shape != t.shape:
-                raise ValueError(
-                    f"tensor {t.name}: produced shape {array.shape}, declared {t.shape}"
-                )
-            f.write(array.tobytes())
+        array = np.ascontiguousarray(t.fetch(), dtype=t.dtype)
+        if array.shape != t.shape:
+            raise ValueError(f"tensor {t.name}: produced shape {array.shape}, declared {t.shape}")
+        arrays[t.name] = array
+    save_file(arrays, path, metadata={"format": "pt"})
 
 
-# ---- import ----
+# ---- the Hugging Face Hub ----
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -150,7 +122,48 @@ def is_hub_id(spec: str | os.PathLike) -> bool:
     )
 
 
-def _resolve(path_or_hub_id: str | os.PathLike) -> Path:
+def _snapshot(hub_id: str, files: list[str], revision: str | None, token: str | None) -> Path:
+    try:
+        folder = huggingface_hub.snapshot_download(
+            hub_id, revision=revision, token=token, allow_patterns=files
+        )
+    except Exception as e:
+        # Any failure of the download (network, offline, no such repository) means the same.
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MissingPath(
+            f"{hub_id}: no such folder, and the Hugging Face Hub download failed ({reason})"
+        ) from e
+    return Path(folder)
+
+
+def _weight_files(folder: Path) -> list[str]:
+    """The weight files a downloaded config names: an adapter's (with the folder of a relative
+    base, which `resolve_base` looks for), the shards of the index, or the single file."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        relative = base and not Path(base).is_absolute() and ".." not in Path(base).parts
+        return [ADAPTER_FILE, f"{base}/*"] if relative else [ADAPTER_FILE]
+    if (folder / INDEX_FILE).is_file():
+        return sorted(set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()))
+    return [SINGLE_FILE]
+
+
+def download(hub_id: str, *, revision: str | None = None, token: str | None = None) -> Path:
+    """A local snapshot of a Hub model or PEFT adapter repository with only what loading needs:
+    configs and tokenizer, then the weights they name, not every *.safetensors of the repository
+    (consolidated or duplicate copies). `revision`: a branch, tag or commit; `token`: None uses
+    the logged-in token or $HF_TOKEN."""
+    folder = _snapshot(hub_id, list(HUB_META_FILES), revision, token)
+    # The cache names a snapshot by its commit: fetch the weights of that same commit, even if
+    # the branch moves between the two calls.
+    commit = folder.name if _COMMIT.fullmatch(folder.name) else revision
+    return _snapshot(hub_id, _weight_files(folder), commit, token)
+
+
+def resolve_folder(
+    path_or_hub_id: str | os.PathLike, *, revision: str | None = None, token: str | None = None
+) -> Path:
+    """A local model or adapter folder as it is, else the Hub download of that id."""
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
@@ -159,49 +172,63 @@ def _resolve(path_or_hub_id: str | os.PathLike) -> Path:
             f"{path_or_hub_id}: no such model folder (a folder with config.json and "
             f"*.safetensors, or a Hugging Face Hub id owner/name)"
         )
-    from huggingface_hub import snapshot_download
+    return download(str(path_or_hub_id), revision=revision, token=token)
 
+
+# ---- import ----
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json as transformers reads it (older keys such as `rope_scaling`
+    normalised, the family's defaults filled in)."""
+    if not (folder / CONFIG_FILE).is_file():
+        hint = (
+            " (it is a PEFT adapter: load it with load_peft)"
+            if (folder / ADAPTER_CONFIG).is_file()
+            else " (not a Hugging Face model folder)"
+        )
+        raise MissingPath(f"{folder}: {CONFIG_FILE} not found{hint}")
     try:
-        folder = snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors"])
-    except Exception as e:
-        # Any failure of the download (network, offline, no such repository) means the same.
-        raise MissingPath(
-            f"{path_or_hub_id}: no such folder, and the Hugging Face Hub download failed "
-            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        return transformers.AutoConfig.from_pretrained(folder).to_dict()
+    except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadValue(
+            f"{folder / CONFIG_FILE}: transformers cannot read it ({reason}); "
+            f"supported model types: {sorted(FAMILIES)}"
         ) from e
-    return Path(folder)
 
 
-def read_checkpoint(folder: Path) -> dict[str, np.ndarray]:
-    """All tensors of a folder's single-file or sharded safetensors checkpoint, memory-mapped."""
+def read_checkpoint(folder: Path) -> dict[str, Any]:
+    """Every tensor of a folder's single-file or sharded safetensors checkpoint, as a lazy slice."""
     index = folder / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         files = {
-            name: _read_safetensors(folder / name) for name in sorted(set(weight_map.values()))
+            name: _open_safetensors(folder / name) for name in sorted(set(weight_map.values()))
         }
         return {key: files[name][key] for key, name in weight_map.items()}
     single = folder / SINGLE_FILE
     if single.is_file():
-        return _read_safetensors(single)
+        return _open_safetensors(single)
     raise MissingPath(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
 
-def _lookup(tensors: dict[str, np.ndarray], name: str, folder: Path) -> np.ndarray:
+def _lookup(tensors: dict[str, Any], name: str, folder: Path) -> Any:
     for key in (name, "model." + name):
         if key in tensors:
             return tensors[key]
     raise KeyError(f"checkpoint {folder} lacks tensor {name!r} (also tried 'model.{name}')")
 
 
-def _with_new_rows(table: np.ndarray, vocab_size: int) -> Callable[[tuple], np.ndarray]:
-    """Slice reader for an embedding extended to `vocab_size` rows, new rows = mean of old rows."""
-    base = table.shape[0]
-    mean = table.astype(np.float64).mean(axis=0)
+def _with_new_rows(table: Any, vocab_size: int) -> Callable[[tuple], np.ndarray]:
+    """Slice reader for an embedding (a lazy slice) extended to `vocab_size` rows, new rows = mean
+    of old rows."""
+    base = table.get_shape()[0]
+    mean = np.mean(table[...], axis=0, dtype=np.float64)
 
     def read(index: tuple) -> np.ndarray:
         rows, cols = range(vocab_size)[index[0]], index[1]
-        old = table[rows.start : min(rows.stop, base), cols]
+        old = table[min(rows.start, base) : min(rows.stop, base), cols]
         new = np.broadcast_to(mean[cols], (max(rows.stop - max(rows.start, base), 0), old.shape[1]))
         return np.concatenate([old, new.astype(old.dtype)])
 
@@ -233,18 +260,18 @@ def load_pretrained(
     param_dtype: str = "bfloat16",
     vocab_size: int | None = None,
     seed: int = 0,
+    revision: str | None = None,
+    token: str | None = None,
     **options: Any,
 ) -> tuple[Decoder, ModelConfig]:
     """A Decoder with a checkpoint's weights, streamed into their shards; LoRA adapters fresh.
 
     `vocab_size` (the tokenizer's length) larger than the checkpoint's appends embedding rows set to
-    the mean of the existing rows. `options` are further ModelConfig fields (remat, attention, ...).
+    the mean of the existing rows. `revision`/`token` are for a Hub id (`download`). `options` are
+    further ModelConfig fields (remat, attention, ...).
     """
-    folder = _resolve(path_or_hub_id)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise MissingPath(f"{folder}: config.json not found (not a Hugging Face model folder)")
-    hf = json.loads(config_file.read_text())
+    folder = resolve_folder(path_or_hub_id, revision=revision, token=token)
+    hf = read_hf_config(folder)
     cfg = ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype, **options)
     if vocab_size is not None and vocab_size != cfg.vocab_size:
         if vocab_size < cfg.vocab_size:
@@ -278,9 +305,9 @@ def load_pretrained(
             reader = lambda index, src=src: src[index]
             if name == "embed_tokens.weight" and cfg.base_vocab_size is not None:
                 want, reader = (cfg.base_vocab_size, *want[1:]), _with_new_rows(src, cfg.vocab_size)
-            if tuple(src.shape) != tuple(want):
+            if tuple(src.get_shape()) != tuple(want):
                 raise BadValue(
-                    f"tensor {name!r} in {folder} has shape {tuple(src.shape)}, "
+                    f"tensor {name!r} in {folder} has shape {tuple(src.get_shape())}, "
                     f"the model expects {tuple(want)}"
                 )
             readers.append(lambda index, r=reader: np.asarray(r(index), dtype=cfg.weight_dtype))
@@ -421,9 +448,8 @@ def export_merged(
         return Path(out_dir)
     out = _prepare_dir(out_dir, overwrite)
     _write_sharded(out, tensors, parse_size(max_shard_size))
-    hf = cfg.to_hf()
-    hf["dtype"] = out_dtype.name
-    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    fields = {**cfg.to_hf(), "dtype": out_dtype.name}
+    transformers.AutoConfig.for_model(fields.pop("model_type"), **fields).save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
@@ -502,11 +528,20 @@ def resolve_base(adapter_dir: str | os.PathLike, base_model_name_or_path: str) -
 
 
 def load_peft(
-    folder: str | os.PathLike, *, vocab_size: int | None = None, **options: Any
+    path_or_hub_id: str | os.PathLike,
+    *,
+    vocab_size: int | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    **options: Any,
 ) -> tuple[Decoder, ModelConfig]:
-    """A base model (its `base_model_name_or_path`) with a PEFT LoRA adapter folder applied:
-    the inverse of `export_peft`. `options` go to `load_pretrained` (dtype, mesh, ...)."""
-    folder = Path(folder)
+    """A base model (its `base_model_name_or_path`) with a PEFT LoRA adapter folder or Hub id
+    applied: the inverse of `export_peft`. `revision` is the adapter repository's; the base's is
+    the adapter config's `revision` (PEFT's field), if any. `options` go to `load_pretrained`
+    (dtype, mesh, ...)."""
+    folder = resolve_folder(path_or_hub_id, revision=revision, token=token)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise MissingPath(f"{folder}: {ADAPTER_CONFIG} not found (not a PEFT adapter)")
     adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
     if adapter.get("peft_type") != "LORA":
         kind = adapter.get("peft_type")
@@ -519,9 +554,9 @@ def load_peft(
     )
     model, cfg = load_pretrained(
         resolve_base(folder, adapter["base_model_name_or_path"]),
-        lora=lora, vocab_size=vocab_size, **options,
+        lora=lora, vocab_size=vocab_size, revision=adapter.get("revision"), token=token, **options,
     )
-    tensors = _read_safetensors(folder / ADAPTER_FILE)
+    tensors = _open_safetensors(folder / ADAPTER_FILE)
     arrays = {}
     for path, var in nnx.to_flat_state(nnx.state(model, TRAINABLE)):
         layers = []
@@ -529,12 +564,12 @@ def load_peft(
             name = _peft_name(path, layer)
             if name not in tensors:
                 raise KeyError(f"{folder / ADAPTER_FILE} lacks tensor {name!r}")
-            layers.append(np.asarray(tensors[name]))
+            layers.append(tensors[name][...])
         arrays[path] = np.stack(layers) if is_stacked(path) else layers[0]
     load_lora_state(model, traverse_util.unflatten_dict(arrays))
     rows = (adapter.get("trainable_token_indices") or {}).get("embed_tokens")
     if rows:
-        new = tensors["base_model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+        new = tensors["base_model.model.embed_tokens.token_adapter.trainable_tokens_delta"][...]
         table = model.embed_tokens.weight
         value = table[...]
         table[...] = value.at[np.asarray(rows)].set(jnp.asarray(new, value.dtype))
