@@ -98,7 +98,7 @@ def measure(data_dir: Path, batches: int, batch_size: int) -> dict:
     """One size, in this (fresh, one-core) process: memory and throughput."""
     os.sched_setaffinity(0, {0})
     from jax_iclemb.config import default_config
-    from jax_iclemb.data.pipeline import TrainPipeline
+    from jax_iclemb.data.pipeline import DataConfig, TrainPipeline
     from jax_iclemb.data.sources import open_datasets
     from jax_iclemb.data.tokenizer import load_tokenizer
 
@@ -109,7 +109,7 @@ def measure(data_dir: Path, batches: int, batch_size: int) -> dict:
     t0 = time.perf_counter()
     datasets = open_datasets(str(data_dir))
     open_s = time.perf_counter() - t0
-    pipeline = TrainPipeline(data, tokenizer, datasets, seed=0)
+    pipeline = TrainPipeline(DataConfig.from_section(data), tokenizer, datasets, seed=0)
     rss_open = _rss_mb()
     pipeline.batch(0)  # warm-up: first-use allocations of the tokenizer and numpy
     rss_first = _rss_mb()

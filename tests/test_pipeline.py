@@ -9,7 +9,7 @@ import pytest
 from jax_iclemb.config import default_config
 from jax_iclemb.data import icl
 from jax_iclemb.data.icl import BudgetError
-from jax_iclemb.data.pipeline import TrainPipeline
+from jax_iclemb.data.pipeline import DataConfig, TrainPipeline
 from jax_iclemb.data.records import Record
 from jax_iclemb.data.sources import open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
@@ -49,7 +49,7 @@ def config(**kw):
         max_segments_per_row=8,
     )
     c.update(kw)
-    return c
+    return DataConfig.from_section(c)
 
 
 def make_records(prefix, n, **kw):

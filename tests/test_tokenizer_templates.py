@@ -9,7 +9,7 @@ import pytest
 
 from jax_iclemb.config import default_config
 from jax_iclemb.data import icl
-from jax_iclemb.data.pipeline import TrainPipeline
+from jax_iclemb.data.pipeline import DataConfig, TrainPipeline
 from jax_iclemb.data.sources import open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
 
@@ -33,7 +33,7 @@ def data_config(**kw):
     c = default_config().data
     c.update(batch_size=10, default_prompt=DEFAULT_PROMPT, max_segments_per_row=32)
     c.update(kw)
-    return c
+    return DataConfig.from_section(c)
 
 
 def prompt_of(rec):

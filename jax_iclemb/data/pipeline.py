@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,10 +63,38 @@ def label_id(label: str | None) -> int:
     return -1 if label is None else zlib.crc32(label.encode()) & 0x7FFFFFFF
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The `data.*` values the pipeline reads, typed (`jax_iclemb.config.default_config` gives
+    each key's meaning and default)."""
+
+    query_max_len: int  # a query with its in-context examples
+    passage_max_len: int
+    example_query_max_len: int
+    example_passage_max_len: int
+    train_group_size: int  # passages per query: the positive and its hard negatives
+    max_examples: int  # in-context examples per query: 0..max_examples
+    batch_size: int
+    batch_size_by_kind: Mapping[str, int]  # 0 = batch_size
+    batch_size_overrides: Mapping[str, int]  # fnmatch pattern on the dataset name -> size
+    default_prompt: str
+    pack_len: int  # packed row length; 0 = query_max_len
+    max_segments_per_row: int
+
+    @classmethod
+    def from_section(cls, data: Mapping[str, Any]) -> DataConfig:
+        """From the config's `data` section (other keys there, such as the path, are ignored)."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            value = data[field.name]
+            values[field.name] = dict(value) if isinstance(value, Mapping) else value
+        return cls(**values)
+
+
 class TrainPipeline:
     def __init__(
         self,
-        data_config: Any,
+        data_config: DataConfig,
         tokenizer: transformers.PreTrainedTokenizerBase,
         datasets: Sequence[Dataset],
         *,
@@ -82,11 +110,11 @@ class TrainPipeline:
         self.process_index, self.process_count = process_index, process_count
         self.row_multiple = row_multiple
         self.template_tokenizer = icl.TemplateTokenizer(tokenizer)
-        self.pack_len = int(data_config.pack_len) or int(data_config.query_max_len)
+        self.pack_len = data_config.pack_len or data_config.query_max_len
         self.layout = sampling.layout_for(
             [d.name for d in self.datasets],
             [len(d) for d in self.datasets],
-            int(data_config.batch_size),
+            data_config.batch_size,
             dict(data_config.batch_size_overrides),
             [task_kind(d) for d in self.datasets],
             dict(data_config.batch_size_by_kind),
@@ -114,8 +142,8 @@ class TrainPipeline:
             yield
         except icl.BudgetError as e:
             raise icl.BudgetError(
-                f"dataset {dataset!r}, record {record}: {e} (data.{key}={self.cfg[key]}; raise "
-                f"it or shorten the prompt)"
+                f"dataset {dataset!r}, record {record}: {e} "
+                f"(data.{key}={getattr(self.cfg, key)}; raise it or shorten the prompt)"
             ) from None
 
     def _check_budgets(self, dataset: Dataset) -> None:
@@ -127,8 +155,8 @@ class TrainPipeline:
         query = icl.query_overhead(tt, prompt)
         example = len(icl.instruction_head(tt, prompt))
         tt.clear()
-        q, p = int(cfg.query_max_len), int(cfg.passage_max_len)
-        examples = max(0, q - p - len(tt.bos) - 1) if int(cfg.max_examples) else 0
+        q, p = cfg.query_max_len, cfg.passage_max_len
+        examples = max(0, q - p - len(tt.bos) - 1) if cfg.max_examples else 0
         checks = [
             (query >= q, f"data.query_max_len={q} leaves no room for the query text"),
             (
@@ -138,7 +166,7 @@ class TrainPipeline:
                 f"={p} must be more than {query - len(tt.bos) - 1}",
             ),
             (
-                examples and example >= int(cfg.example_query_max_len),
+                examples and example >= cfg.example_query_max_len,
                 f"data.example_query_max_len={cfg.example_query_max_len} leaves no room for an "
                 f"example's query (its template takes {example} tokens)",
             ),
@@ -166,7 +194,7 @@ class TrainPipeline:
 
     def _group_size(self, record: Record) -> int:
         fixed = record.task.group_size
-        return int(self.cfg.train_group_size) if fixed is None else fixed
+        return self.cfg.train_group_size if fixed is None else fixed
 
     def _plan_and_records(self, step: int) -> tuple[StepPlan, list[Record]]:
         where = sampling.locate_step(self.seed, step, self.layout)
@@ -181,7 +209,7 @@ class TrainPipeline:
                 num_pos=len(rec.pos),
                 num_neg=len(rec.neg),
                 num_negatives=self._group_size(rec) - 1,
-                max_examples=int(self.cfg.max_examples),
+                max_examples=self.cfg.max_examples,
                 batch_size=b,
             )
             for slot, rec in enumerate(records)
@@ -208,7 +236,7 @@ class TrainPipeline:
         return range(self.process_index * per, (self.process_index + 1) * per)
 
     def _prompt(self, record: Record) -> str:
-        return record.prompt if record.prompt is not None else str(self.cfg.default_prompt)
+        return record.prompt if record.prompt is not None else self.cfg.default_prompt
 
     def _response(self, plan: StepPlan, records: list[Record], slot: int) -> str:
         rec = records[slot]
@@ -259,24 +287,24 @@ class TrainPipeline:
                                 self._prompt(records[j]),
                                 records[j].query,
                                 self._response(plan, records, j),
-                                query_limit=int(cfg.example_query_max_len),
-                                response_limit=int(cfg.example_passage_max_len),
+                                query_limit=cfg.example_query_max_len,
+                                response_limit=cfg.example_passage_max_len,
                             )
                 prefix, used = icl.add_examples(
                     tt,
                     (examples[j] for j in sample.examples),
-                    limit=int(cfg.query_max_len) - int(cfg.passage_max_len),
+                    limit=cfg.query_max_len - cfg.passage_max_len,
                 )
                 prompt = self._prompt(rec)
                 with self._budget("query_max_len", plan.dataset_name, int(plan.records[i])):
                     query = icl.query_ids(
-                        tt, prompt, rec.query, max_len=int(cfg.query_max_len), prefix=prefix
+                        tt, prompt, rec.query, max_len=cfg.query_max_len, prefix=prefix
                     )
                 symmetric = rec.task.symmetric_passages
                 with self._budget("passage_max_len", plan.dataset_name, int(plan.records[i])):
                     passages = [
                         icl.passage_ids(
-                            tt, t, max_len=int(cfg.passage_max_len), prompt=prompt,
+                            tt, t, max_len=cfg.passage_max_len, prompt=prompt,
                             symmetric=symmetric,
                         )
                         for t in _passage_texts(rec, sample)
@@ -308,7 +336,7 @@ class TrainPipeline:
     def batch(self, step: int) -> tuple[PackedBatch, dict[str, Any]]:
         """This process's part of global step `step`, packed, and a summary of it."""
         plan, seqs = self._sequences(step)
-        g = int(self.cfg.train_group_size)
+        g = self.cfg.train_group_size
         teacher = np.zeros((len(seqs), g), dtype=np.float32)
         has_teacher = np.zeros(len(seqs), dtype=bool)
         passage_labels = np.full((len(seqs), g), -1, dtype=np.int32)
@@ -322,7 +350,7 @@ class TrainPipeline:
             [q.passages for q in seqs],
             group_size=g,
             pack_len=self.pack_len,
-            max_segments=int(self.cfg.max_segments_per_row),
+            max_segments=self.cfg.max_segments_per_row,
             teacher_scores=teacher,
             has_teacher=has_teacher,
             in_batch_negatives=plan.in_batch_negatives,
@@ -383,7 +411,7 @@ def pipeline_from_config(
         data.path, on_bad_record=data.on_bad_record, tfds_dir=data.tfds_dir or None
     )
     return TrainPipeline(
-        data,
+        DataConfig.from_section(data),
         load_tokenizer(data.tokenizer),
         datasets,
         seed=int(config.seed),
