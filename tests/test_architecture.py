@@ -9,14 +9,27 @@ import subprocess
 import sys
 from pathlib import Path
 
-from importlinter.cli import lint_imports
-
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "jax_iclemb"
 
 
+def lint_imports(package_parent: Path) -> subprocess.CompletedProcess:
+    """import-linter on the copy of the package under `package_parent`, in a fresh interpreter
+    (its CLI reconfigures logging, which would silence the loggers of later tests)."""
+    check = (
+        "import sys, jax_iclemb; from importlinter.cli import lint_imports; "
+        f"assert jax_iclemb.__file__.startswith({str(package_parent)!r}), jax_iclemb.__file__; "
+        f"sys.exit(lint_imports(config_filename={str(REPO / 'pyproject.toml')!r}, no_cache=True))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, cwd=package_parent,
+        env={**os.environ, "PYTHONPATH": str(package_parent)},
+    )
+
+
 def test_import_contracts_hold():
-    assert lint_imports(config_filename=str(REPO / "pyproject.toml"), no_cache=True) == 0
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def test_a_violation_would_be_caught(tmp_path):
@@ -29,15 +42,7 @@ def test_a_violation_would_be_caught(tmp_path):
         target.write_text(path.read_text())
     build = copy / "model" / "build.py"
     build.write_text(build.read_text() + "\nfrom jax_iclemb import train_loop  # noqa\n")
-    check = (
-        "import sys, jax_iclemb; from importlinter.cli import lint_imports; "
-        f"assert jax_iclemb.__file__.startswith({str(tmp_path)!r}), jax_iclemb.__file__; "
-        f"sys.exit(lint_imports(config_filename={str(REPO / 'pyproject.toml')!r}, no_cache=True))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-    )
+    result = lint_imports(tmp_path)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "jax_iclemb.model.build -> jax_iclemb.train_loop" in result.stdout
 
