@@ -27,8 +27,9 @@ TOP_K = max(k for *_, k in METRICS)
 MODES = (("zero", "zero-shot"), ("few", "few-shot"))
 
 
-def _descending_id_rank(doc_ids: Sequence[str]) -> np.ndarray:
-    """Rank of each id in descending string order (on ties trec_eval ranks the smaller first)."""
+def descending_id_rank(doc_ids: Sequence[str]) -> np.ndarray:
+    """Rank of each id in descending string order: of two documents with equal scores, trec_eval
+    ranks the one with the smaller rank (the larger id) first."""
     rank = np.empty(len(doc_ids), dtype=np.int64)
     rank[sorted(range(len(doc_ids)), key=lambda j: doc_ids[j], reverse=True)] = np.arange(
         len(doc_ids)
@@ -74,7 +75,7 @@ def blocked_top_k(
         raise ValueError(f"{len(query_ids)} query ids / {len(doc_ids)} doc ids for "
                          f"{len(queries)} / {len(corpus)} embeddings")
     k = min(k, len(doc_ids))
-    id_rank = _descending_id_rank(doc_ids)
+    id_rank = descending_id_rank(doc_ids)
     column = {doc: j for j, doc in enumerate(doc_ids)} if ignore_identical_ids else {}
     run: Run = {}
     for q0 in range(0, len(queries), query_block):
