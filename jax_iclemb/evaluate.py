@@ -5,7 +5,8 @@
         --examples eval_examples/MSMARCO.json [--json OUT.json]
     python -m jax_iclemb.evaluate --make-beir --from-jsonl train.jsonl --out DIR
 
-The BEIR folder format is in `jax_iclemb.beir`, the scoring in `jax_iclemb.retrieval`.
+The BEIR folder format is in `jax_iclemb.beir`, the evaluation in `jax_iclemb.beir_eval` (ranking
+on the devices: `jax_iclemb.device_topk`), the metrics in `jax_iclemb.retrieval`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from jax_iclemb.beir import beir_from_jsonl, load_beir, load_examples
 from jax_iclemb.config import default_config
 from jax_iclemb.errors import add_debug_flag, cli
-from jax_iclemb.retrieval import evaluate_beir, markdown_table
+from jax_iclemb.retrieval import markdown_table
 from jax_iclemb.workdir import is_workdir, load_workdir_config
 
 
@@ -74,6 +75,7 @@ def main(argv: Sequence[str]) -> int:
     if args.make_beir:
         print(beir_from_jsonl(args.from_jsonl, args.out, split=args.split))
         return 0
+    from jax_iclemb.beir_eval import evaluate_beir  # loads JAX: only when encoding
     from jax_iclemb.embedder import Embedder  # loads JAX and the model: only when encoding
 
     examples = load_examples(args.examples, args.num_examples) if args.examples else []

@@ -19,12 +19,13 @@ from flax import nnx
 from jax_iclemb import compile_cache
 from jax_iclemb import config as config_lib
 from jax_iclemb.beir import EvalDataError, load_examples
+from jax_iclemb.beir_eval import evaluate_beir
 from jax_iclemb.checkpoint import TrainState
 from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.embedder import Embedder, options_from_config
 from jax_iclemb.errors import ReportedError
 from jax_iclemb.observe import MetricsWriter, peak_flops, wandb_options
-from jax_iclemb.retrieval import METRICS, MODES, evaluate_beir
+from jax_iclemb.retrieval import METRICS, MODES
 from jax_iclemb.step_batch import StepShape, device_batch, global_max, shape_batch
 
 

@@ -1,5 +1,6 @@
-"""Retrieval evaluation: the CLI against a direct recomputation, blocked top-k against the full
-matrix, the BEIR builder against the records it reads, bad input, and evaluation during training.
+"""Retrieval evaluation: the CLI against a direct recomputation, a corpus encoded in chunks
+against one call, the BEIR builder against the records it reads, bad input, and evaluation during
+training (the ranking itself: tests/test_topk.py).
 
 References: the BEIR files re-read here with `json`/`csv`, embeddings scored with one NumPy matrix
 product, runs selected by `ir_metrics.top_k_from_scores` (itself tested against pytrec_eval).
@@ -8,15 +9,14 @@ product, runs selected by `ir_metrics.top_k_from_scores` (itself tested against 
 import csv
 import json
 
-import numpy as np
 import pytest
 from conftest import REPO, TINY_OVERRIDES
 
 from jax_iclemb import ir_metrics
 from jax_iclemb.beir import EvalDataError, beir_from_jsonl, load_beir, load_examples
+from jax_iclemb.beir_eval import evaluate_beir
 from jax_iclemb.embedder import Embedder
 from jax_iclemb.evaluate import main
-from jax_iclemb.retrieval import blocked_top_k, retrieval_metrics
 
 INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query."
 
@@ -125,47 +125,24 @@ def test_cli_zero_and_few_shot_match_direct_recomputation(
     assert result["runs"]["zero"] != result["runs"]["few"]
 
 
-def test_blocked_top_k_equals_full_matrix():
-    rng = np.random.default_rng(0)
-    # Small integers make every dot product exact, so duplicated documents tie exactly and the
-    # tie-break by document id is exercised across block boundaries.
-    corpus = rng.integers(-2, 3, size=(53, 6)).astype(np.float32)
-    corpus[40:] = corpus[:13]
-    queries = rng.integers(-2, 3, size=(11, 6)).astype(np.float32)
-    doc_ids = [f"d{j}" for j in rng.permutation(len(corpus))]
-    query_ids = [f"q{i}" for i in range(len(queries))]
-    for k in (1, 5, 20, 100):
-        expected = ir_metrics.top_k_from_scores(queries @ corpus.T, k, query_ids, doc_ids)
-        got = blocked_top_k(
-            queries, corpus, k, query_ids, doc_ids, query_block=4, doc_block=7
-        )
-        assert got == expected
-
-
-def test_identical_ids_are_not_retrieved_as_in_beir():
-    """BEIR's exact search (and mteb) skip a document whose id is the query's; the reference here
-    is the full score matrix with those pairs removed, then ranked."""
-    rng = np.random.default_rng(1)
-    corpus = rng.normal(size=(30, 8)).astype(np.float32)
-    doc_ids = [f"d{j}" for j in range(30)]
-    query_ids = ["d3", "d17", "q2", "d29"]  # three queries are also documents (as in ArguAna)
-    queries = corpus[[3, 17, 5, 29]] + 0.01 * rng.normal(size=(4, 8)).astype(np.float32)
-    scores = queries @ corpus.T
-    for k in (3, 30):
-        plain = blocked_top_k(queries, corpus, k, query_ids, doc_ids, doc_block=7)
-        got = blocked_top_k(
-            queries, corpus, k, query_ids, doc_ids, ignore_identical_ids=True, doc_block=7
-        )
-        for i, qid in enumerate(query_ids):
-            keep = [j for j in range(30) if doc_ids[j] != qid]
-            order = sorted(keep, key=lambda j: -scores[i, j])[: min(k, len(keep))]
-            assert got[qid] == pytest.approx({doc_ids[j]: scores[i, j] for j in order}, rel=1e-5)
-        assert "d3" in plain["d3"] and "d3" not in got["d3"]  # each query's nearest is itself
-    # A judgement on the query's own id can no longer be met: the score falls as in BEIR.
-    qrels = {"d3": {"d3": 1}, "d17": {"d17": 1}}
-    top = {q: d for q, d in got.items() if q in qrels}
-    assert retrieval_metrics(qrels, {q: plain[q] for q in qrels})["recall@100"] == 1.0
-    assert retrieval_metrics(qrels, top)["recall@100"] == 0.0
+def test_corpus_encoded_in_chunks_gives_the_same_results(embedder, beir_dir, examples_file):
+    """Chunks of 7 documents (the block of documents ranked at once then spans every chunk)
+    against the whole corpus in one call: the same metrics and the same runs. Scores may differ
+    in the last bits only if an embedding depends on the texts packed with it (today it does
+    not: the results are equal)."""
+    examples = json.loads(examples_file.read_text())
+    whole = evaluate_beir(embedder, beir_dir, instruction=INSTRUCTION, examples=examples,
+                          keep_runs=True)
+    assert whole["num_documents"] > 3 * 7
+    chunked = evaluate_beir(embedder, beir_dir, instruction=INSTRUCTION, examples=examples,
+                            keep_runs=True, corpus_chunk=7)
+    runs, expected_runs = chunked.pop("runs"), whole.pop("runs")
+    for mode in ("zero", "few"):
+        assert chunked.pop(mode) == pytest.approx(whole.pop(mode), abs=1e-6)
+        for qid, docs in expected_runs[mode].items():
+            assert list(runs[mode][qid]) == list(docs)  # the same documents in the same order
+            assert runs[mode][qid] == pytest.approx(docs, abs=1e-6)
+    assert chunked == whole  # counts and settings
 
 
 def write_beir(folder, corpus_lines, queries, qrels):
