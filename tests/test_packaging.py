@@ -2,6 +2,7 @@
 a wheel again, and the wheel carries the recipes, the MTEB protocol data, console scripts and
 declared dependencies."""
 
+import dataclasses
 import email
 import json
 import shutil
@@ -54,19 +55,39 @@ def dists(tmp_path_factory) -> dict[str, Path]:
     return {"sdist": sdist, "wheel": wheel, "tmp": tmp}
 
 
+@dataclasses.dataclass(frozen=True)
+class Installed:
+    python: Path  # the fresh environment's interpreter
+    bin: Path  # its scripts folder
+    site: Path  # where the wheel's files went
+
+
 @pytest.fixture(scope="module")
-def site(dists) -> Path:
-    """The wheel's files, where an install puts them on sys.path."""
-    site = dists["tmp"] / "site"
-    with zipfile.ZipFile(dists["wheel"]) as whl:
-        whl.extractall(site)
-    return site
+def installed(dists) -> Installed:
+    """A fresh virtual environment with the wheel pip-installed into it. The dependencies are
+    this environment's (a .pth file points at them: the test stays offline), the package and
+    its console scripts only the wheel's."""
+    venv = dists["tmp"] / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip())
+    deps = [p for p in map(Path, sys.path) if p.name == "site-packages" and p.is_dir()]
+    (site / "dependencies.pth").write_text("".join(f"{p}\n" for p in deps))
+    pip = [sys.executable, "-m", "pip", "--python", str(python)]
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--quiet", str(dists["wheel"])],
+        check=True, capture_output=True, text=True,
+    )
+    return Installed(python=python, bin=venv / "bin", site=site)
 
 
-def _run_installed(site: Path, code: str, cwd: Path) -> list[str]:
-    """stdout lines of `code` run with the wheel's files (not this checkout) first on sys.path."""
+def _run_installed(installed: Installed, code: str, cwd: Path) -> list[str]:
+    """stdout lines of `code` run by the fresh environment (not this checkout)."""
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env={"PYTHONPATH": str(site), "PATH": ""},
+        [installed.python, "-c", code], cwd=cwd, env={"PATH": str(installed.bin)},
         check=True, capture_output=True, text=True,
     ).stdout.splitlines()
 
@@ -100,27 +121,44 @@ def test_wheel_metadata_scripts_and_recipes(dists):
     assert extras <= set(metadata.get_all("Provides-Extra"))
 
 
-def test_installed_wheel_loads_recipes_by_name(site, tmp_path):
+def test_installed_wheel_loads_recipes_by_name(installed, tmp_path):
     """The wheel's own files (not this checkout) resolve `--config tiny`."""
     code = (
         "import jax_iclemb.config as c; "
         "print(c.resolve_config_path('tiny')); print(c.load_config('tiny').train.steps)"
     )
-    out = _run_installed(site, code, tmp_path)
-    assert Path(out[0]) == site / "jax_iclemb" / "configs" / "tiny.py"
+    out = _run_installed(installed, code, tmp_path)
+    assert Path(out[0]) == installed.site / "jax_iclemb" / "configs" / "tiny.py"
     assert int(out[1]) > 0
 
 
-def test_installed_wheel_reads_the_mteb_protocol(site, tmp_path):
+def test_installed_wheel_reads_the_mteb_protocol(installed, tmp_path):
     """The paper's instructions and examples come from the wheel's package data."""
     code = (
         "import jax_iclemb.mteb_protocol as p; print(p.PROTOCOL); "
         "print(p.instruction('SciFact', 'Retrieval')); "
         "print(len(p.examples('CQADupstackTexRetrieval', 'Retrieval')))"
     )
-    out = _run_installed(site, code, tmp_path)
-    assert Path(out[0]) == site / "jax_iclemb" / "protocols" / "mteb_icl"
+    out = _run_installed(installed, code, tmp_path)
+    assert Path(out[0]) == installed.site / "jax_iclemb" / "protocols" / "mteb_icl"
     instructions = json.loads((PROTOCOL / "instructions.json").read_text(encoding="utf-8"))
     assert out[1] == instructions["by_task"]["Retrieval"]["SciFact"]
     cqadupstack = json.loads((PROTOCOL / "examples" / "CQADupstackRetrieval.json").read_text())
     assert int(out[2]) == len(cqadupstack)
+
+
+def test_installed_console_scripts_run_and_pip_check_is_clean(installed, tmp_path):
+    """Every console script of the wheel starts (its --help), and pip finds every declared
+    dependency of the installed package satisfied."""
+    for script in SCRIPTS:
+        result = subprocess.run(
+            [installed.bin / f"jax-iclemb-{script}", "--help"], cwd=tmp_path,
+            env={"PATH": str(installed.bin)}, capture_output=True, text=True,
+        )
+        assert result.returncode == 0, (script, result.stderr[-2000:])
+        assert "usage:" in result.stdout
+    check = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(installed.python), "check"],
+        capture_output=True, text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
