@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,8 +21,9 @@ from jax_iclemb import compile_cache
 from jax_iclemb import config as config_lib
 from jax_iclemb.beir import EvalDataError, load_examples
 from jax_iclemb.beir_eval import evaluate_beir
-from jax_iclemb.checkpoint import TrainState
+from jax_iclemb.checkpoint import Checkpointer, TrainState
 from jax_iclemb.data.batch import PackedBatch
+from jax_iclemb.data.pipeline import TrainPipeline
 from jax_iclemb.embedder import Embedder, options_from_config
 from jax_iclemb.errors import ReportedError
 from jax_iclemb.observe import MetricsWriter, peak_flops, wandb_options
@@ -112,7 +114,17 @@ class TrainLoop:
     """
 
     def __init__(
-        self, config, workdir, pipeline, mesh, grad_step, update, ckpt, *, flops_token, graphdef
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: Path,
+        pipeline: TrainPipeline,
+        mesh: jax.sharding.Mesh,
+        grad_step: Any,  # the jitted train_step.make_grad_fn
+        update: Callable,  # the jitted train_step.make_update
+        ckpt: Checkpointer,
+        *,
+        flops_token: float,
+        graphdef: nnx.GraphDef,
     ):
         self.config, self.workdir, self.pipeline, self.mesh = config, workdir, pipeline, mesh
         self.grad_step, self.update, self.ckpt = grad_step, update, ckpt
