@@ -127,10 +127,15 @@ def finished_shards(folder: str | Path) -> list[int]:
     return sorted(int(m[1]) for p in folder.iterdir() if (m := SHARD.fullmatch(p.name)))
 
 
+def is_temp(path: Path) -> bool:
+    """A file a killed writer left (a shard or manifest it never renamed)."""
+    return bool(TEMP.fullmatch(path.name))
+
+
 def remove_store(folder: str | Path) -> None:
     """Delete the store's files (manifest, shards, temp files) from `folder`, nothing else."""
     for path in Path(folder).iterdir():
-        if path.name == MANIFEST or SHARD.fullmatch(path.name) or TEMP.fullmatch(path.name):
+        if path.name == MANIFEST or SHARD.fullmatch(path.name) or is_temp(path):
             path.unlink()
 
 

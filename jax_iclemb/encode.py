@@ -29,6 +29,7 @@ from jax_iclemb.embedding_store import (
     StoreWriter,
     finish_store,
     finished_shards,
+    is_temp,
     remove_store,
     store_info,
     write_manifest,
@@ -121,7 +122,8 @@ def check_out(out: Path, info: StoreInfo, overwrite: bool) -> bool:
     or files that are not a store, are refused unless `overwrite`; nothing is changed here."""
     if out.exists() and not out.is_dir():
         raise PathExists(f"{out} exists and is not a folder")
-    if not out.is_dir() or not any(out.iterdir()) or overwrite:
+    # A kill while the first manifest was written leaves its temp file alone: a fresh start.
+    if not out.is_dir() or all(is_temp(p) for p in out.iterdir()) or overwrite:
         return False
     if not (out / MANIFEST).is_file():
         raise PathExists(f"{out} is not empty and holds no embedding store; pass --overwrite")

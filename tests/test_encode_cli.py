@@ -26,7 +26,8 @@ from jax_iclemb import encode
 from jax_iclemb.embedder import Embedder
 from jax_iclemb.errors import BadValue, MissingPath
 
-WORDS = "river market engine forest coffee island song court protein winter bank city".split()
+WORDS = ["river", "market", "engine", "forest", "coffee", "island", "song", "court", "protein",
+         "winter", "bank", "city"]
 NUM_PASSAGES = 300
 SHARD = 64  # 5 shards, the last one short
 
@@ -183,7 +184,8 @@ def test_narrow_store_is_the_embeddings_rounded(tiny_workdir, corpus, reference,
     _, stored = store.read_shard(out / store.shard_name(0))
     assert stored.dtype == store.DTYPES[dtype]
     _, embeddings = read_all(out)
-    eps = float(ml_dtypes.finfo(store.DTYPES[dtype]).eps)  # round to nearest: half an ulp, plus fp32 noise
+    eps = float(ml_dtypes.finfo(store.DTYPES[dtype]).eps)
+    # Rounding to nearest is off by half an ulp at most, on top of the float32 noise.
     np.testing.assert_allclose(embeddings, reference, rtol=eps / 2 + 1e-5, atol=1e-6)
 
 
@@ -293,9 +295,14 @@ def test_an_out_folder_in_use_is_refused_and_kept(tiny_workdir, corpus, float32_
     result = run_cli(capsys, *encode_args(tiny_workdir, corpus[0], foreign))
     assert_user_error(result, "holds no embedding store; pass --overwrite")
 
+    killed_at_start = tmp_path / "killed"  # while writing the first manifest: start afresh
+    killed_at_start.mkdir()
+    (killed_at_start / ".manifest.json.tmp").write_text("{")
+    info = store.store_info(float32_store)
+    assert encode.check_out(killed_at_start, info, overwrite=False) is False
+
     other = tmp_path / "other"  # the unfinished store of another command: float16
     other.mkdir()
-    info = store.store_info(float32_store)
     store.write_manifest(other, store.StoreInfo(info.count, SHARD, "float16", info.source))
     result = run_cli(capsys, *encode_args(tiny_workdir, corpus[0], other))
     assert_user_error(result, "another command (dtype: 'float16', now 'float32')")
