@@ -190,14 +190,17 @@ def run(args: argparse.Namespace, path: Path, info: StoreInfo, resume: bool,
     from jax.experimental import multihost_utils
 
     from jax_iclemb import distributed  # loads JAX: only once the input and --out are checked
-    from jax_iclemb.embedder import Embedder  # the same
+    from jax_iclemb.embedder import Embedder, local_mesh  # the same
 
     def barrier(name: str) -> None:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"jax_iclemb.encode:{name}")
 
     distributed.initialize()
-    embedder = Embedder.from_pretrained(args.model, step=args.step, progress=False)
+    # This host's devices only: processes encode different shards, so none may wait on another.
+    embedder = Embedder.from_pretrained(
+        args.model, step=args.step, mesh=local_mesh(), progress=False
+    )
     out, process, processes = Path(args.out), jax.process_index(), jax.process_count()
     barrier("loaded")  # every process has checked --out before process 0 changes it
     if process == 0 and not resume:
