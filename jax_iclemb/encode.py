@@ -118,8 +118,9 @@ def difference(old: StoreInfo, new: StoreInfo) -> str | None:
 
 
 def check_out(out: Path, info: StoreInfo, overwrite: bool) -> bool:
-    """Whether to resume the unfinished store of this same command in `out`. Any other store,
-    or files that are not a store, are refused unless `overwrite`; nothing is changed here."""
+    """Whether to resume the unfinished store of this same command in `out`. Any other store
+    with shards written, or files that are not a store, are refused unless `overwrite`; a store
+    that a failed start left without shards is replaced. Nothing is changed here."""
     if out.exists() and not out.is_dir():
         raise PathExists(f"{out} exists and is not a folder")
     # A kill while the first manifest was written leaves its temp file alone: a fresh start.
@@ -131,6 +132,8 @@ def check_out(out: Path, info: StoreInfo, overwrite: bool) -> bool:
     if old.complete:
         raise PathExists(f"{out} holds a complete store; pass --overwrite to encode again")
     changed = difference(old, info)
+    if changed and not finished_shards(out):
+        return False  # a failed start (e.g. out of memory in the first chunk): nothing to lose
     if changed:
         raise PathExists(
             f"{out} holds the unfinished store of another command ({changed}); run that command "

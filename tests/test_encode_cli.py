@@ -304,8 +304,13 @@ def test_an_out_folder_in_use_is_refused_and_kept(tiny_workdir, corpus, float32_
     other = tmp_path / "other"  # the unfinished store of another command: float16
     other.mkdir()
     store.write_manifest(other, store.StoreInfo(info.count, SHARD, "float16", info.source))
+    # No shard written yet (a start that failed): the corrected command starts afresh.
+    assert encode.check_out(other, info, overwrite=False) is False
+    store.write_shard(other, 0, ["x"] * SHARD, np.ones((SHARD, 4)), "float16")
+    before = files(other)
     result = run_cli(capsys, *encode_args(tiny_workdir, corpus[0], other))
     assert_user_error(result, "another command (dtype: 'float16', now 'float32')")
+    assert files(other) == before
 
 
 def test_the_command_line_answers_bad_input_without_loading_a_model(tmp_path):
