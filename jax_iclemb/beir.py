@@ -59,17 +59,24 @@ def _field(obj: dict[str, Any], key: str, where: str, *, optional: bool = False)
     return value
 
 
-def _read_texts(path: Path, *, with_title: bool) -> dict[str, str]:
-    """_id -> text (for a corpus: title + " " + text when the title is not empty)."""
-    texts: dict[str, str] = {}
+def iter_texts(path: Path, *, with_title: bool) -> Iterator[tuple[int, str, str]]:
+    """(line number, _id, text) of each record, streamed (a corpus text is title + " " + text when
+    the title is not empty)."""
     for lineno, obj in _jsonl_objects(path):
         where = f"{path}:{lineno}"
         doc_id = _field(obj, "_id", where)
         text = _field(obj, "text", where)
         title = _field(obj, "title", where, optional=True) if with_title else ""
+        yield lineno, doc_id, f"{title} {text}" if title else text
+
+
+def _read_texts(path: Path, *, with_title: bool) -> dict[str, str]:
+    """_id -> text, every _id once."""
+    texts: dict[str, str] = {}
+    for lineno, doc_id, text in iter_texts(path, with_title=with_title):
         if doc_id in texts:
-            raise EvalDataError(f"{where}: duplicate _id {doc_id!r}")
-        texts[doc_id] = f"{title} {text}" if title else text
+            raise EvalDataError(f"{path}:{lineno}: duplicate _id {doc_id!r}")
+        texts[doc_id] = text
     if not texts:
         raise EvalDataError(f"{path}: no records")
     return texts
