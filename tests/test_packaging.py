@@ -16,7 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train", "export", "evaluate", "prepare", "inspect")
+SCRIPTS = ("train", "export", "evaluate", "encode", "prepare", "inspect")
 PROTOCOL = REPO / "jax_iclemb" / "protocols" / "mteb_icl"
 # Checked with one file named as well: a moved folder would make this set empty.
 PROTOCOL_FILES = {str(p.relative_to(REPO)) for p in PROTOCOL.rglob("*") if p.is_file()}
