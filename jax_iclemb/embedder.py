@@ -11,15 +11,19 @@
 
 Texts are tokenized with the inference templates (the same code that builds training queries):
 a query is its examples, each `<instruct>{instruction}\\n<query>{q}\\n<response>{r}\\n\\n`, then
-`<instruct>{instruction}\\n<query>{query}\\n<response>`; a passage is its raw text. They are
-packed whole into rows of a bucketed length, and embedded `rows_per_call` rows at a time:
-one compiled shape per row-length bucket, however many texts and whatever their lengths.
+`<instruct>{instruction}\\n<query>{query}\\n<response>`; a passage is its raw text.
+
+Texts are visited longest first, a few thousand at a time: each chunk is tokenized, packed whole
+into rows and embedded in device calls of a few shapes (`inference_batch`), with the attention
+the model's config names (block-sparse tiles or the dense mask). The host prepares chunk k+1
+while the devices run chunk k. Memory: one chunk's token ids and rows, plus the output array.
+docs/embedder_internals.md has the shapes, their bound and the measurements.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +37,16 @@ from tqdm import tqdm
 from jax_iclemb import parallel
 from jax_iclemb.data.batch import PackedRows
 from jax_iclemb.data.icl import encode_inference_query, encode_passage
-from jax_iclemb.data.packing import pack_sequences
 from jax_iclemb.data.tokenizer import load_tokenizer
 from jax_iclemb.errors import MissingPath
+from jax_iclemb.inference_batch import CHUNK, Call, CallLayout, chunked_calls, overlapped
 from jax_iclemb.model import load_peft, load_pretrained
 from jax_iclemb.model.build import embed_packed
 from jax_iclemb.model.hf import download, is_hub_id
 from jax_iclemb.model.trained import load_trained
 from jax_iclemb.workdir import is_workdir
 
-MIN_ROW_LEN = 64
 MODEL_FILES = ("config.json", "adapter_config.json")  # a workdir's or HF model's; a PEFT adapter's
-
-
-def row_length(longest: int) -> int:
-    """Packed row length: the next power of two (at least MIN_ROW_LEN), so few shapes compile."""
-    return max(MIN_ROW_LEN, 1 << max(longest - 1, 1).bit_length())
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "pooling"))
@@ -80,6 +78,10 @@ class Embedder:
     in front of it (as the published bge-en-icl model card does); in training, `data.
     query_max_len` bounds the query and its examples together. A workdir's value is used as is
     (`options_from_config`), so a trained query is never cut shorter at inference.
+
+    `rows_per_call` and `max_segments` fix the rows per device call and the sequences per row;
+    by default both follow the row length (`inference_batch.CallLayout`). `chunk_size` texts are
+    tokenized and packed at a time (host memory).
     """
 
     def __init__(
@@ -91,20 +93,25 @@ class Embedder:
         passage_max_len: int = 512,
         pooling: str = "last_token",
         rows_per_call: int | None = None,
-        max_segments: int = 32,
+        max_segments: int | None = None,
+        chunk_size: int = CHUNK,
         mesh: jax.sharding.Mesh | None = None,
         progress: bool = True,
     ):
         self.tokenizer = tokenizer
         self.query_max_len = query_max_len
         self.passage_max_len = passage_max_len
-        self.max_segments = max_segments
         self.progress = progress
+        self.chunk_size = chunk_size
         self.mesh = mesh or local_mesh()
-        data_shards = parallel.data_parallel_size(self.mesh)
-        self.rows_per_call = rows_per_call or 4 * data_shards
-        if self.rows_per_call % data_shards:
-            raise ValueError(f"rows_per_call must be a multiple of {data_shards} (data shards)")
+        config = model.config
+        self.layout = CallLayout(
+            shards=parallel.data_parallel_size(self.mesh),
+            block=config.attention_block if config.attention_impl == "block_sparse" else None,
+            causal=config.attention == "causal",
+            rows_per_call=rows_per_call,
+            max_segments=max_segments,
+        )
         model.eval()
         self._graphdef, self._state = nnx.split(model)
         self._pooling = pooling
@@ -157,52 +164,75 @@ class Embedder:
         examples: Sequence[Mapping[str, str]] = (),
     ) -> np.ndarray:
         """Embeddings [N, D] of queries, each preceded by the same task `examples` (few-shot)."""
-        ids = [
-            encode_inference_query(
-                self.tokenizer, q, instruction=instruction, examples=examples,
-                max_len=self.query_max_len,
-            )
-            for q in queries
-        ]
-        return self.encode_ids(ids)
+
+        def ids(positions: np.ndarray) -> list[list[int]]:
+            return [
+                encode_inference_query(
+                    self.tokenizer, queries[i], instruction=instruction, examples=examples,
+                    max_len=self.query_max_len,
+                )
+                for i in positions
+            ]
+
+        return self._encode([len(q) for q in queries], ids)
 
     def encode_corpus(
         self, passages: Sequence[str], *, instruction: str | None = None
     ) -> np.ndarray:
         """Embeddings [N, D] of passages: raw text, or query-formatted with `instruction`
         (symmetric tasks: STS, clustering)."""
-        ids = [
-            encode_passage(
-                self.tokenizer, p, max_len=self.passage_max_len, instruction=instruction
-            )
-            for p in passages
-        ]
-        return self.encode_ids(ids)
+
+        def ids(positions: np.ndarray) -> list[list[int]]:
+            return [
+                encode_passage(
+                    self.tokenizer, passages[i], max_len=self.passage_max_len,
+                    instruction=instruction,
+                )
+                for i in positions
+            ]
+
+        return self._encode([len(p) for p in passages], ids)
 
     def encode_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Embeddings [N, D] (L2-normalised float32) of token sequences, in input order."""
-        if not sequences:
+        lengths = [len(s) for s in sequences]
+        if 0 in lengths:
+            raise ValueError(f"sequence {lengths.index(0)} is empty: nothing to embed")
+        return self._encode(lengths, lambda positions: [sequences[i] for i in positions])
+
+    def _encode(
+        self, keys: Sequence[int], ids: Callable[[np.ndarray], list[Sequence[int]]]
+    ) -> np.ndarray:
+        """Embeddings of the inputs in input order; `keys` orders them (longest first), `ids`
+        gives the token ids of some of them, a chunk at a time."""
+        if not keys:
             raise ValueError("nothing to encode")
-        arrays, slot = pack_sequences(
-            sequences,
-            pack_len=row_length(max(len(s) for s in sequences)),
-            max_segments=self.max_segments,
-            row_multiple=self.rows_per_call,
+        out = None  # [N, D], allocated when the first call is back
+        bar = tqdm(total=len(keys), desc="encode", disable=not self.progress or len(keys) < 1000)
+
+        def start(calls: list[Call]) -> list[tuple[Call, jax.Array]]:
+            return [(call, self._embed_call(call)) for call in calls]
+
+        def finish(running: list[tuple[Call, jax.Array]]) -> None:
+            nonlocal out
+            for call, emb in running:
+                emb = np.asarray(emb)  # waits for this call only
+                if out is None:
+                    out = np.empty((len(keys), emb.shape[-1]), np.float32)
+                out[call.index] = emb[call.slot]
+                bar.update(len(call.index))
+
+        calls = chunked_calls(np.asarray(keys), ids, self.layout, chunk=self.chunk_size)
+        with jax.set_mesh(self.mesh), bar:
+            overlapped(calls, start, finish)
+        return out
+
+    def _embed_call(self, call: Call) -> jax.Array:
+        """Dispatch one call (asynchronously): its rows split over the data shards."""
+        rows = jax.tree.map(
+            lambda v: jax.device_put(
+                v, parallel.named_sharding(self.mesh, ("batch",) + (None,) * (v.ndim - 1))
+            ),
+            call.rows,
         )
-        rows = arrays["tokens"].shape[0]
-        chunks = range(0, rows, self.rows_per_call)
-        out = []
-        with jax.set_mesh(self.mesh):
-            for start in tqdm(chunks, desc="encode", disable=not self.progress or len(chunks) < 8):
-                chunk = PackedRows(**{
-                    k: jax.device_put(
-                        v[start : start + self.rows_per_call],
-                        parallel.named_sharding(self.mesh, ("batch",) + (None,) * (v.ndim - 1)),
-                    )
-                    for k, v in arrays.items()
-                })
-                emb = self._embed(
-                    self._state, chunk, graphdef=self._graphdef, pooling=self._pooling
-                )
-                out.append(np.asarray(emb, dtype=np.float32))
-        return np.concatenate(out)[slot]
+        return self._embed(self._state, rows, graphdef=self._graphdef, pooling=self._pooling)
