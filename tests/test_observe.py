@@ -199,24 +199,3 @@ def test_train_without_wandb_installed_fails_cleanly_and_writes_nothing(tmp_path
         result.stderr
     )
     assert not (tmp_path / "run").exists()
-
-
-def test_training_cli_logs_to_wandb_and_its_resume_continues_the_run(offline, tmp_path):
-    workdir = tmp_path / "run"
-    for steps in (2, 3):  # the second run resumes from the first one's final checkpoint
-        result = train(workdir, f"--config.train.steps={steps}")
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "WARNING" not in "".join(
-            line for line in result.stderr.splitlines() if line.startswith("wandb:")
-        )
-    first, second = offline_runs(workdir)
-    assert first["id"] == second["id"] == (workdir / WANDB_RUN_ID).read_text()
-    saved = json.loads((workdir / "config.json").read_text())
-    assert second["config"]["train"] == saved["train"]  # the resumed run's config, steps=3
-    assert first["config"]["log"]["wandb"] is True
-    losses = {
-        r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").open())
-    }
-    logged = first["history"] | second["history"]
-    assert sorted(logged) == sorted(losses) == [1, 2, 3]
-    assert {s: logged[s]["train/loss"] for s in logged} == pytest.approx(losses, rel=1e-12)
