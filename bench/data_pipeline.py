@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 
+from jax_iclemb.config import default_config
 from jax_iclemb.data.pipeline import DataConfig, TrainPipeline
 from jax_iclemb.data.sources import open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
@@ -64,19 +65,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
 
-    cfg = DataConfig(
-        query_max_len=2048,
-        passage_max_len=512,
-        example_query_max_len=256,
-        example_passage_max_len=256,
-        train_group_size=8,
-        max_examples=5,
-        batch_size=args.batch,
-        batch_size_by_kind={},
-        batch_size_overrides={},
-        default_prompt="",
-        pack_len=0,
-        max_segments_per_row=args.segments,
+    # The paper's lengths and group size (the config defaults).
+    cfg = dataclasses.replace(
+        DataConfig.from_section(default_config().data),
+        batch_size=args.batch, max_segments_per_row=args.segments, default_prompt="",
     )
     datasets = [Tiled(d, args.tile) for d in open_datasets(args.data)]
     pipe = TrainPipeline(cfg, load_tokenizer("mistral-7b-v0.1"), datasets, seed=0)

@@ -46,6 +46,7 @@ from vs_flagembedding import (
     ARCH,
     FLAG_VERSION,
     RETRIEVAL_INSTRUCTION,
+    add_reference_options,
     build_reference_model,
     default_flag_venv,
     ensure_flag_venv,
@@ -385,12 +386,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--passage-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32, help="texts a forward, torch sides")
     p.add_argument("--only", choices=tuple(SIDES), help="run one side")
-    p.add_argument("--flag-venv", type=Path, default=None,
-                   help=f"the reference venv (default: <cache>/jax_iclemb/"
-                        f"flagembedding-{FLAG_VERSION}; built on first use)")
-    p.add_argument("--scratch", type=Path,
-                   default=Path(os.environ.get("TMPDIR", "/tmp")) / "encode_throughput",
-                   help="scratch folder (model, texts, embeddings, logs)")
+    add_reference_options(p, "encode_throughput", "scratch folder (model, texts, embeddings, logs)")
     p.add_argument("--json", type=Path, help="write the raw numbers to this file")
     p.add_argument("--worker", choices=("jax", "st"), help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -827,6 +827,15 @@ def summarise(side: str, data: dict[str, Any], warmup: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def add_reference_options(p: argparse.ArgumentParser, scratch: str, scratch_help: str) -> None:
+    """--flag-venv and --scratch, shared by the benches that run the reference in its venv."""
+    p.add_argument("--flag-venv", type=Path, default=None,
+                   help=f"the reference venv (default: <cache>/jax_iclemb/"
+                        f"flagembedding-{FLAG_VERSION}; built on first use)")
+    p.add_argument("--scratch", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / scratch,
+                   help=scratch_help)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="builtin",
@@ -844,12 +853,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch way")
     p.add_argument("--warm-cache", action="store_true",
                    help="also rerun ours with the compilation cache the first run filled")
-    p.add_argument("--flag-venv", type=Path, default=None,
-                   help=f"the reference venv (default: <cache>/jax_iclemb/"
-                        f"flagembedding-{FLAG_VERSION}; built on first use)")
-    p.add_argument("--scratch", type=Path,
-                   default=Path(os.environ.get("TMPDIR", "/tmp")) / "vs_flagembedding",
-                   help="scratch folder (data copy, model, runs, each side's last result)")
+    add_reference_options(
+        p, "vs_flagembedding", "scratch folder (data copy, model, runs, each side's last result)"
+    )
     p.add_argument("--keep", action="store_true",
                    help="keep the scratch folder's data, model and run folders")
     p.add_argument("--append", type=Path, help="append the Markdown report to this file")

@@ -21,7 +21,7 @@ from jax_iclemb import compile_cache
 from jax_iclemb import config as config_lib
 from jax_iclemb.beir import EvalDataError, load_examples
 from jax_iclemb.beir_eval import evaluate_beir
-from jax_iclemb.checkpoint import Checkpointer, TrainState
+from jax_iclemb.checkpoint import Checkpointer, TrainState, abstract_like
 from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.data.pipeline import TrainPipeline
 from jax_iclemb.embedder import Embedder, options_from_config
@@ -46,11 +46,6 @@ class _StopFlag:
 
 
 
-def abstract(tree: Any) -> Any:
-    """ShapeDtypeStructs with the shardings of `tree`'s arrays: what lowering needs."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 class StepCompiler:
     """One gradient executable per step shape, compiled on a background thread in the order the
     steps need them, so that compiling a shape that comes up overlaps the steps before it.
@@ -60,7 +55,7 @@ class StepCompiler:
 
     def __init__(self, grad_step: Any, state: TrainState, frozen: dict, note: Callable):
         self._grad_step, self._note = grad_step, note
-        self._params, self._frozen, self._step = abstract((state.params, frozen, state.step))
+        self._params, self._frozen, self._step = abstract_like((state.params, frozen, state.step))
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         self._futures: dict[tuple[int, int, int], concurrent.futures.Future] = {}
         self.cache_hits = 0  # executables loaded from the persistent compilation cache
@@ -73,7 +68,7 @@ class StepCompiler:
     def submit(self, shape: StepShape, batch: PackedBatch) -> None:
         if shape.key not in self._futures:
             self._futures[shape.key] = self._pool.submit(
-                self._compile, shape, abstract(batch), len(self._futures) + 1
+                self._compile, shape, abstract_like(batch), len(self._futures) + 1
             )
 
     def _compile(self, shape: StepShape, batch: PackedBatch, index: int) -> Any:
