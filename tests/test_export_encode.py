@@ -49,25 +49,33 @@ def embedder(tiny_workdir):
     return Embedder.from_pretrained(tiny_workdir, progress=False)
 
 
-def unbatched(model, ids):
-    """The reference: one sequence alone, no packing; the EOS hidden state, normalised."""
-    tokens = np.asarray([ids], dtype=np.int32)
-    hidden = model(tokens, np.arange(len(ids))[None], np.ones_like(tokens))
-    return np.asarray(l2_normalize(hidden[0, -1]))
+def unbatched(model, sequences):
+    """The reference: each sequence alone in its row from position 0, no packing; the hidden state
+    of its last token, normalised. Rows are right-padded to one length (one compile): under
+    causal attention a token never sees the padding after it."""
+    length = max(map(len, sequences))
+    tokens = np.zeros((len(sequences), length), np.int32)
+    for row, ids in zip(tokens, sequences):
+        row[: len(ids)] = ids
+    positions = np.broadcast_to(np.arange(length), tokens.shape)
+    hidden = model(tokens, positions, np.ones_like(tokens))
+    last = np.asarray([len(ids) - 1 for ids in sequences])
+    return np.asarray(l2_normalize(hidden[np.arange(len(sequences)), last]))
 
 
 def test_embedder_equals_unbatched_model(tiny_workdir, embedder):
     model, *_ = load_trained(tiny_workdir)
     model.eval()
     tok = embedder.tokenizer
+    got, texts = [], []
     for examples in ((), EXAMPLES):
-        got = embedder.encode_queries(QUERIES, instruction=INSTRUCTION, examples=examples)
-        for text, row in zip(QUERIES, got):
-            ids = tok(format_inference_query(text, instruction=INSTRUCTION, examples=examples))
-            np.testing.assert_allclose(row, unbatched(model, ids.input_ids), atol=1e-5)
+        got.append(embedder.encode_queries(QUERIES, instruction=INSTRUCTION, examples=examples))
+        texts += [format_inference_query(q, instruction=INSTRUCTION, examples=examples)
+                  for q in QUERIES]
     corpus = embedder.encode_corpus(PASSAGES)
-    for text, row in zip(PASSAGES, corpus):
-        np.testing.assert_allclose(row, unbatched(model, tok(text).input_ids), atol=1e-5)
+    got.append(corpus)
+    want = unbatched(model, [tok(t).input_ids for t in texts + PASSAGES])
+    np.testing.assert_allclose(np.concatenate(got), want, atol=1e-5)
     assert corpus.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(corpus, axis=1), 1.0, rtol=1e-5)
 
