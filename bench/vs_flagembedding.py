@@ -781,7 +781,7 @@ def run_jax(args: argparse.Namespace, scratch: Path, venv: Path, tasks: list[dic
     name = "jax_warm" if warm else "jax"
     workdir = scratch / f"{name}_work"
     shutil.rmtree(workdir, ignore_errors=True)  # an existing workdir would resume, not train
-    argv = jax_args(args, scratch, workdir, tasks)
+    argv = jax_args(args, scratch, workdir, tasks) + [f"--config.{x}" for x in args.ours]
     env = {"JAX_COMPILATION_CACHE_DIR": str(cache)}
     _log(f"ours{' (warm cache)' if warm else ''}: python -m jax_iclemb.train "
          f"(log {scratch / (name + '.log')})")
@@ -858,6 +858,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true",
                    help="keep the scratch folder's data, model and run folders")
+    p.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for our side only that leaves the work as it is, "
+                   "e.g. model.attention_impl=xla (repeatable)")
     p.add_argument("--append", type=Path, help="append the Markdown report to this file")
     p.add_argument("--json", type=Path, help="write the raw numbers to this file")
     args = p.parse_args(argv)

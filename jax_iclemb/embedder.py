@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from jax_iclemb import parallel
 from jax_iclemb.data.batch import PackedRows
-from jax_iclemb.data.icl import encode_inference_query, encode_passage
+from jax_iclemb.data.icl import encode_inference_queries, encode_passages
 from jax_iclemb.data.tokenizer import load_tokenizer
 from jax_iclemb.errors import MissingPath
 from jax_iclemb.inference_batch import CHUNK, Call, CallLayout, chunked_calls, overlapped
@@ -166,13 +166,10 @@ class Embedder:
         """Embeddings [N, D] of queries, each preceded by the same task `examples` (few-shot)."""
 
         def ids(positions: np.ndarray) -> list[list[int]]:
-            return [
-                encode_inference_query(
-                    self.tokenizer, queries[i], instruction=instruction, examples=examples,
-                    max_len=self.query_max_len,
-                )
-                for i in positions
-            ]
+            return encode_inference_queries(
+                self.tokenizer, [queries[i] for i in positions], instruction=instruction,
+                examples=examples, max_len=self.query_max_len,
+            )
 
         return self._encode([len(q) for q in queries], ids)
 
@@ -183,13 +180,10 @@ class Embedder:
         (symmetric tasks: STS, clustering)."""
 
         def ids(positions: np.ndarray) -> list[list[int]]:
-            return [
-                encode_passage(
-                    self.tokenizer, passages[i], max_len=self.passage_max_len,
-                    instruction=instruction,
-                )
-                for i in positions
-            ]
+            return encode_passages(
+                self.tokenizer, [passages[i] for i in positions], max_len=self.passage_max_len,
+                instruction=instruction,
+            )
 
         return self._encode([len(p) for p in passages], ids)
 

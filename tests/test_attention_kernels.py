@@ -47,6 +47,55 @@ def qkv(length: int, heads: int = 4, kv_heads: int = 2, head_dim: int = 16):
     return q, k, v, cotangent
 
 
+def numpy_attention(q, k, v, segs, pos, *, causal: bool, window: int | None) -> np.ndarray:
+    """The definition, one row and head at a time, in float64: softmax over the keys of the same
+    segment (and not after the query, and within the window) of q·k / sqrt(Dh), times v."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    rows, length, heads, head_dim = q.shape
+    group = heads // k.shape[2]
+    out = np.zeros_like(q)
+    cols = np.arange(length)
+    for r in range(rows):
+        allowed = segs[r][:, None] == segs[r][None, :]
+        if causal:
+            allowed &= cols[:, None] >= cols[None, :]
+        if window is not None:
+            dist = pos[r][:, None] - pos[r][None, :]
+            allowed &= (dist if causal else np.abs(dist)) < window
+        for h in range(heads):
+            scores = q[r, :, h] @ k[r, :, h // group].T / np.sqrt(head_dim)
+            scores = np.where(allowed, scores, -np.inf)
+            weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+            out[r, :, h] = weights / weights.sum(axis=1, keepdims=True) @ v[r, :, h // group]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("causal", "window"), [(True, None), (False, None), (True, 100), (False, 100)],
+    ids=["causal", "bidirectional", "causal-window", "bidirectional-window"],
+)
+def test_xla_path_equals_the_definition_across_query_chunks(causal, window):
+    """Rows of 320 tokens: three query chunks (the last one short), segments that cross chunk
+    boundaries, a window shorter than a segment."""
+    length, lengths = 320, ((150, 100, 50), (300,))
+    segs = np.zeros((2, length), np.int32)
+    pos = np.zeros_like(segs)
+    for r, lens in enumerate(lengths):
+        ends = np.cumsum(lens)
+        for s, (n, end) in enumerate(zip(lens, ends)):
+            segs[r, end - n : end] = s + 1
+            pos[r, end - n : end] = np.arange(n)
+    keys = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(keys[0], (2, length, 4, 16))
+    k, v = (jax.random.normal(key, (2, length, 2, 16)) for key in keys[1:])
+    got = dot_product_attention(
+        q, k, v, jnp.asarray(segs), jnp.asarray(pos), causal=causal, sliding_window=window
+    )
+    want = numpy_attention(q, k, v, segs, pos, causal=causal, window=window)
+    real = segs > 0  # padding's outputs are never used
+    np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=1e-5, atol=1e-5)
+
+
 # Where each fused kernel compiles; elsewhere only the Pallas ones run, in the interpreter.
 COMPILES_ON = {"pallas": "gpu", "cudnn": "gpu", "splash": "tpu"}
 # bf16 kernels against fp32 XLA: relative L2 error of outputs and gradients. A wrong mask or

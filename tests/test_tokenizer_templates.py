@@ -108,6 +108,24 @@ def test_inference_ids_equal_tokenizer_of_string(tok, sample_data):
         icl.encode_inference_query(tok, "q", instruction="i", examples=[{"q": 1}], max_len=64)
 
 
+def test_batched_inference_ids_equal_the_tokenizer_of_each_string(tok, sample_data):
+    """Many texts of one task at once (examples tokenized once, one batched call, repeated and
+    cut texts among them) give each text's own ids."""
+    first = sorted((sample_data / "eval_examples").glob("*.json"))[0]
+    examples = json.loads(first.read_text())
+    texts = ["what is it?", "a dog  barks", "what is it?", "long " * 80, "é ü 東京"]
+    got = icl.encode_inference_queries(
+        tok, texts, instruction="Do it.", examples=examples[:3], max_len=512
+    )
+    for text, ids in zip(texts, got, strict=True):
+        string = icl.format_inference_query(text, instruction="Do it.", examples=examples[:3])
+        assert ids == tok(string)["input_ids"], text
+    assert icl.encode_passages(tok, texts, max_len=512) == [tok(t)["input_ids"] for t in texts]
+    cut = icl.encode_passages(tok, texts, max_len=16, instruction="Do it.")
+    assert cut == [icl.encode_passage(tok, t, max_len=16, instruction="Do it.") for t in texts]
+    assert max(map(len, cut)) == 16
+
+
 def test_truncation_is_on_token_ids(tok):
     long = "word " * 300
     # Raw passages: exactly the tokenizer's own truncation (which keeps BOS and EOS).

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import transformers
 
@@ -277,18 +278,19 @@ def _example_pair(example: Mapping[str, str], index: int) -> tuple[str, str]:
         ) from err
 
 
-def encode_inference_query(
+def encode_inference_queries(
     tokenizer: transformers.PreTrainedTokenizerBase,
-    query: str,
+    queries: Sequence[str],
     *,
     instruction: str,
     examples: Sequence[Mapping[str, str]] = (),
     max_len: int,
-) -> list[int]:
-    """Ids of `format_inference_query(...)` with BOS/EOS.
+) -> list[list[int]]:
+    """Ids of `format_inference_query(...)` with BOS/EOS, for each query of one task.
 
     As in the published model card, `max_len` bounds BOS + the task query + suffix + EOS; the user's
     examples are kept whole in front of it (so the total is at most len(examples' ids) + max_len).
+    The examples are tokenized once, the queries in one batched call.
     """
     tt = TemplateTokenizer(tokenizer)
     prefix = [
@@ -296,22 +298,43 @@ def encode_inference_query(
         for i, e in enumerate(examples)
         for t in example_ids(tt, instruction, *_example_pair(e, i))
     ]
-    return query_ids(tt, instruction, query, max_len=max_len + len(prefix), prefix=prefix)
+    tt.prime(run for q in queries for run in query_runs(instruction, q))
+    return [
+        query_ids(tt, instruction, q, max_len=max_len + len(prefix), prefix=prefix)
+        for q in queries
+    ]
 
 
-def encode_passage(
+def encode_inference_query(
+    tokenizer: transformers.PreTrainedTokenizerBase, query: str, **options: Any
+) -> list[int]:
+    """`encode_inference_queries` of one query (same keywords)."""
+    return encode_inference_queries(tokenizer, [query], **options)[0]
+
+
+def encode_passages(
     tokenizer: transformers.PreTrainedTokenizerBase,
-    text: str,
+    texts: Sequence[str],
     *,
     max_len: int,
     instruction: str | None = None,
-) -> list[int]:
-    """A passage for inference: raw text, or query-formatted when an instruction is given
-    (symmetric tasks such as STS and clustering)."""
+) -> list[list[int]]:
+    """Passages for inference: raw text, or query-formatted when an instruction is given
+    (symmetric tasks such as STS and clustering); tokenized in one batched call."""
     tt = TemplateTokenizer(tokenizer)
-    return passage_ids(
-        tt, text, max_len=max_len, prompt=instruction, symmetric=instruction is not None
-    )
+    symmetric = instruction is not None
+    tt.prime(r for t in texts for r in passage_runs(t, prompt=instruction, symmetric=symmetric))
+    return [
+        passage_ids(tt, t, max_len=max_len, prompt=instruction, symmetric=symmetric)
+        for t in texts
+    ]
+
+
+def encode_passage(
+    tokenizer: transformers.PreTrainedTokenizerBase, text: str, **options: Any
+) -> list[int]:
+    """`encode_passages` of one text (same keywords)."""
+    return encode_passages(tokenizer, [text], **options)[0]
 
 
 def render(tokenizer: transformers.PreTrainedTokenizerBase, ids: Sequence[int]) -> str:

@@ -2,7 +2,8 @@
 
 `model.attention_impl` picks one; all compute the same function (tests/test_attention_kernels.py):
 
-- "xla": a dense [R, Lq, Lk] mask and two einsums. Any backend; memory O(L²) per row and head.
+- "xla": a dense mask and two einsums, a row and 128 queries at a time, each chunk against the
+  keys it can see (causal: none after it). Any backend; memory O(L²) per row and head.
 - "block_sparse": only the (query block, key block) tiles that hold a same-segment pair, listed per
   step by the host (`block_sparse.py`). Any backend; work and memory follow the kept tiles. Needs
   the step's tile list (`block_pairs`); called without one (inference) it falls back to "xla".
@@ -17,7 +18,8 @@
 
 Segment 0 (padding) attends only to padding (under "block_sparse": to nothing, output 0), so no
 softmax row is empty; outputs on padding are never used.
-Fused kernels under a mesh run per shard (`jax.shard_map`): GSPMD cannot partition a custom call.
+Under a mesh, "xla" and the fused kernels run per shard (`jax.shard_map`): GSPMD cannot partition
+a custom call, nor a map over a sharded axis.
 """
 
 from __future__ import annotations
@@ -50,18 +52,65 @@ def attention_mask(
     return mask
 
 
+# Queries per chunk of the "xla" path: a row's chunk of scores ([heads, 128, ≤ L] floats) stays in
+# cache, and causal chunks skip the keys after them (docs/performance.md).
+QUERY_CHUNK = 128
+_MASKED = -1e30  # added to masked scores: exp() gives 0, and no inf reaches a gradient
+
+
 def xla_attention(q, k, v, segment_ids, positions, *, causal, sliding_window):
-    """Dense-mask attention with grouped KV. q [R,L,H,Dh], k/v [R,L,K,Dh] -> [R,L,H,Dh]."""
-    r, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(r, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("rqkgd,rskd->rkgqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim**-0.5)
-    mask = attention_mask(segment_ids, positions, causal=causal, sliding_window=sliding_window)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("rkgqs,rskd->rqkgd", probs, v)
-    return out.reshape(r, length, heads, head_dim)
+    """Dense-mask attention with grouped KV. q [R,L,H,Dh], k/v [R,L,K,Dh] -> [R,L,H,Dh].
+
+    One row at a time (`lax.map`; under a mesh, call it through `dot_product_attention`, which
+    maps over each device's own rows), in chunks of `QUERY_CHUNK` queries; a chunk's keys are the
+    columns it can see: up to its last query when causal, and from its first query's window start
+    (positions are contiguous within a segment, so columns further left are out of the window).
+    """
+    length = q.shape[1]
+    chunk = min(QUERY_CHUNK, length)
+    window = sliding_window if sliding_window is not None and sliding_window < length else None
+    spans = []  # (first query, query end, first key, key end) of each chunk
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        first, end = 0, stop if causal else length
+        if window:  # keys further than the window from every query of the chunk are out
+            first, end = max(0, start - window + 1), min(end, stop + window - 1)
+        spans.append((start, stop, first, end))
+
+    def one_row(args):
+        q, k, v, seg, pos = args  # q [L, H, Dh], k/v [L, K, Dh], seg/pos [L]
+        kv_heads, head_dim = k.shape[1:]
+        qh = q.reshape(length, kv_heads, -1, head_dim).transpose(1, 2, 0, 3)  # [K, G, L, Dh]
+        kh, vh = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [K, L, Dh]
+        outs = []
+        for start, stop, first, end in spans:
+            scores = jnp.einsum(
+                "kgqd,ksd->kgqs", qh[:, :, start:stop], kh[:, first:end],
+                preferred_element_type=jnp.float32,
+            )
+            mask = _chunk_mask(seg, pos, start, stop, first, end, causal, window)
+            scores = scores * head_dim**-0.5 + jnp.where(mask, 0.0, _MASKED)
+            # Softmax normalised after the value product: a divide of [.., Dh], not [.., keys].
+            # The max is a constant shift (no gradient needed); every query sees itself.
+            weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+            out = jnp.einsum("kgqs,ksd->kgqd", weights.astype(v.dtype), vh[:, first:end])
+            outs.append(out / weights.sum(-1)[..., None].astype(out.dtype))
+        out = jnp.concatenate(outs, axis=2)  # [K, G, L, Dh]
+        return out.transpose(2, 0, 1, 3).reshape(q.shape).astype(q.dtype)
+
+    return jax.lax.map(one_row, (q, k, v, segment_ids, positions))
+
+
+def _chunk_mask(seg, pos, start, stop, first, end, causal, window):
+    """bool [stop - start, end - first]: `attention_mask` of one row's queries [start, stop) and
+    keys [first, end)."""
+    mask = seg[start:stop, None] == seg[None, first:end]
+    if causal:
+        mask &= jnp.arange(start, stop)[:, None] >= jnp.arange(first, end)[None, :]
+    if window is not None:
+        dist = pos[start:stop, None] - pos[None, first:end]
+        mask &= (dist if causal else jnp.abs(dist)) < window
+    return mask
 
 
 def _pallas_attention(q, k, v, segment_ids, *, causal, interpret):
@@ -114,11 +163,12 @@ def _splash_attention(q, k, v, segment_ids, *, causal, interpret):
     return out.transpose(0, 3, 1, 2, 4).reshape(r, length, heads, head_dim)
 
 
-def _per_shard(fn, q, k, v, segment_ids):
-    """Run a fused kernel on each device's rows (and heads) under the current mesh, if any."""
+def _per_shard(fn, q, k, v, *row_arrays):
+    """Run `fn(q, k, v, *row_arrays)` on each device's rows (and heads) under the current mesh,
+    if any; `row_arrays` are [R, L] (segment ids, positions)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return fn(q, k, v, segment_ids)
+        return fn(q, k, v, *row_arrays)
     rows = logical_to_spec(("batch",), q.shape[:1], mesh)[0]
     # Heads split over "tensor" only when both query and KV heads divide evenly, so every shard
     # keeps whole GQA groups.
@@ -126,9 +176,9 @@ def _per_shard(fn, q, k, v, segment_ids):
     heads = "tensor" if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
     spec = PartitionSpec(rows, None, heads, None)
     return jax.shard_map(
-        fn, in_specs=(spec, spec, spec, PartitionSpec(rows, None)), out_specs=spec,
-        check_vma=False,
-    )(q, k, v, segment_ids)
+        fn, in_specs=(spec, spec, spec, *[PartitionSpec(rows, None)] * len(row_arrays)),
+        out_specs=spec, check_vma=False,
+    )(q, k, v, *row_arrays)
 
 
 def dot_product_attention(
@@ -166,9 +216,9 @@ def dot_product_attention(
             block=block, causal=causal, sliding_window=window,
         )
     if impl in ("xla", "block_sparse"):
-        return xla_attention(
-            q, k, v, segment_ids, positions, causal=causal, sliding_window=sliding_window
-        )
+        # Per shard: each device maps over its own rows (a map over a sharded axis would gather).
+        fn = functools.partial(xla_attention, causal=causal, sliding_window=sliding_window)
+        return _per_shard(fn, q, k, v, segment_ids, positions)
     if impl == "cudnn":
         if window is not None and not causal:
             raise ValueError("attention impl 'cudnn' supports a sliding window only when causal")
