@@ -70,6 +70,12 @@ class StoreInfo:
         return min(self.shard_size, self.count - index * self.shard_size)
 
 
+def model_name(model: str | Path) -> str:
+    """How a store's `source` names the model that encoded it: a folder's absolute path, else
+    the Hub id as given."""
+    return str(Path(model).absolute()) if Path(model).exists() else str(model)
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 

@@ -30,6 +30,7 @@ from jax_iclemb.embedding_store import (
     finish_store,
     finished_shards,
     is_temp,
+    model_name,
     remove_store,
     store_info,
     write_manifest,
@@ -102,7 +103,7 @@ def describe(args: argparse.Namespace, path: Path, examples: list[dict[str, str]
     (the input's size and modification time stand for its content)."""
     stat = path.stat()
     return {
-        "model": str(Path(args.model).absolute()) if Path(args.model).exists() else args.model,
+        "model": model_name(args.model),
         "step": args.step, "kind": args.kind,
         "input": str(path.absolute()), "input_bytes": stat.st_size,
         "input_mtime_ns": stat.st_mtime_ns, "instruction": args.instruction,

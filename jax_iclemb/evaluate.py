@@ -2,11 +2,13 @@
 
     python -m jax_iclemb.evaluate --model runs/tiny --data DIR \
         --instruction "Given a web search query, retrieve relevant passages that answer the query."\
-        --examples eval_examples/MSMARCO.json [--json OUT.json]
+        --examples eval_examples/MSMARCO.json [--json OUT.json] [--corpus-store STORE]
     python -m jax_iclemb.evaluate --make-beir --from-jsonl train.jsonl --out DIR
 
 The BEIR folder format is in `jax_iclemb.beir`, the evaluation in `jax_iclemb.beir_eval` (ranking
-on the devices: `jax_iclemb.device_topk`), the metrics in `jax_iclemb.retrieval`.
+on the devices: `jax_iclemb.device_topk`), the metrics in `jax_iclemb.retrieval`. With
+`--corpus-store`, the corpus embeddings come from a store that `python -m jax_iclemb.encode` wrote
+from the same model and folder; only the queries are encoded.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 
 from jax_iclemb.beir import beir_from_jsonl, load_beir, load_examples
 from jax_iclemb.config import default_config
-from jax_iclemb.errors import add_debug_flag, cli
+from jax_iclemb.embedding_store import model_name, store_info
+from jax_iclemb.errors import BadValue, add_debug_flag, cli
 from jax_iclemb.retrieval import markdown_table
 from jax_iclemb.workdir import is_workdir, load_workdir_config
 
@@ -39,6 +42,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--query-max-len", type=int, default=None)
     p.add_argument("--passage-max-len", type=int, default=None)
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir")
+    p.add_argument("--corpus-store", default=None,
+                   help="read the corpus embeddings from this store (python -m jax_iclemb.encode "
+                        "--model MODEL --input DATA) instead of encoding the corpus")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--keep-runs", action="store_true",
                    help="put each query's top 10 documents and scores in the JSON")
@@ -62,6 +68,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def check_corpus_store(folder: str, model: str, step: int | None) -> None:
+    """The store must be complete and hold this model's raw-passage embeddings (its ids are
+    checked against the corpus while it is read)."""
+    info = store_info(folder)
+    if not info.complete:
+        raise BadValue(f"{folder}: the store is not complete; run the encode command again")
+    wanted = {"kind": "corpus", "instruction": None, "model": model_name(model), "step": step}
+    for key, value in wanted.items():
+        if info.source.get(key) != value:
+            raise BadValue(
+                f"{folder}: the store's {key} is {info.source.get(key)!r}, this evaluation's "
+                f"{value!r}; encode the corpus with `python -m jax_iclemb.encode --model "
+                f"{model}{'' if step is None else f' --step {step}'}` and no --instruction"
+            )
+
+
 def default_instruction(model: str) -> str:
     """The training default prompt of a workdir; the paper's MS MARCO instruction otherwise."""
     if is_workdir(model):
@@ -80,6 +102,8 @@ def main(argv: Sequence[str]) -> int:
 
     examples = load_examples(args.examples, args.num_examples) if args.examples else []
     data = load_beir(args.data, args.split)  # fails on bad data before loading the model
+    if args.corpus_store:
+        check_corpus_store(args.corpus_store, args.model, args.step)
     options = {
         key: value
         for key, value in (("query_max_len", args.query_max_len),
@@ -90,7 +114,7 @@ def main(argv: Sequence[str]) -> int:
     instruction = args.instruction or default_instruction(args.model)
     result = evaluate_beir(
         embedder, data, instruction=instruction, examples=examples, keep_runs=args.keep_runs,
-        ignore_identical_ids=not args.keep_identical_ids,
+        ignore_identical_ids=not args.keep_identical_ids, corpus_store=args.corpus_store,
     )
     result["data"] = str(args.data)
     result["model"] = str(args.model)

@@ -70,13 +70,16 @@ def numpy_attention(q, k, v, segs, pos, *, causal: bool, window: int | None) -> 
     return out
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"], ids=["row-by-row", "rows-at-once"])
 @pytest.mark.parametrize(
     ("causal", "window"), [(True, None), (False, None), (True, 100), (False, 100)],
     ids=["causal", "bidirectional", "causal-window", "bidirectional-window"],
 )
-def test_xla_path_equals_the_definition_across_query_chunks(causal, window):
+def test_xla_path_equals_the_definition_across_query_chunks(causal, window, backend, monkeypatch):
     """Rows of 320 tokens: three query chunks (the last one short), segments that cross chunk
-    boundaries, a window shorter than a segment."""
+    boundaries, a window shorter than a segment; traced as for a CPU (a row at a time) and as for
+    an accelerator (every row at once)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
     length, lengths = 320, ((150, 100, 50), (300,))
     segs = np.zeros((2, length), np.int32)
     pos = np.zeros_like(segs)

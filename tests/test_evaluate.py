@@ -7,12 +7,15 @@ product, runs selected by `ir_metrics.top_k_from_scores` (itself tested against 
 """
 
 import csv
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 from conftest import REPO, TINY_OVERRIDES
 
-from jax_iclemb import ir_metrics
+from jax_iclemb import embedding_store as store
+from jax_iclemb import encode, ir_metrics
 from jax_iclemb.beir import EvalDataError, beir_from_jsonl, load_beir, load_examples
 from jax_iclemb.beir_eval import evaluate_beir
 from jax_iclemb.embedder import Embedder
@@ -143,6 +146,51 @@ def test_corpus_encoded_in_chunks_gives_the_same_results(embedder, beir_dir, exa
             assert list(runs[mode][qid]) == list(docs)  # the same documents in the same order
             assert runs[mode][qid] == pytest.approx(docs, abs=1e-6)
     assert chunked == whole  # counts and settings
+
+
+def test_cli_reads_the_corpus_from_an_encoded_store(
+    tiny_workdir, embedder, beir_dir, examples_file, tmp_path, capsys, monkeypatch
+):
+    """`encode` writes the corpus's store (shards of 16); `evaluate --corpus-store` then gives the
+    metrics and runs of encoding the corpus itself. A store of another step, or of the same
+    documents in another order, is refused with exit code 2, naming what differs."""
+    monkeypatch.setattr(Embedder, "from_pretrained", lambda path, **kw: embedder)
+    folder = tmp_path / "store"
+    encode_argv = ["--model", str(tiny_workdir), "--input", str(beir_dir), "--out", str(folder),
+                   "--shard-size", "16"]
+    assert encode.main(encode_argv) == 0
+    assert store.store_info(folder).num_shards > 2
+    examples = json.loads(examples_file.read_text())
+    want = evaluate_beir(embedder, beir_dir, instruction=INSTRUCTION, examples=examples,
+                         keep_runs=True)
+    argv = ["--model", str(tiny_workdir), "--data", str(beir_dir), "--instruction", INSTRUCTION,
+            "--examples", str(examples_file), "--keep-runs", "--json", str(tmp_path / "r.json")]
+    assert main([*argv, "--corpus-store", str(folder)]) == 0
+    got = json.loads((tmp_path / "r.json").read_text())
+    for mode in ("zero", "few"):
+        assert got[mode] == pytest.approx(want[mode], abs=1e-6)
+        for qid, docs in want["runs"][mode].items():
+            assert list(got["runs"][mode][qid]) == list(docs)
+            assert got["runs"][mode][qid] == pytest.approx(docs, abs=1e-5)
+    capsys.readouterr()
+
+    assert main([*argv, "--corpus-store", str(folder), "--step", "3"]) == 2
+    assert "the store's step is None, this evaluation's 3" in capsys.readouterr().err
+
+    ids, vectors = (list(x) for x in zip(*store.read_store(folder)))
+    ids, vectors = [i for part in ids for i in part], np.concatenate(vectors)
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    info = store.store_info(folder)
+    store.write_manifest(shuffled, dataclasses.replace(info, dim=None, complete=False))
+    writer = store.StoreWriter(shuffled, shard_size=info.shard_size, dtype=info.dtype)
+    writer.append(ids[::-1], vectors[::-1])
+    writer.flush()
+    store.finish_store(shuffled)
+    assert main([*argv, "--corpus-store", str(shuffled)]) == 2
+    err = capsys.readouterr().err
+    assert f"row 0 is document {ids[-1]!r}, but the corpus has {ids[0]!r}" in err
+    assert "Traceback" not in err
 
 
 def write_beir(folder, corpus_lines, queries, qrels):

@@ -61,10 +61,11 @@ _MASKED = -1e30  # added to masked scores: exp() gives 0, and no inf reaches a g
 def xla_attention(q, k, v, segment_ids, positions, *, causal, sliding_window):
     """Dense-mask attention with grouped KV. q [R,L,H,Dh], k/v [R,L,K,Dh] -> [R,L,H,Dh].
 
-    One row at a time (`lax.map`; under a mesh, call it through `dot_product_attention`, which
-    maps over each device's own rows), in chunks of `QUERY_CHUNK` queries; a chunk's keys are the
-    columns it can see: up to its last query when causal, and from its first query's window start
-    (positions are contiguous within a segment, so columns further left are out of the window).
+    On CPU one row at a time (`lax.map`; under a mesh, call it through `dot_product_attention`,
+    which maps over each device's own rows), elsewhere all rows at once. Queries go in chunks of
+    `QUERY_CHUNK`, each against the columns it can see: up to its last query when causal, and
+    from its first query's window start (positions are contiguous within a segment, so columns
+    further left are out of the window).
     """
     length = q.shape[1]
     chunk = min(QUERY_CHUNK, length)
@@ -98,7 +99,10 @@ def xla_attention(q, k, v, segment_ids, positions, *, causal, sliding_window):
         out = jnp.concatenate(outs, axis=2)  # [K, G, L, Dh]
         return out.transpose(2, 0, 1, 3).reshape(q.shape).astype(q.dtype)
 
-    return jax.lax.map(one_row, (q, k, v, segment_ids, positions))
+    # CPU: a row at a time, so that a chunk's scores stay in cache. Accelerators: every row at
+    # once (one batched op per chunk), as wide as the dense path was.
+    rows_at_once = 1 if jax.default_backend() == "cpu" else q.shape[0]
+    return jax.lax.map(one_row, (q, k, v, segment_ids, positions), batch_size=rows_at_once)
 
 
 def _chunk_mask(seg, pos, start, stop, first, end, causal, window):
