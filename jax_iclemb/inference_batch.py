@@ -6,7 +6,8 @@ and packed rows, never the whole corpus. Each sequence goes to rows of its own r
 whole (`pack_sequences`, first-fit decreasing), so rows carry little padding. A call's shape is a
 function of its row length and its tile count only:
 
-- row length: a power of two at least the sequence's length (and at least `MIN_ROW_LEN`, or
+- row length: the smallest rung at least the sequence's length of a ladder with 2 rungs per
+  doubling (64, 96, 128, 192, ...; at least `MIN_ROW_LEN`, or
   `SPARSE_ROW_LEN` under block-sparse attention, whose cost follows the kept tiles, not L², so
   that many short texts share a row);
 - rows per call: `TOKENS_PER_SHARD // length` per data shard (or the user's `rows_per_call`), so
@@ -34,6 +35,10 @@ MIN_ROW_LEN = 64
 SPARSE_ROW_LEN = 512  # many short texts per row; attention work follows the real tiles
 TOKENS_PER_SHARD = 8192  # per call and data shard: big enough that dispatch is not the cost
 TOKENS_PER_SEGMENT = 8  # a row holds up to length / 8 sequences
+# Row lengths 64, 96, 128, 192, 256, 384, ...: a sequence pads its row by under a third (a
+# 517-token few-shot query alone in a row of 1,024 wasted half of it). Each rung is one more
+# compile per row count.
+ROW_LENGTH_RUNGS = 2
 # 2 rungs per doubling (under 50% padding tiles, not training's 4): each rung is one more compile,
 # and attention is a small part of a real model's inference work at these row lengths.
 TILE_RUNGS = 2
@@ -68,7 +73,7 @@ class CallLayout:
     def row_length(self, longest: int) -> int:
         """Tokens per row for sequences of up to `longest` tokens."""
         floor = MIN_ROW_LEN if self.block is None else SPARSE_ROW_LEN
-        length = max(floor, 1 << max(longest - 1, 1).bit_length())
+        length = max(floor, ladder(longest, ROW_LENGTH_RUNGS))
         if self.block is not None:
             length = -(-length // self.block) * self.block
         return length
