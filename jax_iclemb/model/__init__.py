@@ -1,6 +1,6 @@
 """The decoder (Mistral/Llama/Qwen2/Qwen3), LoRA, pooling and Hugging Face import/export."""
 
-from jax_iclemb.model.attention import attention_mask, dot_product_attention
+from jax_iclemb.model.attention import dot_product_attention
 from jax_iclemb.model.config import FAMILIES, ModelConfig, RopeScaling
 from jax_iclemb.model.decoder import Decoder, create_model, state_shardings
 from jax_iclemb.model.hf import export_merged, export_peft, load_peft, load_pretrained
@@ -15,7 +15,6 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "RopeScaling",
-    "attention_mask",
     "create_model",
     "dot_product_attention",
     "export_merged",

@@ -2,8 +2,8 @@
 
 `model.attention_impl` picks one; all compute the same function (tests/test_attention_kernels.py):
 
-- "xla": a dense mask and two einsums, a row and 128 queries at a time, each chunk against the
-  keys it can see (causal: none after it). Any backend; memory O(L²) per row and head.
+- "xla": a dense mask and two einsums, 128 queries at a time (on CPU a row at a time), each chunk
+  against the keys it can see (causal: none after it). Any backend; memory O(L²) per row and head.
 - "block_sparse": only the (query block, key block) tiles that hold a same-segment pair, listed per
   step by the host (`block_sparse.py`). Any backend; work and memory follow the kept tiles. Needs
   the step's tile list (`block_pairs`); called without one (inference) it falls back to "xla".
@@ -33,24 +33,6 @@ from jax.sharding import PartitionSpec
 from jax_iclemb.config import ATTENTION_IMPLS
 from jax_iclemb.model import block_sparse
 from jax_iclemb.parallel import logical_to_spec
-
-
-def attention_mask(
-    segment_ids: jax.Array, positions: jax.Array, *, causal: bool, sliding_window: int | None
-) -> jax.Array:
-    """bool [R, Lq, Lk]: same segment AND (causal: key not after query) AND within the window.
-
-    Padding (segment 0) only sees padding, and every token sees itself, so no row is empty.
-    """
-    mask = segment_ids[:, :, None] == segment_ids[:, None, :]
-    if causal:
-        idx = jnp.arange(segment_ids.shape[1])
-        mask &= idx[:, None] >= idx[None, :]
-    if sliding_window is not None:
-        dist = positions[:, :, None] - positions[:, None, :]
-        mask &= (dist if causal else jnp.abs(dist)) < sliding_window
-    return mask
-
 
 # Queries per chunk of the "xla" path: a row's chunk of scores ([heads, 128, ≤ L] floats) stays in
 # cache, and causal chunks skip the keys after them (docs/performance.md).
@@ -106,8 +88,9 @@ def xla_attention(q, k, v, segment_ids, positions, *, causal, sliding_window):
 
 
 def _chunk_mask(seg, pos, start, stop, first, end, causal, window):
-    """bool [stop - start, end - first]: `attention_mask` of one row's queries [start, stop) and
-    keys [first, end)."""
+    """bool [stop - start, end - first]: may query i (of one row's [start, stop)) see key j (of
+    [first, end))? Same segment AND (causal: j not after i) AND (window: within it, by position).
+    Padding (segment 0) sees padding, and every token itself, so no query sees nothing."""
     mask = seg[start:stop, None] == seg[None, first:end]
     if causal:
         mask &= jnp.arange(start, stop)[:, None] >= jnp.arange(first, end)[None, :]
