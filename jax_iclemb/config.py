@@ -112,6 +112,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.hf_path = ""  # HF folder or hub id; "" = random init from model.arch
+    c.model.revision = ""  # branch, tag or commit of a hub id in hf_path; "" = main
     c.model.arch = ml_collections.ConfigDict(MISTRAL_7B_ARCH)
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16"
@@ -307,6 +308,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, size in config.data.batch_size_overrides.items():
         if not isinstance(size, int) or size <= 0:
             raise ConfigError(f"data.batch_size_overrides[{name!r}] must be a positive int")
+    if config.model.revision and (not config.model.hf_path or Path(config.model.hf_path).is_dir()):
+        raise ConfigError(
+            f"model.revision={config.model.revision!r} pins a Hugging Face Hub id in "
+            f"model.hf_path, which is {config.model.hf_path!r} (a local folder has no revisions)"
+        )
     if config.eval.every and not config.eval.data:
         raise ConfigError("eval.every > 0 needs eval.data (a BEIR-format folder)")
     if config.data.passage_max_len > config.data.query_max_len:

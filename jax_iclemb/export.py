@@ -180,8 +180,8 @@ def main(argv: Sequence[str]) -> int:
     else:
         base = peft_base(config)
         export_peft(
-            model, model_config, out, base_model_name_or_path=base, tokenizer=tokenizer,
-            overwrite=args.overwrite,
+            model, model_config, out, base_model_name_or_path=base,
+            revision=config.model.revision or None, tokenizer=tokenizer, overwrite=args.overwrite,
         )
         if base == BASE_DIR:
             export_merged(

@@ -88,6 +88,18 @@ def test_range_checks():
         validate(c)
 
 
+def test_a_revision_needs_a_hub_id(tmp_path):
+    c = default_config()
+    c.model.revision = "v1"
+    with pytest.raises(ConfigError, match=r"model.revision='v1' pins a .*Hub id.*''"):
+        validate(c)
+    c.model.hf_path = str(tmp_path)
+    with pytest.raises(ConfigError, match="a local folder has no revisions"):
+        validate(c)
+    c.model.hf_path = "owner/model"
+    validate(c)
+
+
 def test_from_json_round_trip_and_older_files_get_new_keys():
     c = load_config(CONFIGS / "tiny.py", ["--config.train.mesh=(2,-1,1)"])
     again = from_json(to_json(c))

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from jax_iclemb.config import default_config
 from jax_iclemb.model import (
     FROZEN,
     LoraConfig,
@@ -28,6 +29,7 @@ from jax_iclemb.model import (
     load_pretrained,
     lora_state,
 )
+from jax_iclemb.model.build import build_model
 from jax_iclemb.model.hf import HUB_META_FILES, read_checkpoint
 from jax_iclemb.parallel import make_mesh
 
@@ -337,10 +339,10 @@ def test_hub_model_downloads_its_files_at_the_revision(trained, base_dir, hub, t
 
 def test_hub_adapter_id_resolves_its_hub_base_at_its_revision(trained, base_dir, hub, tmp_path):
     model, cfg, _ = trained
-    adapter = export_peft(model, cfg, tmp_path / "adapter", base_model_name_or_path="owner/base")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["revision"] = "v1"  # PEFT's field for the base model's revision
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    adapter = export_peft(model, cfg, tmp_path / "adapter", base_model_name_or_path="owner/base",
+                          revision="v1")
+    # PEFT's field for the base model's revision
+    assert json.loads((adapter / "adapter_config.json").read_text())["revision"] == "v1"
     hub.publish("owner/adapter", adapter)
     hub.publish("owner/base", base_dir, "v1")  # no main: only the adapter's revision loads
 
@@ -356,6 +358,23 @@ def test_hub_adapter_id_resolves_its_hub_base_at_its_revision(trained, base_dir,
     ]
     snapshot = hub.snapshot("owner/adapter")
     assert files_under(snapshot) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_training_builds_its_hub_base_at_the_configured_revision(trained, base_dir, hub, tmp_path):
+    """`model.hf_path` a Hub id, `model.revision` a tag: the run starts from that revision's
+    weights (main holds another model)."""
+    model, cfg, _ = trained
+    repo = export_merged(model, cfg, tmp_path / "repo")
+    hub.publish("owner/model", base_dir, "main")
+    hub.publish("owner/model", repo, "v1")
+    section = default_config().model
+    section.hf_path, section.revision = "owner/model", "v1"
+    section.dtype = section.param_dtype = "float32"
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    got, _ = build_model(section, None, seed=0, mesh=mesh, vocab_size=VOCAB)
+    want, _ = load_pretrained(repo, dtype="float32", param_dtype="float32")
+    assert_same_params(got, want)
+    assert [c["revision"] for c in hub.calls] == ["v1", COMMITS["v1"]]
 
 
 def test_hub_adapter_id_with_its_base_inside_the_repository(trained, hub, tmp_path):

@@ -51,7 +51,7 @@ def build_model(
     if model.hf_path:
         return load_pretrained(
             model.hf_path, lora=lora, mesh=mesh, vocab_size=vocab_size, seed=seed,
-            **model_options(model),
+            revision=model.revision or None, **model_options(model),
         )
     arch = dict(model.arch.to_dict())
     arch["vocab_size"] = max(int(arch["vocab_size"]), vocab_size)

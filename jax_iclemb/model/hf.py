@@ -467,10 +467,12 @@ def export_peft(
     out_dir: str | os.PathLike,
     *,
     base_model_name_or_path: str,
+    revision: str | None = None,
     tokenizer: Any = None,
     overwrite: bool = False,
 ) -> Path:
     """A PEFT LoRA adapter folder (task FEATURE_EXTRACTION) for `PeftModel.from_pretrained`.
+    `revision` pins a Hub base (PEFT's field of that name, which `load_peft` reads too).
 
     Embedding rows appended after import travel as PEFT trainable tokens (replacement rows), so
     the base model must first be resized to `cfg.vocab_size` (`resize_token_embeddings`).
@@ -488,6 +490,7 @@ def export_peft(
         "peft_type": "LORA",
         "task_type": "FEATURE_EXTRACTION",
         "base_model_name_or_path": base_model_name_or_path,
+        "revision": revision,
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
