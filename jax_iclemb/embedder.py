@@ -202,7 +202,8 @@ class Embedder:
         if not keys:
             raise ValueError("nothing to encode")
         out = None  # [N, D], allocated when the first call is back
-        bar = tqdm(total=len(keys), desc="encode", disable=not self.progress or len(keys) < 1000)
+        bar = tqdm(total=len(keys), desc="encode", leave=False,
+                   disable=not self.progress or len(keys) < 1000)
 
         def start(calls: list[Call]) -> list[tuple[Call, jax.Array]]:
             return [(call, self._embed_call(call)) for call in calls]

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from jax_iclemb.embedder import Embedder
 
 BEIR_FILES = {"corpus": "corpus.jsonl", "queries": "queries.jsonl"}  # a BEIR folder's, by --kind
-CHUNK = 4096  # texts per Embedder call: room to batch texts by length, a fraction of a shard
 SHARD_SIZE = 50_000  # default rows per shard: 400 MB of float16 at 4096 dimensions
 
 
@@ -143,19 +142,21 @@ def check_out(out: Path, info: StoreInfo, overwrite: bool) -> bool:
     return True
 
 
-def shard_chunks(
-    records: Iterable[tuple[str, str]], shard_size: int, chunk: int
+def shard_rows(
+    records: Iterable[tuple[str, str]], shard_size: int
 ) -> Iterator[tuple[int, list[str], list[str]]]:
-    """(shard, ids, texts): each shard's rows, `chunk` at a time from its first row. Shards and
-    chunks depend on the row order and the sizes alone, so a resumed run encodes a shard as an
+    """(shard, ids, texts) of each shard. A shard goes to the `Embedder` whole: it orders, packs
+    and streams the texts itself, preparing the next calls while the devices run (a call per
+    few thousand texts would end each one with part-filled calls and an idle host). Shards
+    depend on the row order and the size alone, so a resumed run encodes a shard as an
     uninterrupted one did."""
     for shard, rows in itertools.groupby(enumerate(records), key=lambda r: r[0] // shard_size):
-        while batch := [record for _, record in itertools.islice(rows, chunk)]:
-            yield shard, [i for i, _ in batch], [t for _, t in batch]
+        batch = [record for _, record in rows]
+        yield shard, [i for i, _ in batch], [t for _, t in batch]
 
 
 def encode_shards(
-    chunks: Iterable[tuple[int, list[str], list[str]]],
+    rows: Iterable[tuple[int, list[str], list[str]]],
     encode: Callable[[list[str]], np.ndarray],
     writer: StoreWriter,
     shards: set[int],
@@ -163,15 +164,12 @@ def encode_shards(
 ) -> None:
     """Encode and write the rows of `shards`, skipping the others' rows."""
     last = max(shards)
-    current = None
-    for shard, ids, texts in chunks:
+    for shard, ids, texts in rows:
         if shard > last:
             break
         if shard not in shards:
             continue
-        if shard != current:
-            writer.seek(shard)
-            current = shard
+        writer.seek(shard)
         writer.append(ids, encode(texts))
         bar.update(len(ids))
     writer.flush()  # the input's last shard is short
@@ -202,8 +200,9 @@ def run(args: argparse.Namespace, path: Path, info: StoreInfo, resume: bool,
 
     distributed.initialize()
     # This host's devices only: processes encode different shards, so none may wait on another.
+    # The Embedder's bar shows texts/s within a shard; the outer one counts finished shards.
     embedder = Embedder.from_pretrained(
-        args.model, step=args.step, mesh=local_mesh(), progress=False
+        args.model, step=args.step, mesh=local_mesh(), progress=jax.process_index() == 0
     )
     out, process, processes = Path(args.out), jax.process_index(), jax.process_count()
     barrier("loaded")  # every process has checked --out before process 0 changes it
@@ -221,9 +220,9 @@ def run(args: argparse.Namespace, path: Path, info: StoreInfo, resume: bool,
         records = ((i, t) for _, i, t in iter_texts(path, with_title=args.kind == "corpus"))
         writer = StoreWriter(out, shard_size=info.shard_size, dtype=info.dtype)
         total = sum(info.shard_rows(k) for k in mine)
-        with tqdm(total=total, unit="text", desc="encode", disable=process != 0) as bar:
+        with tqdm(total=total, unit="text", desc="written", disable=process != 0) as bar:
             encode_shards(
-                shard_chunks(records, info.shard_size, CHUNK),
+                shard_rows(records, info.shard_size),
                 encoder(embedder, args, examples), writer, mine, bar,
             )
     barrier("written")
