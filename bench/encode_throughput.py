@@ -169,19 +169,18 @@ def build_model(python: Path, out: Path, scratch: Path) -> None:
 
 def token_counts(model: Path, work: dict[str, Any]) -> dict[str, Any]:
     """Tokens a pass embeds, as our tokenizer builds the sequences (BOS ... EOS)."""
-    from jax_iclemb.data.icl import encode_inference_query, encode_passage
+    from jax_iclemb.data.icl import encode_inference_queries, encode_passages
     from jax_iclemb.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(model))
-    passages = [len(encode_passage(tok, p, max_len=work["passage_len"]))
-                for p in work["passages"]]
-    queries = [
-        len(encode_inference_query(tok, q, instruction=work["instruction"],
-                                   examples=work["examples"], max_len=work["query_len"]))
-        for q in work["queries"]
-    ]
-    bare = [len(encode_inference_query(tok, q, instruction=work["instruction"],
-                                       max_len=work["query_len"])) for q in work["queries"]]
+    passages = [len(p) for p in encode_passages(tok, work["passages"], max_len=work["passage_len"])]
+    queries, bare = (
+        [len(q) for q in encode_inference_queries(
+            tok, work["queries"], instruction=work["instruction"], examples=shots,
+            max_len=work["query_len"],
+        )]
+        for shots in (work["examples"], ())
+    )
     return {
         "passages": {"tokens": sum(passages), "min": min(passages), "max": max(passages)},
         "queries": {"tokens": sum(queries), "min": min(queries), "max": max(queries),

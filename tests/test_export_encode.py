@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers
 from conftest import REPO, TINY_OVERRIDES
+from test_embedder import alone
 from test_model_parity import save_torch_checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -31,7 +32,6 @@ from jax_iclemb.data.icl import (
 )
 from jax_iclemb.embedder import Embedder
 from jax_iclemb.export import main as export_main
-from jax_iclemb.model import l2_normalize
 from jax_iclemb.model.trained import load_trained
 from jax_iclemb.train import run
 
@@ -49,20 +49,6 @@ def embedder(tiny_workdir):
     return Embedder.from_pretrained(tiny_workdir, progress=False)
 
 
-def unbatched(model, sequences):
-    """The reference: each sequence alone in its row from position 0, no packing; the hidden state
-    of its last token, normalised. Rows are right-padded to one length (one compile): under
-    causal attention a token never sees the padding after it."""
-    length = max(map(len, sequences))
-    tokens = np.zeros((len(sequences), length), np.int32)
-    for row, ids in zip(tokens, sequences):
-        row[: len(ids)] = ids
-    positions = np.broadcast_to(np.arange(length), tokens.shape)
-    hidden = model(tokens, positions, np.ones_like(tokens))
-    last = np.asarray([len(ids) - 1 for ids in sequences])
-    return np.asarray(l2_normalize(hidden[np.arange(len(sequences)), last]))
-
-
 def test_embedder_equals_unbatched_model(tiny_workdir, embedder):
     model, *_ = load_trained(tiny_workdir)
     model.eval()
@@ -74,7 +60,7 @@ def test_embedder_equals_unbatched_model(tiny_workdir, embedder):
                   for q in QUERIES]
     corpus = embedder.encode_corpus(PASSAGES)
     got.append(corpus)
-    want = unbatched(model, [tok(t).input_ids for t in texts + PASSAGES])
+    want = alone(model, [tok(t).input_ids for t in texts + PASSAGES], "last_token")
     np.testing.assert_allclose(np.concatenate(got), want, atol=1e-5)
     assert corpus.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(corpus, axis=1), 1.0, rtol=1e-5)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import transformers
 
@@ -306,10 +305,17 @@ def encode_inference_queries(
 
 
 def encode_inference_query(
-    tokenizer: transformers.PreTrainedTokenizerBase, query: str, **options: Any
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    query: str,
+    *,
+    instruction: str,
+    examples: Sequence[Mapping[str, str]] = (),
+    max_len: int,
 ) -> list[int]:
-    """`encode_inference_queries` of one query (same keywords)."""
-    return encode_inference_queries(tokenizer, [query], **options)[0]
+    """`encode_inference_queries` of one query."""
+    return encode_inference_queries(
+        tokenizer, [query], instruction=instruction, examples=examples, max_len=max_len
+    )[0]
 
 
 def encode_passages(
@@ -331,10 +337,14 @@ def encode_passages(
 
 
 def encode_passage(
-    tokenizer: transformers.PreTrainedTokenizerBase, text: str, **options: Any
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    text: str,
+    *,
+    max_len: int,
+    instruction: str | None = None,
 ) -> list[int]:
-    """`encode_passages` of one text (same keywords)."""
-    return encode_passages(tokenizer, [text], **options)[0]
+    """`encode_passages` of one text."""
+    return encode_passages(tokenizer, [text], max_len=max_len, instruction=instruction)[0]
 
 
 def render(tokenizer: transformers.PreTrainedTokenizerBase, ids: Sequence[int]) -> str:

@@ -49,14 +49,13 @@ def xla_attention(q, k, v, segment_ids, positions, *, causal, sliding_window):
     from its first query's window start (positions are contiguous within a segment, so columns
     further left are out of the window).
     """
-    length = q.shape[1]
+    length, window = q.shape[1], sliding_window
     chunk = min(QUERY_CHUNK, length)
-    window = sliding_window if sliding_window is not None and sliding_window < length else None
     spans = []  # (first query, query end, first key, key end) of each chunk
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
         first, end = 0, stop if causal else length
-        if window:  # keys further than the window from every query of the chunk are out
+        if window is not None:  # keys further than the window from every query of the chunk are out
             first, end = max(0, start - window + 1), min(end, stop + window - 1)
         spans.append((start, stop, first, end))
 
@@ -204,7 +203,7 @@ def dot_product_attention(
         )
     if impl in ("xla", "block_sparse"):
         # Per shard: each device maps over its own rows (a map over a sharded axis would gather).
-        fn = functools.partial(xla_attention, causal=causal, sliding_window=sliding_window)
+        fn = functools.partial(xla_attention, causal=causal, sliding_window=window)
         return _per_shard(fn, q, k, v, segment_ids, positions)
     if impl == "cudnn":
         if window is not None and not causal:
