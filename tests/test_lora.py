@@ -23,8 +23,10 @@ from jax_iclemb.model.lora import (
     Linear,
     dense,
     dropout,
+    fold_key,
     keep_mask,
     low_rank,
+    random_words,
 )
 
 CFG = ModelConfig(
@@ -84,7 +86,7 @@ def test_linear_matches_formula_and_dropout_touches_only_adapter():
     np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)  # no key: no dropout
 
     key = jax.random.key(3)
-    keep, p = keep_mask(jax.random.fold_in(key, LORA_TARGETS.index("up_proj")), x.shape, 0.5)
+    keep, p = keep_mask(fold_key(key, LORA_TARGETS.index("up_proj")), x.shape, 0.5)
     dropped = np.where(keep, x / p, 0)
     want = x @ w.T + b + (8.0 / 4) * (dropped @ a.T @ bb.T)  # the mask is on the adapter input
     np.testing.assert_allclose(layer(x, key), want, rtol=1e-5, atol=1e-5)
@@ -120,20 +122,45 @@ def test_hand_written_backwards_equal_autodiff():
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_keep_mask_rate_and_independence(rate):
-    """Bernoulli(1 - rate) per entry, within 5 standard errors, at the documented 16-bit rate;
-    masks of different keys (projections) and of neighbouring entries are uncorrelated."""
-    shape = (64, 257, 33)  # odd last axis: the second draw of the last word is dropped
-    keep, p = keep_mask(jax.random.key(0), shape, rate)
-    keep2, _ = keep_mask(jax.random.key(1), shape, rate)
-    keep, keep2 = np.asarray(keep, np.float64), np.asarray(keep2, np.float64)
-    assert p == 1 - round(rate * 2**16) / 2**16 and abs(p - (1 - rate)) < 2**-16
+    """Bernoulli(1 - rate) per entry, within 5 standard errors, at the documented 32-bit rate;
+    masks of other keys (projections, layers) and of neighbouring entries, rows and positions are
+    uncorrelated."""
+    shape = (64, 257, 33)
+    key = jax.random.key(0)
+    keep, p = keep_mask(key, shape, rate)
+    keep = np.asarray(keep, np.float64)
+    assert p == 1 - round(rate * 2**32) / 2**32 and abs(p - (1 - rate)) < 2**-32
     se = math.sqrt(p * (1 - p) / keep.size)
     assert abs(keep.mean() - p) < 5 * se
-    for other in (keep2, np.roll(keep, 1, axis=-1)):  # another key; the other half of a word
+    others = [np.asarray(keep_mask(k, shape, rate)[0], np.float64)
+              for k in (jax.random.key(1), fold_key(key, 0), fold_key(key, 1),
+                        fold_key(fold_key(key, 1), 0))]  # fmt: skip
+    others += [np.roll(keep, 1, axis=a) for a in (0, 1, 2)]  # the next row, position, feature
+    for other in others:
         corr = np.corrcoef(keep.ravel(), other.ravel())[0, 1]
         assert abs(corr) < 5 / math.sqrt(keep.size)
     x = jnp.ones(shape)
-    np.testing.assert_allclose(float(dropout(x, rate, jax.random.key(0)).mean()), 1.0, atol=0.01)
+    np.testing.assert_allclose(float(dropout(x, rate, key).mean()), 1.0, atol=0.01)
+
+
+def test_random_words_are_uniform_and_do_not_depend_on_sharding():
+    """Every bit is a fair coin and every byte value equally likely (chi-square over 256 bins,
+    5 sigma); the words of a row-sharded array equal the unsharded ones (global positions)."""
+    shape = (8, 128, 96)
+    words = np.asarray(random_words(jax.random.key(7), shape))
+    bits = (words[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+    assert np.abs(bits.mean(axis=(0, 1, 2)) - 0.5).max() < 5 * 0.5 / math.sqrt(words.size)
+    for shift in (0, 8, 16, 24):
+        counts = np.bincount(((words >> shift) & 255).ravel(), minlength=256)
+        expected = words.size / 256
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert abs(chi2 - 255) < 5 * math.sqrt(2 * 255)
+    assert len(np.unique(words)) > 0.99 * words.size  # no short cycles
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    sharded = jax.jit(random_words, static_argnums=1, out_shardings=rows)(jax.random.key(7), shape)
+    assert len(sharded.sharding.device_set) == len(jax.devices())
+    np.testing.assert_array_equal(np.asarray(sharded), words)
 
 
 def test_adapter_init_follows_peft():

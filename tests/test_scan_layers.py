@@ -13,6 +13,7 @@ from jax_iclemb import parallel
 from jax_iclemb.model import TRAINABLE, LoraConfig, ModelConfig, create_model, lora_state
 from jax_iclemb.model.block_sparse import block_pairs
 from jax_iclemb.model.decoder import layer_view, rope_inv_freq, rope_tables, state_shardings
+from jax_iclemb.model.lora import fold_key
 
 CFG = ModelConfig(
     model_type="qwen3",  # q/k norms and biases: every kind of layer variable is stacked
@@ -56,12 +57,12 @@ def model():
 
 def reference_hidden(model, tokens, positions, segments, key):
     """The documented computation, layer by layer: layer i is `layers` sliced at i, run with
-    dropout key fold_in(key, i)."""
+    dropout key fold_key(key, i)."""
     x = model.embed_tokens(tokens)
     cos, sin = rope_tables(positions, rope_inv_freq(CFG))
     for i in range(CFG.num_layers):
         block = layer_view(model.layers, i)
-        x = block(x, cos, sin, segments, positions, None, jax.random.fold_in(key, i))
+        x = block(x, cos, sin, segments, positions, None, fold_key(key, i))
     return model.norm(x)
 
 
@@ -83,7 +84,7 @@ def hidden_and_grads(model, cfg, rows, pairs=None):
 
 def assert_same(got, want):
     (h1, g1), (h2, g2) = got, want
-    np.testing.assert_allclose(h1, h2, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(h1, h2, rtol=0, atol=2e-5 * np.abs(h2).max())  # fp32 rounding
     leaves1, leaves2 = jax.tree.leaves(g1), jax.tree.leaves(g2)
     assert len(leaves1) == 14  # A and B of the 7 projections, each stacked over the layers
     for a, b in zip(leaves1, leaves2, strict=True):

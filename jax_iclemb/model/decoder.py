@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_iclemb.model.attention import dot_product_attention
 from jax_iclemb.model.config import ModelConfig
-from jax_iclemb.model.lora import LAYERS, Linear, LoraConfig
+from jax_iclemb.model.lora import LAYERS, Linear, LoraConfig, fold_key
 from jax_iclemb.parallel import logical_to_spec
 
 _REMAT_POLICIES = {
@@ -257,7 +257,7 @@ class Decoder(nnx.Module):
 
         # Pure in (hidden, one layer's variables, layer index); everything else is loop-invariant.
         def layer(x: jax.Array, params: nnx.State, i: int | jax.Array) -> jax.Array:
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            key = None if dropout_key is None else fold_key(dropout_key, i)
             block = nnx.merge(graphdef, params)
             return block(x, cos, sin, segment_ids, positions, block_pairs, key)
 

@@ -49,18 +49,49 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+_GOLDEN = 0x9E3779B9  # 2³² / φ: consecutive integers times it spread over the words
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """lowbias32 (C. Wellons, "hash-prospector"): a bijection of uint32 whose output bits each
+    flip with probability ~1/2 when any input bit does."""
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def random_words(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform uint32 words, one per entry: a keyed hash of the entry's global position.
+
+    Entry (*lead, i, j) gets mix(mix(i · shape[-1] + j + k0) ^ mix(lead index · φ + k1)), where
+    (k0, k1) are the threefry key's two words. Two rounds of an integer hash (a dozen integer
+    operations an entry) instead of threefry's twenty (about a hundred): on CPU drawing masks
+    cost more than the adapters' matmuls. Positions are global, so a sharded array's bits do not
+    depend on how it is sharded; tests/test_lora.py checks the rate and the independence."""
+    k0, k1 = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)[:2]
+    *lead, n, m = (1, *shape) if len(shape) == 1 else shape
+    within = jax.lax.broadcasted_iota(jnp.uint32, (n, m), 0) * jnp.uint32(m)
+    within = within + jax.lax.broadcasted_iota(jnp.uint32, (n, m), 1)
+    row = jnp.arange(math.prod(lead), dtype=jnp.uint32).reshape(*lead, 1, 1)
+    words = _mix(within + k0) ^ _mix(row * jnp.uint32(_GOLDEN) + k1)
+    return _mix(words).reshape(shape)
+
+
+def fold_key(key: jax.Array, n: int | jax.Array) -> jax.Array:
+    """The key of sub-stream `n` of `key` (a layer, a projection): its words rehashed with a salt
+    of n: a few integer operations, where `jax.random.fold_in` runs threefry (about a hundred) in
+    every step shape's program, once per layer and projection."""
+    words = jax.random.key_data(key).astype(jnp.uint32)
+    lanes = jnp.arange(1, words.shape[-1] + 1, dtype=jnp.uint32)
+    salt = _mix(jnp.asarray(n, jnp.uint32) * jnp.uint32(_GOLDEN) + lanes)
+    return jax.random.wrap_key_data(_mix(words ^ salt), impl=jax.random.key_impl(key))
+
+
 def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.Array, float]:
     """(bool mask, keep probability): each entry kept independently with probability
-    1 - round(rate · 2¹⁶) / 2¹⁶ (rate 0.1 -> keep 0.8999939).
-
-    One 32-bit random word gives two 16-bit draws: half the random bits of
-    `jax.random.bernoulli`, whose threefry hashing cost more than the adapter's matmuls on CPU.
-    The words are drawn in the input's own shape (last axis halved), so a sharded input draws its
-    shard's bits only."""
-    threshold = round(rate * 2**16)
-    words = jax.random.bits(key, (*shape[:-1], -(-shape[-1] // 2)), jnp.uint32)
-    draws = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*shape[:-1], -1)
-    return draws[..., : shape[-1]] >= threshold, 1.0 - threshold / 2**16
+    1 - round(rate · 2³²) / 2³² (`random_words` ≥ the threshold)."""
+    threshold = min(round(rate * 2**32), 2**32 - 1)
+    return random_words(key, shape) >= jnp.uint32(threshold), 1.0 - threshold / 2**32
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
@@ -119,7 +150,7 @@ class Linear(nnx.Module):
         if self.lora_a is not None:
             h = x
             if self.dropout_rate and dropout_key is not None:
-                h = dropout(x, self.dropout_rate, jax.random.fold_in(dropout_key, self.stream))
+                h = dropout(x, self.dropout_rate, fold_key(dropout_key, self.stream))
             a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
             y = y + (self.scale * low_rank(h, a, b)).astype(self.dtype)
         return y
