@@ -146,6 +146,21 @@ class WandbWriter:
         self._run.finish()
 
 
+def _tensorboardx() -> Any:
+    """tensorboardX without torch: it imports torch when installed, only to accept torch tensors
+    (we log floats), and that import costs seconds at every start of a run."""
+    if "torch" in sys.modules:
+        import tensorboardX
+
+        return tensorboardX
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        import tensorboardX
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
+
+
 class MetricsWriter:
     """metrics.jsonl + TensorBoard + W&B (with `wandb` options) + a tqdm bar; all no-ops when not
     `enabled` (off process 0), where wandb is not even imported.
@@ -169,8 +184,9 @@ class MetricsWriter:
         self.enabled = enabled
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
         from tqdm import tqdm
+
+        SummaryWriter = _tensorboardx().SummaryWriter
 
         workdir = Path(workdir)
         # First, so that W&B's lines come before the bar.

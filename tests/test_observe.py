@@ -199,3 +199,25 @@ def test_train_without_wandb_installed_fails_cleanly_and_writes_nothing(tmp_path
         result.stderr
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_starts_without_importing_torch(tmp_path):
+    """The tokenizer and the metrics writer (tensorboardX) would each import torch when it is
+    installed, seconds at every start; a fresh interpreter that loads both and logs a step must
+    not, and the step's scalar is in the event file."""
+    pytest.importorskip("torch")  # without torch installed there is nothing to avoid
+    script = f"""
+import sys
+from pathlib import Path
+from jax_iclemb.data.tokenizer import load_tokenizer
+from jax_iclemb.observe import MetricsWriter
+load_tokenizer("mistral-7b-v0.1")
+writer = MetricsWriter(Path({str(tmp_path)!r}), enabled=True, total=1, initial=0, config="{{}}")
+writer.write({{"step": 1, "loss": 2.5}})
+writer.close()
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
+    from test_train import tensorboard_scalars
+
+    assert tensorboard_scalars(tmp_path / "tensorboard", "train/loss") == {1: 2.5}
