@@ -14,6 +14,7 @@ with the model (model/build.py) and score them with the contrastive loss (loss.p
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -102,7 +103,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
             ckpt,
             flops_token=flops_per_token(model_config, lora), graphdef=graphdef,
         )
-        summary = loop.run(state, frozen, steps)
+        # What is built so far lives as long as the run: out of the cyclic GC, whose full
+        # collections otherwise rescan it while each step shape traces (a third of the tracing).
+        gc.freeze()
+        try:
+            summary = loop.run(state, frozen, steps)
+        finally:
+            gc.unfreeze()
         ckpt.close()
     return summary
 
