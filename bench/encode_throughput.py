@@ -16,7 +16,9 @@ Each side runs in a process of its own (`/usr/bin/time -v`: peak RSS) and encode
 then the queries twice; the first pass counts what a user waits for on a first call (our
 compiles), the second is warm:
 - ours: `Embedder.from_pretrained(folder)`, `encode_corpus` and `encode_queries(instruction=...,
-  examples=...)`, with no persistent compilation cache;
+  examples=...)`, with no persistent compilation cache; the examples, shared by every query, run
+  once (`prefix_cache`, the default);
+- ours with `prefix_cache=False`: every query runs with its examples, as the torch sides do;
 - sentence-transformers (this venv) on the folder as our export writes it: passages raw, queries as
   the full few-shot prompt string (`format_inference_query`);
 - FlagEmbedding's `ICLLLMEmbedder` in its own venv (bench/vs_flagembedding.py builds it):
@@ -58,6 +60,7 @@ from vs_flagembedding import (
 REPO = Path(__file__).resolve().parents[1]
 SIDES = {
     "jax": "ours (`Embedder`)",
+    "jax_plain": "ours, `prefix_cache=False`",
     "st": "sentence-transformers",
     "flag": f"FlagEmbedding {FLAG_VERSION} `ICLLLMEmbedder`",
 }
@@ -195,11 +198,12 @@ def token_counts(model: Path, work: dict[str, Any]) -> dict[str, Any]:
 Encode = Callable[[], np.ndarray]
 
 
-def ours(model: Path, work: dict[str, Any]) -> tuple[Encode, Encode]:
+def ours(model: Path, work: dict[str, Any], prefix_cache: bool = True) -> tuple[Encode, Encode]:
     from jax_iclemb import Embedder
 
     emb = Embedder.from_pretrained(model, query_max_len=work["query_len"],
-                                   passage_max_len=work["passage_len"], progress=False)
+                                   passage_max_len=work["passage_len"], progress=False,
+                                   prefix_cache=prefix_cache)
     return (
         lambda: emb.encode_corpus(work["passages"]),
         lambda: emb.encode_queries(work["queries"], instruction=work["instruction"],
@@ -246,10 +250,14 @@ def worker(side: str, work_file: Path, model: Path, out: Path) -> int:
     print the timings (one JSON line)."""
     work = json.loads(work_file.read_text())
     # Imported before the clock starts, as the reference's script imports its class first.
-    importlib.import_module("jax_iclemb.embedder" if side == "jax" else "sentence_transformers")
-    compiled = compile_clock() if side == "jax" else None
+    ours_side = side.startswith("jax")
+    importlib.import_module("jax_iclemb.embedder" if ours_side else "sentence_transformers")
+    compiled = compile_clock() if ours_side else None
     t0 = time.perf_counter()
-    passages_fn, queries_fn = (ours if side == "jax" else sentence_transformers)(model, work)
+    passages_fn, queries_fn = (
+        ours(model, work, prefix_cache=side == "jax") if ours_side
+        else sentence_transformers(model, work)
+    )
     timing: dict[str, Any] = {"load_s": time.perf_counter() - t0, "passages_s": [],
                               "queries_s": [], "compile_s": []}
     embeddings: dict[str, np.ndarray] = {}
@@ -359,7 +367,7 @@ def render_report(result: dict[str, Any]) -> str:
         lines.append(f"| {SIDES[side]} | " + " | ".join(cells)
                      + f" | {data['timing']['load_s']:.1f} | "
                      + f"{data['time'].get('peak_rss_mb', float('nan')):,.0f} |")
-    for other in ("flag", "st"):
+    for other in ("flag", "st", "jax_plain"):
         if "jax" in sides and other in sides:
             cells = [f"{per_s['jax'][k][p] / per_s[other][k][p]:.2f}×" for k, p in cols]
             lines.append(f"| ours / {SIDES[other]} | " + " | ".join(cells) + " | | |")
@@ -387,7 +395,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", choices=tuple(SIDES), help="run one side")
     add_reference_options(p, "encode_throughput", "scratch folder (model, texts, embeddings, logs)")
     p.add_argument("--json", type=Path, help="write the raw numbers to this file")
-    p.add_argument("--worker", choices=("jax", "st"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("jax", "jax_plain", "st"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

@@ -17,17 +17,21 @@ Texts are visited longest first, a few thousand at a time: each chunk is tokeniz
 into rows and embedded in device calls of a few shapes (`inference_batch`), with the attention
 the model's config names (block-sparse tiles or the dense mask). The host prepares chunk k+1
 while the devices run chunk k. Memory: one chunk's token ids and rows, plus the output array.
+Few-shot queries share their examples: those are run once, and each query runs only its own
+tokens against their cached keys and values (`prefix_cache`).
 docs/embedder_internals.md has the shapes, their bound and the measurements.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import transformers
@@ -36,12 +40,26 @@ from tqdm import tqdm
 
 from jax_iclemb import parallel
 from jax_iclemb.data.batch import PackedRows
-from jax_iclemb.data.icl import encode_inference_queries, encode_passages
+from jax_iclemb.data.icl import (
+    encode_inference_queries,
+    encode_passages,
+    inference_query_prefix,
+)
+from jax_iclemb.data.packing import ladder
 from jax_iclemb.data.tokenizer import load_tokenizer
 from jax_iclemb.errors import MissingPath
-from jax_iclemb.inference_batch import CHUNK, Call, CallLayout, chunked_calls, overlapped
+from jax_iclemb.inference_batch import (
+    CHUNK,
+    MIN_ROW_LEN,
+    ROW_LENGTH_RUNGS,
+    Call,
+    CallLayout,
+    chunked_calls,
+    overlapped,
+)
 from jax_iclemb.model import load_peft, load_pretrained
 from jax_iclemb.model.build import embed_packed
+from jax_iclemb.model.decoder import Prefix
 from jax_iclemb.model.hf import download, is_hub_id
 from jax_iclemb.model.trained import load_trained
 from jax_iclemb.workdir import is_workdir
@@ -50,10 +68,22 @@ MODEL_FILES = ("config.json", "adapter_config.json")  # a workdir's or HF model'
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "pooling"))
-def _embed_rows(state: Any, rows: PackedRows, *, graphdef: nnx.GraphDef, pooling: str) -> jax.Array:
+def _embed_rows(
+    state: Any, rows: PackedRows, prefix: Prefix | None, *, graphdef: nnx.GraphDef, pooling: str
+) -> jax.Array:
     # One jitted function for every Embedder: a new Embedder of the same model (e.g. each
     # periodic evaluation during training) reuses the compiled shapes instead of recompiling.
-    return embed_packed(nnx.merge(graphdef, state), rows, pooling)
+    return embed_packed(nnx.merge(graphdef, state), rows, pooling, prefix=prefix)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _run_prefix(state: Any, tokens: jax.Array, length: jax.Array, *, graphdef: nnx.GraphDef):
+    """The `Prefix` of the ids `tokens[0, :length]` (one row, padded after them)."""
+    positions = jnp.arange(tokens.shape[1])[None]
+    model = nnx.merge(graphdef, state)
+    _, (keys, values) = model(tokens, positions, (positions < length).astype(jnp.int32),
+                              keep_kv=True)  # fmt: skip
+    return Prefix(keys[:, 0], values[:, 0], length)
 
 
 def local_mesh() -> jax.sharding.Mesh:
@@ -82,6 +112,11 @@ class Embedder:
     `rows_per_call` and `max_segments` fix the rows per device call and the sequences per row;
     by default both follow the row length (`inference_batch.CallLayout`). `chunk_size` texts are
     tokenized and packed at a time (host memory).
+
+    `prefix_cache`: few-shot queries run their shared start (BOS, examples, instruction) once and
+    then only their own tokens, against its cached keys and values: the same embeddings (causal
+    attention: nothing in the prefix sees what follows it) for a fraction of the work. Used with
+    last-token pooling and causal attention whose window (if any) spans the prefix and a query.
     """
 
     def __init__(
@@ -97,12 +132,14 @@ class Embedder:
         chunk_size: int = CHUNK,
         mesh: jax.sharding.Mesh | None = None,
         progress: bool = True,
+        prefix_cache: bool = True,
     ):
         self.tokenizer = tokenizer
         self.query_max_len = query_max_len
         self.passage_max_len = passage_max_len
         self.progress = progress
         self.chunk_size = chunk_size
+        self.prefix_cache = prefix_cache
         self.mesh = mesh or local_mesh()
         config = model.config
         self.layout = CallLayout(
@@ -113,6 +150,7 @@ class Embedder:
             max_segments=max_segments,
         )
         model.eval()
+        self._config = config
         self._graphdef, self._state = nnx.split(model)
         self._pooling = pooling
         self._embed = _embed_rows
@@ -171,7 +209,41 @@ class Embedder:
                 examples=examples, max_len=self.query_max_len,
             )
 
-        return self._encode([len(q) for q in queries], ids)
+        keys = [len(q) for q in queries]
+        if not examples:
+            return self._encode(keys, ids)
+        shared = inference_query_prefix(self.tokenizer, instruction=instruction, examples=examples)
+        prefix = self._prefix(shared)
+        if prefix is None:
+            return self._encode(keys, ids)
+
+        def own_ids(positions: np.ndarray) -> list[list[int]]:
+            sequences = ids(positions)
+            if any(s[: len(shared)] != shared for s in sequences):
+                raise AssertionError("a query does not start with its examples' ids")
+            return [s[len(shared) :] for s in sequences]
+
+        return self._encode(keys, own_ids, prefix)
+
+    def _prefix(self, ids: Sequence[int]) -> Prefix | None:
+        """The cached keys and values of `ids`, which every query continues; None when they
+        cannot stand in for running the ids with each query (see `prefix_cache`)."""
+        config = self._config
+        width = ladder(max(len(ids), MIN_ROW_LEN), ROW_LENGTH_RUNGS)
+        window = config.sliding_window
+        if not (
+            self.prefix_cache
+            and self._pooling == "last_token"
+            and config.attention == "causal"
+            and (window is None or window >= width + self.layout.row_length(self.query_max_len))
+        ):
+            return None
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, : len(ids)] = ids
+        with jax.set_mesh(self.mesh):
+            return _run_prefix(
+                self._state, tokens, jnp.int32(len(ids)), graphdef=self._graphdef
+            )
 
     def encode_corpus(
         self, passages: Sequence[str], *, instruction: str | None = None
@@ -195,10 +267,14 @@ class Embedder:
         return self._encode(lengths, lambda positions: [sequences[i] for i in positions])
 
     def _encode(
-        self, keys: Sequence[int], ids: Callable[[np.ndarray], list[Sequence[int]]]
+        self,
+        keys: Sequence[int],
+        ids: Callable[[np.ndarray], list[Sequence[int]]],
+        prefix: Prefix | None = None,
     ) -> np.ndarray:
         """Embeddings of the inputs in input order; `keys` orders them (longest first), `ids`
-        gives the token ids of some of them, a chunk at a time."""
+        gives the token ids of some of them, a chunk at a time, each continuing `prefix` if
+        given."""
         if not keys:
             raise ValueError("nothing to encode")
         out = None  # [N, D], allocated when the first call is back
@@ -206,7 +282,7 @@ class Embedder:
                    disable=not self.progress or len(keys) < 1000)
 
         def start(calls: list[Call]) -> list[tuple[Call, jax.Array]]:
-            return [(call, self._embed_call(call)) for call in calls]
+            return [(call, self._embed_call(call, prefix)) for call in calls]
 
         def finish(running: list[tuple[Call, jax.Array]]) -> None:
             nonlocal out
@@ -217,12 +293,14 @@ class Embedder:
                 out[call.index] = emb[call.slot]
                 bar.update(len(call.index))
 
-        calls = chunked_calls(np.asarray(keys), ids, self.layout, chunk=self.chunk_size)
+        # A prefix is computed by the dense path, which takes no tile lists.
+        layout = self.layout if prefix is None else dataclasses.replace(self.layout, block=None)
+        calls = chunked_calls(np.asarray(keys), ids, layout, chunk=self.chunk_size)
         with jax.set_mesh(self.mesh), bar:
             overlapped(calls, start, finish)
         return out
 
-    def _embed_call(self, call: Call) -> jax.Array:
+    def _embed_call(self, call: Call, prefix: Prefix | None = None) -> jax.Array:
         """Dispatch one call (asynchronously): its rows split over the data shards."""
         rows = jax.tree.map(
             lambda v: jax.device_put(
@@ -230,4 +308,6 @@ class Embedder:
             ),
             call.rows,
         )
-        return self._embed(self._state, rows, graphdef=self._graphdef, pooling=self._pooling)
+        return self._embed(
+            self._state, rows, prefix, graphdef=self._graphdef, pooling=self._pooling
+        )

@@ -12,7 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from jax_iclemb.data.icl import format_inference_query
+from jax_iclemb.data.icl import (
+    encode_inference_queries,
+    format_inference_query,
+    inference_query_prefix,
+)
 from jax_iclemb.data.tokenizer import load_tokenizer
 from jax_iclemb.embedder import Embedder, _embed_rows, local_mesh
 from jax_iclemb.inference_batch import CallLayout, chunked_calls, overlapped
@@ -38,12 +42,12 @@ def tokenizer():
     return load_tokenizer("mistral-7b-v0.1")
 
 
-def model(tokenizer, impl: str, attention: str = "causal"):
+def model(tokenizer, impl: str, attention: str = "causal", **options):
     config = ModelConfig(
         model_type="mistral", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32",
         param_dtype="float32", attention=attention, attention_impl=impl, attention_block=32,
-        init="fan_in",
+        init="fan_in", **options,
     )
     return create_model(config, seed=0, mesh=local_mesh())
 
@@ -95,6 +99,38 @@ def test_embeddings_equal_each_text_run_alone(tokenizer, impl, attention, poolin
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl, scan", [("xla", True), ("block_sparse", False)])
+def test_few_shot_queries_run_their_examples_once(tokenizer, impl, scan):
+    """With the prefix cache the device calls hold only each query's own tokens (BOS, examples
+    and instruction head run once, for all of them), and the embeddings are those of the whole
+    sequences, on an 8-device mesh, scanned or unrolled."""
+    net = model(tokenizer, impl, scan_layers=scan)
+    options = dict(query_max_len=64, chunk_size=16, progress=False)
+    cached = Embedder(net, tokenizer, **options)
+    plain = Embedder(net, tokenizer, prefix_cache=False, **options)
+    assert cached.mesh.devices.size == 8
+    real_tokens = []
+
+    def recording(state, rows, prefix, **kw):
+        assert prefix is not None and rows.block_pairs is None
+        real_tokens.append(int((np.asarray(rows.segment_ids) > 0).sum()))
+        return _embed_rows(state, rows, prefix, **kw)
+
+    cached._embed = recording
+    queries = texts(40, seed=4, most_words=40)
+    got = cached.encode_queries(queries, instruction=INSTRUCTION, examples=EXAMPLES)
+    want = plain.encode_queries(queries, instruction=INSTRUCTION, examples=EXAMPLES)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    whole = encode_inference_queries(
+        tokenizer, queries, instruction=INSTRUCTION, examples=EXAMPLES, max_len=64
+    )
+    shared = inference_query_prefix(tokenizer, instruction=INSTRUCTION, examples=EXAMPLES)
+    assert len(shared) > 40 and all(ids[: len(shared)] == shared for ids in whole)
+    assert sum(real_tokens) == sum(len(ids) - len(shared) for ids in whole)
+    spot = alone(net, [whole[i] for i in (0, 17, 39)], "last_token")  # and the plain reference
+    np.testing.assert_allclose(got[[0, 17, 39]], spot, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("impl", ["block_sparse", "xla"])
 def test_compiled_shapes_stay_within_the_bound(tokenizer, impl):
     """500 sequences of random lengths compile at most `CallLayout.shapes` executables, each of
@@ -102,10 +138,10 @@ def test_compiled_shapes_stay_within_the_bound(tokenizer, impl):
     embedder = Embedder(model(tokenizer, impl), tokenizer, progress=False)
     seen = []
 
-    def recording(state, rows, **kw):
+    def recording(state, rows, prefix, **kw):
         tiles = 0 if rows.block_pairs is None else rows.block_pairs.shape[1]
         seen.append((rows.num_rows, rows.tokens.shape[1], rows.max_segments, tiles))
-        return _embed_rows(state, rows, **kw)
+        return _embed_rows(state, rows, prefix, **kw)
 
     embedder._embed = recording
     rng = np.random.default_rng(0)

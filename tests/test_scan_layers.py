@@ -62,7 +62,7 @@ def reference_hidden(model, tokens, positions, segments, key):
     cos, sin = rope_tables(positions, rope_inv_freq(CFG))
     for i in range(CFG.num_layers):
         block = layer_view(model.layers, i)
-        x = block(x, cos, sin, segments, positions, None, fold_key(key, i))
+        x, _ = block(x, cos, sin, segments, positions, None, fold_key(key, i))
     return model.norm(x)
 
 

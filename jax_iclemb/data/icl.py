@@ -277,6 +277,28 @@ def _example_pair(example: Mapping[str, str], index: int) -> tuple[str, str]:
         ) from err
 
 
+def _examples_ids(
+    tt: TemplateTokenizer, instruction: str, examples: Sequence[Mapping[str, str]]
+) -> list[int]:
+    return [
+        t
+        for i, e in enumerate(examples)
+        for t in example_ids(tt, instruction, *_example_pair(e, i))
+    ]
+
+
+def inference_query_prefix(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    *,
+    instruction: str,
+    examples: Sequence[Mapping[str, str]] = (),
+) -> list[int]:
+    """The ids that every query of `encode_inference_queries(..., instruction, examples)` starts
+    with: BOS, the examples and the instruction's head (then comes the query's own text)."""
+    tt = TemplateTokenizer(tokenizer)
+    return [*tt.bos, *_examples_ids(tt, instruction, examples), *instruction_head(tt, instruction)]
+
+
 def encode_inference_queries(
     tokenizer: transformers.PreTrainedTokenizerBase,
     queries: Sequence[str],
@@ -292,11 +314,7 @@ def encode_inference_queries(
     The examples are tokenized once, the queries in one batched call.
     """
     tt = TemplateTokenizer(tokenizer)
-    prefix = [
-        t
-        for i, e in enumerate(examples)
-        for t in example_ids(tt, instruction, *_example_pair(e, i))
-    ]
+    prefix = _examples_ids(tt, instruction, examples)
     tt.prime(run for q in queries for run in query_runs(instruction, q))
     return [
         query_ids(tt, instruction, q, max_len=max_len + len(prefix), prefix=prefix)

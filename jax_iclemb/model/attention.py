@@ -40,8 +40,12 @@ QUERY_CHUNK = 128
 _MASKED = -1e30  # added to masked scores: exp() gives 0, and no inf reaches a gradient
 
 
-def xla_attention(q, k, v, segment_ids, positions, *, causal, sliding_window):
+def xla_attention(q, k, v, segment_ids, positions, *prefix, causal, sliding_window):
     """Dense-mask attention with grouped KV. q [R,L,H,Dh], k/v [R,L,K,Dh] -> [R,L,H,Dh].
+
+    `prefix` = (keys [P,K,Dh], values [P,K,Dh], length []): a cached shared prefix in front of
+    every sequence (the few-shot examples of a task's queries): every real token also sees its
+    first `length` keys. Needs causal attention and no window.
 
     On CPU one row at a time (`lax.map`; under a mesh, call it through `dot_product_attention`,
     which maps over each device's own rows), elsewhere all rows at once. Queries go in chunks of
@@ -59,6 +63,11 @@ def xla_attention(q, k, v, segment_ids, positions, *, causal, sliding_window):
             first, end = max(0, start - window + 1), min(end, stop + window - 1)
         spans.append((start, stop, first, end))
 
+    if prefix:
+        prefix_k, prefix_v, prefix_len = prefix
+        prefix_k, prefix_v = prefix_k.transpose(1, 0, 2), prefix_v.transpose(1, 0, 2)  # [K, P, Dh]
+        prefix_cols = jnp.arange(prefix_k.shape[1]) < prefix_len
+
     def one_row(args):
         q, k, v, seg, pos = args  # q [L, H, Dh], k/v [L, K, Dh], seg/pos [L]
         kv_heads, head_dim = k.shape[1:]
@@ -66,16 +75,21 @@ def xla_attention(q, k, v, segment_ids, positions, *, causal, sliding_window):
         kh, vh = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [K, L, Dh]
         outs = []
         for start, stop, first, end in spans:
-            scores = jnp.einsum(
-                "kgqd,ksd->kgqs", qh[:, :, start:stop], kh[:, first:end],
-                preferred_element_type=jnp.float32,
-            )
+            keys, values = kh[:, first:end], vh[:, first:end]
             mask = _chunk_mask(seg, pos, start, stop, first, end, causal, window)
+            if prefix:  # the prefix's columns in front: real tokens see its real ones
+                keys = jnp.concatenate([prefix_k, keys], 1)
+                values = jnp.concatenate([prefix_v, values], 1)
+                seen = (seg[start:stop, None] > 0) & prefix_cols[None, :]
+                mask = jnp.concatenate([seen, mask], -1)
+            scores = jnp.einsum(
+                "kgqd,ksd->kgqs", qh[:, :, start:stop], keys, preferred_element_type=jnp.float32
+            )
             scores = scores * head_dim**-0.5 + jnp.where(mask, 0.0, _MASKED)
             # Softmax normalised after the value product: a divide of [.., Dh], not [.., keys].
             # The max is a constant shift (no gradient needed); every query sees itself.
             weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
-            out = jnp.einsum("kgqs,ksd->kgqd", weights.astype(v.dtype), vh[:, first:end])
+            out = jnp.einsum("kgqs,ksd->kgqd", weights.astype(v.dtype), values)
             outs.append(out / weights.sum(-1)[..., None].astype(out.dtype))
         out = jnp.concatenate(outs, axis=2)  # [K, G, L, Dh]
         return out.transpose(2, 0, 1, 3).reshape(q.shape).astype(q.dtype)
@@ -149,22 +163,24 @@ def _splash_attention(q, k, v, segment_ids, *, causal, interpret):
     return out.transpose(0, 3, 1, 2, 4).reshape(r, length, heads, head_dim)
 
 
-def _per_shard(fn, q, k, v, *row_arrays):
-    """Run `fn(q, k, v, *row_arrays)` on each device's rows (and heads) under the current mesh,
-    if any; `row_arrays` are [R, L] (segment ids, positions)."""
+def _per_shard(fn, q, k, v, *row_arrays, prefix=()):
+    """Run `fn(q, k, v, *row_arrays, *prefix)` on each device's rows (and heads) under the current
+    mesh, if any; `row_arrays` are [R, L] (segment ids, positions), `prefix` (keys, values
+    [P, K, Dh], length []) is every row's."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return fn(q, k, v, *row_arrays)
+        return fn(q, k, v, *row_arrays, *prefix)
     rows = logical_to_spec(("batch",), q.shape[:1], mesh)[0]
     # Heads split over "tensor" only when both query and KV heads divide evenly, so every shard
     # keeps whole GQA groups.
     t = mesh.shape.get("tensor", 1)
     heads = "tensor" if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
     spec = PartitionSpec(rows, None, heads, None)
+    shared = (PartitionSpec(None, heads, None),) * 2 + (PartitionSpec(),) if prefix else ()
     return jax.shard_map(
-        fn, in_specs=(spec, spec, spec, *[PartitionSpec(rows, None)] * len(row_arrays)),
+        fn, in_specs=(spec, spec, spec, *[PartitionSpec(rows, None)] * len(row_arrays), *shared),
         out_specs=spec, check_vma=False,
-    )(q, k, v, *row_arrays)
+    )(q, k, v, *row_arrays, *prefix)
 
 
 def dot_product_attention(
@@ -180,11 +196,15 @@ def dot_product_attention(
     interpret: bool | None = None,
     block_pairs: jax.Array | None = None,
     block: int = 64,
+    prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Attention of packed rows. q [R,L,H,Dh], k/v [R,L,K,Dh], ids/positions [R,L] -> [R,L,H,Dh].
 
     `block_pairs` [groups, P, 3] is the tile list of "block_sparse" (`block_sparse.block_pairs` of
     these rows with this `block`).
+
+    `prefix` (keys, values [P, K, Dh], length []): a cached prefix every sequence continues (see
+    `xla_attention`); the "xla" path computes it (under "block_sparse" when no tile list is given).
 
     `interpret` runs the Pallas kernels ("pallas", "splash") in the Pallas interpreter; by default
     it does so exactly when JAX runs on CPU, where they cannot compile (slow: tests and
@@ -196,6 +216,14 @@ def dot_product_attention(
     # Positions are contiguous within a segment, so a window is a band of columns; one at least
     # as long as the row never masks anything (Mistral's 4096 at rows of 2048).
     window = sliding_window if sliding_window is not None and sliding_window < length else None
+    if prefix is not None and (
+        not causal or impl not in ("xla", "block_sparse")
+        or (sliding_window is not None and sliding_window < length + prefix[0].shape[0])
+        or block_pairs is not None
+    ):
+        raise ValueError(
+            "a cached prefix needs causal attention without a window, computed by the 'xla' path"
+        )
     if impl == "block_sparse" and block_pairs is not None:
         return block_sparse.attention(
             q, k, v, segment_ids, positions, block_pairs,
@@ -204,7 +232,7 @@ def dot_product_attention(
     if impl in ("xla", "block_sparse"):
         # Per shard: each device maps over its own rows (a map over a sharded axis would gather).
         fn = functools.partial(xla_attention, causal=causal, sliding_window=window)
-        return _per_shard(fn, q, k, v, segment_ids, positions)
+        return _per_shard(fn, q, k, v, segment_ids, positions, prefix=prefix or ())
     if impl == "cudnn":
         if window is not None and not causal:
             raise ValueError("attention impl 'cudnn' supports a sliding window only when causal")

@@ -7,12 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.model.config import ModelConfig
-from jax_iclemb.model.decoder import create_model
+from jax_iclemb.model.decoder import Prefix, create_model
 from jax_iclemb.model.hf import load_pretrained
 from jax_iclemb.model.lora import TRAINABLE, LoraConfig
 from jax_iclemb.model.pooling import l2_normalize, last_token_pool, mean_pool
@@ -71,12 +72,17 @@ def embed_packed(
     batch: PackedBatch,
     pooling: str = "last_token",
     dropout_key: jax.Array | None = None,
+    prefix: Prefix | None = None,
 ) -> jax.Array:
     """Normalised embeddings of every segment slot of a packed batch: [R * S, D]; LoRA dropout
-    on when a `dropout_key` is given (training)."""
+    on when a `dropout_key` is given (training). With a `prefix`, every sequence continues it:
+    its positions start at the prefix's length."""
+    positions = batch.positions
+    if prefix is not None:
+        positions = positions + jnp.where(batch.segment_ids > 0, prefix.length, 0)
     hidden = model(
-        batch.tokens, batch.positions, batch.segment_ids, batch.block_pairs,
-        dropout_key=dropout_key,
+        batch.tokens, positions, batch.segment_ids, batch.block_pairs,
+        dropout_key=dropout_key, prefix=prefix,
     )
     if pooling == "mean":
         pooled = mean_pool(hidden, batch.segment_ids, batch.last_index.shape[1])

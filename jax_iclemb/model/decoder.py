@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -150,7 +151,10 @@ class Attention(nnx.Module):
         self.k_norm = norm() if cfg.qk_norm else None
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, segment_ids, positions, block_pairs, dropout_key=None):
+    def __call__(
+        self, x, cos, sin, segment_ids, positions, block_pairs, dropout_key=None, prefix=None
+    ):
+        """-> (output, (keys, values) after the rotation: what a later call's `prefix` holds)."""
         cfg = self.cfg
         r, length, _ = x.shape
         q = self.q_proj(x, dropout_key).reshape(r, length, cfg.num_heads, cfg.head_dim)
@@ -172,8 +176,10 @@ class Attention(nnx.Module):
             impl=cfg.attention_impl,
             block_pairs=block_pairs,
             block=cfg.attention_block,
+            prefix=prefix,
         )
-        return self.o_proj(out.reshape(r, length, cfg.num_heads * cfg.head_dim), dropout_key)
+        out = self.o_proj(out.reshape(r, length, cfg.num_heads * cfg.head_dim), dropout_key)
+        return out, (k, v)
 
 
 class MLP(nnx.Module):
@@ -197,13 +203,17 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, lora, rngs=rngs)
         self.dtype = cfg.compute_dtype
 
-    def __call__(self, x, cos, sin, segment_ids, positions, block_pairs, dropout_key=None):
-        h = self.self_attn(
-            self.input_layernorm(x), cos, sin, segment_ids, positions, block_pairs, dropout_key
+    def __call__(
+        self, x, cos, sin, segment_ids, positions, block_pairs, dropout_key=None, prefix=None
+    ):
+        """-> (hidden, (keys, values) of the attention)."""
+        h, kv = self.self_attn(
+            self.input_layernorm(x), cos, sin, segment_ids, positions, block_pairs, dropout_key,
+            prefix,
         )
         x = constrain(x + h.astype(self.dtype), _HIDDEN)
         h = self.mlp(self.post_attention_layernorm(x), dropout_key)
-        return constrain(x + h.astype(self.dtype), _HIDDEN)
+        return constrain(x + h.astype(self.dtype), _HIDDEN), kv
 
 
 def _stacked_blocks(cfg: ModelConfig, lora: LoraConfig | None, key: jax.Array) -> Block:
@@ -228,12 +238,25 @@ def layer_view(stacked: nnx.Module, i: int) -> nnx.Module:
     return nnx.merge(graphdef, _index(state, i))
 
 
+class Prefix(NamedTuple):
+    """A cached prefix that every sequence of a call continues (the few-shot examples in front of
+    a task's queries): each layer's keys and values [layers, P, K, Dh] after the rotation, and how
+    many of the P are real ([] int32; the rest is padding, never seen)."""
+
+    keys: jax.Array
+    values: jax.Array
+    length: jax.Array
+
+
 class Decoder(nnx.Module):
     """tokens, positions, segment_ids [R, L] -> final-norm hidden states [R, L, D] (float32).
 
     `block_pairs`: the step's tile list for `attention_impl="block_sparse"` (else unused).
     `dropout_key`: turns on LoRA dropout (training), one key per layer and projection folded from
-    it; None (inference): no dropout."""
+    it; None (inference): no dropout.
+    `prefix`: every sequence continues this cached prefix (positions then start after it).
+    `keep_kv`: also return every layer's keys and values, [layers, R, L, K, Dh] each: row 0's
+    first P make the `Prefix` of a later call."""
 
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None = None, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -249,17 +272,23 @@ class Decoder(nnx.Module):
         segment_ids: jax.Array,
         block_pairs: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
+        prefix: Prefix | None = None,
+        keep_kv: bool = False,
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         cfg = self.config
         x = constrain(self.embed_tokens(tokens).astype(cfg.compute_dtype), _HIDDEN)
         cos, sin = rope_tables(positions, rope_inv_freq(cfg))
         graphdef, stacked = nnx.split(self.layers)
+        layer_kv = None if prefix is None else (prefix.keys, prefix.values)
 
-        # Pure in (hidden, one layer's variables, layer index); everything else is loop-invariant.
-        def layer(x: jax.Array, params: nnx.State, i: int | jax.Array) -> jax.Array:
+        # Pure in (hidden, one layer's variables, layer index, its prefix keys and values);
+        # everything else is loop-invariant. Out: (hidden, the layer's keys and values or None).
+        def layer(x, params, i, kv):
             key = None if dropout_key is None else fold_key(dropout_key, i)
             block = nnx.merge(graphdef, params)
-            return block(x, cos, sin, segment_ids, positions, block_pairs, key)
+            at = None if kv is None else (*kv, prefix.length)
+            x, kv = block(x, cos, sin, segment_ids, positions, block_pairs, key, at)
+            return x, (kv if keep_kv else None)
 
         if cfg.remat != "none":
             # Inside a scan the body cannot be CSE'd with its recomputation anyway, so the
@@ -267,12 +296,16 @@ class Decoder(nnx.Module):
             policy = _REMAT_POLICIES[cfg.remat]
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            steps = (stacked, jnp.arange(cfg.num_layers))
-            x, _ = jax.lax.scan(lambda x, step: (layer(x, *step), None), x, steps)
+            steps = (stacked, jnp.arange(cfg.num_layers), layer_kv)
+            x, kv = jax.lax.scan(lambda x, step: layer(x, *step), x, steps)
         else:  # the same layers unrolled: one compiled copy per layer (the reference in tests)
+            kvs = []
             for i in range(cfg.num_layers):
-                x = layer(x, _index(stacked, i), i)
-        return constrain(self.norm(x), _HIDDEN)
+                x, kv = layer(x, _index(stacked, i), i, _index(layer_kv, i))
+                kvs.append(kv)
+            kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if keep_kv else None
+        hidden = constrain(self.norm(x), _HIDDEN)
+        return (hidden, kv) if keep_kv else hidden
 
 
 # ---- creation ----
