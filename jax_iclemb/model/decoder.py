@@ -286,8 +286,8 @@ class Decoder(nnx.Module):
         def layer(x, params, i, kv):
             key = None if dropout_key is None else fold_key(dropout_key, i)
             block = nnx.merge(graphdef, params)
-            at = None if kv is None else (*kv, prefix.length)
-            x, kv = block(x, cos, sin, segment_ids, positions, block_pairs, key, at)
+            cached = None if kv is None else (*kv, prefix.length)
+            x, kv = block(x, cos, sin, segment_ids, positions, block_pairs, key, cached)
             return x, (kv if keep_kv else None)
 
         if cfg.remat != "none":
