@@ -210,7 +210,7 @@ class Embedder:
             )
 
         keys = [len(q) for q in queries]
-        if not examples:
+        if not (examples and self.prefix_cache):
             return self._encode(keys, ids)
         shared = inference_query_prefix(self.tokenizer, instruction=instruction, examples=examples)
         prefix = self._prefix(shared)
@@ -232,8 +232,7 @@ class Embedder:
         width = ladder(max(len(ids), MIN_ROW_LEN), ROW_LENGTH_RUNGS)
         window = config.sliding_window
         if not (
-            self.prefix_cache
-            and self._pooling == "last_token"
+            self._pooling == "last_token"
             and config.attention == "causal"
             and (window is None or window >= width + self.layout.row_length(self.query_max_len))
         ):

@@ -98,25 +98,25 @@ def add_training_special_tokens(tok: transformers.PreTrainedTokenizerBase) -> No
     )
 
 
-def _from_folder(folder: Path) -> transformers.PreTrainedTokenizerBase | None:
-    """The tokenizer class that `tokenizer_config.json` names, loaded directly; None when it names
-    none that transformers exports. What AutoTokenizer would load, without AutoTokenizer's
-    imports: they import torch when it is installed (seconds at every start of a JAX program)."""
-    config = folder / "tokenizer_config.json"
+def _auto_tokenizer(spec: str | Path) -> transformers.PreTrainedTokenizerBase:
+    """What `AutoTokenizer.from_pretrained(spec)` loads. A folder whose `tokenizer_config.json`
+    names a class that transformers exports is loaded through that class directly: AutoTokenizer's
+    imports pull in torch when it is installed (seconds at every start of a JAX program)."""
+    config = Path(spec) / "tokenizer_config.json"
     name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
-    is_tokenizer = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)
-    return cls.from_pretrained(folder) if is_tokenizer else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase):
+        return cls.from_pretrained(spec)
+    return transformers.AutoTokenizer.from_pretrained(spec)
 
 
 def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
     """`"mistral-7b-v0.1"` (offline, from mistral-common), an HF tokenizer folder, or a hub id."""
     if spec == MISTRAL_V01:
-        tok = _from_folder(_mistral_v01_dir())
+        tok = _auto_tokenizer(_mistral_v01_dir())
     else:
         try:
-            tok = _from_folder(Path(spec)) if os.path.isdir(spec) else None
-            tok = tok or transformers.AutoTokenizer.from_pretrained(spec)
+            tok = _auto_tokenizer(spec)
         except (OSError, ValueError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise BadValue(

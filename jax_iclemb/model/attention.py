@@ -222,7 +222,8 @@ def dot_product_attention(
         or block_pairs is not None
     ):
         raise ValueError(
-            "a cached prefix needs causal attention without a window, computed by the 'xla' path"
+            "a cached prefix needs causal attention, computed by the 'xla' path, and no window "
+            "shorter than the prefix and the row together"
         )
     if impl == "block_sparse" and block_pairs is not None:
         return block_sparse.attention(
