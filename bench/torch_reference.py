@@ -7,9 +7,10 @@ A `transformers` MistralModel (random init from the config's architecture) with 
 rank, alpha, dropout and targets), fed left-padded per-batch tensors (queries padded to the longest
 query of the batch, passages to the longest passage), queries and passages encoded separately,
 last-token pooling, L2 normalisation, InfoNCE at τ over in-batch + hard negatives (or the own group
-only), AdamW with gradient clipping 1.0, fp32 on CPU. It consumes exactly the token sequences of
-jax_iclemb's pipeline: each step's ids are read back from the `PackedBatch` (`unpack`).
-Prints one JSON line of measurements.
+only), AdamW with gradient clipping 1.0, fp32 on the CPU (or `--device cuda`: the GPU, with
+PyTorch's default full-precision fp32 matmuls; each step ends with a synchronize). It consumes
+exactly the token sequences of jax_iclemb's pipeline: each step's ids are read back from the
+`PackedBatch` (`unpack`). Prints one JSON line of measurements.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def contrastive_loss(
     starts = np.cumsum([0, *group_sizes[:-1]])
     if in_batch:
         scores = q @ p.T / temperature
-        return F.cross_entropy(scores, torch.as_tensor(starts, dtype=torch.long))
+        return F.cross_entropy(scores, torch.as_tensor(starts, dtype=torch.long, device=q.device))
     losses = []
     for i, (start, size) in enumerate(zip(starts, group_sizes)):
         scores = p[start : start + size] @ q[i] / temperature
@@ -105,7 +106,7 @@ def current_rss_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
-def run(config: Any, steps: int, warmup: int) -> dict[str, Any]:
+def run(config: Any, steps: int, warmup: int, device: str = "cpu") -> dict[str, Any]:
     """Train `warmup + steps` steps on the pipeline's batches; time the last `steps`."""
     from jax_iclemb.data.pipeline import pipeline_from_config
 
@@ -113,7 +114,8 @@ def run(config: Any, steps: int, warmup: int) -> dict[str, Any]:
     pipeline = pipeline_from_config(config)
     model = build_model(config.model.arch.to_dict() | {"vocab_size": max(
         int(config.model.arch.vocab_size), len(pipeline.tokenizer))}, config.lora, config.seed)
-    model.train()
+    model.to(device).train()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(config.optim.lr), weight_decay=0.0)
     rss_start = current_rss_mb()
@@ -122,8 +124,9 @@ def run(config: Any, steps: int, warmup: int) -> dict[str, Any]:
     for step in range(warmup + steps):
         batch, _ = pipeline.batch(step)
         queries, passages = unpack(batch)
-        q_ids, q_mask = left_pad(queries)
-        p_ids, p_mask = left_pad([p for group in passages for p in group])
+        q_ids, q_mask = (x.to(device) for x in left_pad(queries))
+        p_ids, p_mask = (x.to(device) for x in left_pad([p for group in passages for p in group]))
+        sync()
         t0 = time.perf_counter()
         q = encode(model, q_ids, q_mask)
         p = encode(model, p_ids, p_mask)
@@ -134,6 +137,7 @@ def run(config: Any, steps: int, warmup: int) -> dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, float(config.optim.grad_clip))
         optimizer.step()
+        sync()
         seconds = time.perf_counter() - t0
         losses.append(float(loss.detach()))
         if step >= warmup:
@@ -152,6 +156,7 @@ def run(config: Any, steps: int, warmup: int) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "rss_before_training_mb": rss_start,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "losses": losses,
     }
 
@@ -163,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="a configs/*.py file")
     parser.add_argument("--steps", type=int, default=4, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     args, overrides = parser.parse_known_args(argv)
     config = config_lib.load_config(args.config, overrides)
-    print(json.dumps(run(config, args.steps, args.warmup)))
+    print(json.dumps(run(config, args.steps, args.warmup, args.device)))
     return 0
 
 

@@ -18,6 +18,12 @@ PyTorch way (`bench/torch_reference.py`: transformers `MistralModel` + peft LoRA
 eager batches, in this venv) trains on our pipeline's token sequences of the same steps; it times
 its forward, backward and update only (no batch building), which favours it. Each side runs under
 `/usr/bin/time -v`. Prints a Markdown report (`--append FILE`, `--json FILE`).
+
+`--device cuda` runs all three on the GPU (the reference without `--use_cpu`, ours on JAX's GPU
+backend, the PyTorch way with `--device cuda`), every side at full fp32 matmul precision
+(PyTorch's default; ours with `JAX_DEFAULT_MATMUL_PRECISION=highest`, since JAX would otherwise
+use TF32). `--flag-python` names an interpreter that already has FlagEmbedding 1.4.2 (on a
+machine without a package index, say); its versions are reported instead of pinned.
 """
 
 from __future__ import annotations
@@ -77,6 +83,10 @@ TEMPERATURE = 0.02
 LR = 1e-4
 WARMUP_RATIO = 0.1
 RETRIEVAL_INSTRUCTION = "Given a query, retrieve passages that are relevant to the query."
+# Our side's environment per --device: on CPU, JAX kept off any GPU the machine has; on a GPU,
+# fp32 matmuls at full precision as PyTorch does by default (JAX's default there is TF32).
+JAX_DEVICE_ENV = {"cpu": {"JAX_PLATFORMS": "cpu"},
+                  "cuda": {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}}
 
 SIDES = {
     "flag": f"FlagEmbedding {FLAG_VERSION} (PyTorch)",
@@ -549,6 +559,16 @@ def _log(message: str) -> None:
           flush=True)
 
 
+def given_flag_python(python: Path) -> Path:
+    """`--flag-python`, checked to hold FlagEmbedding at FLAG_VERSION."""
+    ask = "from importlib.metadata import version; print(version('FlagEmbedding'))"
+    found = subprocess.run([str(python), "-c", ask], capture_output=True, text=True)
+    if found.returncode or found.stdout.strip() != FLAG_VERSION:
+        raise SystemExit(f"--flag-python {python}: needs FlagEmbedding {FLAG_VERSION}, found "
+                         f"{found.stdout.strip() or found.stderr.strip().splitlines()[-1:]}")
+    return python
+
+
 def ensure_flag_venv(venv: Path) -> Path:
     """The reference venv's python, with FLAG_PINS installed once (a stamp file keyed by the
     pins marks it done; an existing venv that already has them is only stamped)."""
@@ -622,7 +642,16 @@ def prepare_data(source: Path, out: Path, tile: int, batch: int) -> list[dict[st
     return tasks
 
 
-def machine() -> str:
+def gpu_name() -> str:
+    try:
+        query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
+        out = subprocess.run(query, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "a GPU (nvidia-smi did not answer)"
+    return out.splitlines()[0].strip()
+
+
+def machine(device: str = "cpu") -> str:
     try:
         info = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         model = next(x.split(":", 1)[1].strip() for x in info.splitlines()
@@ -631,17 +660,25 @@ def machine() -> str:
         model = platform.processor() or "unknown CPU"
     with open("/proc/meminfo") as f:
         kib = int(next(x for x in f if x.startswith("MemTotal:")).split()[1])
-    return (f"{model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
+    host = (f"{model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
             f"{kib / 2**20:.0f} GiB RAM, {platform.system()} {platform.release()}")
+    return host if device == "cpu" else f"{gpu_name()} (every side trains on it); host {host}"
+
 
 
 def our_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
         out[name] = metadata.version(name)
-    rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                         capture_output=True, text=True)
-    out["jax_iclemb"] = rev.stdout.strip() or metadata.version("jax_iclemb")
+    try:  # a checkout's revision, else the installed version (a copied tree may have neither)
+        rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True).stdout.strip()
+    except OSError:
+        rev = ""
+    try:
+        out["jax_iclemb"] = rev or metadata.version("jax_iclemb")
+    except metadata.PackageNotFoundError:
+        out["jax_iclemb"] = "a source tree"
     return out
 
 
@@ -700,7 +737,7 @@ def flag_args(args: argparse.Namespace, scratch: Path, tasks: list[dict[str, Any
         "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
         "--temperature", str(TEMPERATURE),
         "--sentence_pooling_method", "last_token", "--normalize_embeddings", "True",
-        "--seed", "42", "--use_cpu", "True",
+        "--seed", "42", *(["--use_cpu", "True"] if args.device == "cpu" else []),
         "--output_dir", str(scratch / "flag_out"),
     ]
 
@@ -741,7 +778,7 @@ def _display(text: str, scratch: Path, venv: Path) -> str:
 
 def run_flag(args: argparse.Namespace, scratch: Path, venv: Path,
              tasks: list[dict[str, Any]]) -> dict[str, Any]:
-    python = ensure_flag_venv(venv)
+    python = given_flag_python(args.flag_python) if args.flag_python else ensure_flag_venv(venv)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_HOME=str(scratch / "hf_home"))  # keep HF caches out of the user's home
     _log("building the reference's tiny Mistral (torch.manual_seed(0))")
@@ -782,7 +819,7 @@ def run_jax(args: argparse.Namespace, scratch: Path, venv: Path, tasks: list[dic
     workdir = scratch / f"{name}_work"
     shutil.rmtree(workdir, ignore_errors=True)  # an existing workdir would resume, not train
     argv = jax_args(args, scratch, workdir, tasks) + [f"--config.{x}" for x in args.ours]
-    env = {"JAX_COMPILATION_CACHE_DIR": str(cache)}
+    env = {"JAX_COMPILATION_CACHE_DIR": str(cache), **JAX_DEVICE_ENV[args.device]}
     _log(f"ours{' (warm cache)' if warm else ''}: python -m jax_iclemb.train "
          f"(log {scratch / (name + '.log')})")
     out = run_timed([sys.executable, "-m", "jax_iclemb.train", *argv], dict(os.environ, **env),
@@ -802,9 +839,10 @@ def run_torch(args: argparse.Namespace, scratch: Path, venv: Path,
     config = jax_args(args, scratch, scratch / "unused", tasks)[4:]  # no --config / --workdir
     argv = [sys.executable, str(REPO / "bench" / "torch_reference.py"), "--config",
             "configs/tiny.py", "--steps", str(args.steps - args.warmup), "--warmup",
-            str(args.warmup), *config]
+            str(args.warmup), "--device", args.device, *config]
     _log(f"the PyTorch way: bench/torch_reference.py (log {scratch / 'torch.log'})")
-    out = run_timed(argv, dict(os.environ), scratch / "torch.log", REPO)
+    # JAX_PLATFORMS: our pipeline builds its batches on the host; JAX stays off the GPU there.
+    out = run_timed(argv, dict(os.environ, JAX_PLATFORMS="cpu"), scratch / "torch.log", REPO)
     lines = (scratch / "torch.log").read_text().splitlines()
     measure = json.loads(next(x for x in reversed(lines) if x.startswith("{")))
     return {
@@ -848,6 +886,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--passage-len", type=int, default=256)
     p.add_argument("--example-len", type=int, default=128,
                    help="example query and example passage length")
+    p.add_argument("--device", choices=tuple(JAX_DEVICE_ENV), default="cpu",
+                   help="where every side trains (cuda: the first GPU)")
+    p.add_argument("--flag-python", type=Path, default=None,
+                   help="an interpreter that has FlagEmbedding 1.4.2 already (no venv is built)")
     p.add_argument("--only", choices=("jax", "flag", "torch"),
                    help="rerun one side; the others' last results come from the scratch folder")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch way")
@@ -914,12 +956,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
-        "machine": machine(),
+        "machine": machine(args.device),
         "versions": {s: sides[s]["versions"] for s in ("flag", "jax") if s in sides},
         "work": work,
         "warmup": args.warmup,
         "scratch": str(scratch),
-        "flag_venv": str(venv),
+        "flag_venv": str(args.flag_python or venv),
         "sides": sides,
     }
     if "flag" in sides:
