@@ -282,6 +282,18 @@ def _by_task(steps: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def last_new_shape_step(records: Sequence[dict[str, Any]]) -> int:
+    """The last step that ran a step shape (rows, slots, tiles) for the first time."""
+    seen: set[tuple[Any, ...]] = set()
+    last = 0
+    for r in records:
+        key = (r["rows"], r["slots"], r["tiles"])
+        if key not in seen:
+            seen.add(key)
+            last = int(r["step"])
+    return last
+
+
 def summarise_jax(records: Sequence[dict[str, Any]], warmup: int) -> dict[str, Any]:
     """Real tokens/s over the steps after `warmup`. `step_seconds` is the step's wall time with
     the compiles made during it (a user waits for them); "steady" leaves `compile_seconds` out.
@@ -298,6 +310,10 @@ def summarise_jax(records: Sequence[dict[str, Any]], warmup: int) -> dict[str, A
          "slots": float(r["slots"]), "seconds": float(r["step_seconds"])}
         for r in timed
     ])
+    # Once every shape has run: no compile, no background tracing, only steps (the figure a long
+    # run converges to; on a GPU the per-shape costs hide it completely).
+    settled = max(last_new_shape_step(records), warmup)
+    after = [r for r in records if int(r["step"]) > settled]
     return {
         "steps": len(records),
         "timed_steps": len(timed),
@@ -314,6 +330,11 @@ def summarise_jax(records: Sequence[dict[str, Any]], warmup: int) -> dict[str, A
         "compile_seconds_all": sum(float(r["compile_seconds"]) for r in records),
         "compiles": records[-1]["compiles"],  # step shapes of the whole run
         "compile_cache_hits": records[-1]["compile_cache_hits"],
+        "settled_step": settled,
+        "settled_tokens_per_s": (
+            sum(float(r["real_tokens"]) for r in after)
+            / sum(float(r["step_seconds"]) for r in after) if after else None
+        ),
         "first_loss": records[0].get("loss"),
         "last_loss": records[-1].get("loss"),
     }
@@ -352,16 +373,27 @@ def summarise_flag(measure: dict[str, Any], warmup: int) -> dict[str, Any]:
         "real_tokens_per_step": real / len(timed),
         "step_seconds_mean": wall / len(timed),
         "compute_seconds": sum(float(s["t_end"]) - float(s["t_begin"]) for s in timed),
+        "step_walls": [[int(s["step"]), float(s["real"]), s["wall"]] for s in steps],
         "first_loss": losses[0],
         "last_loss": losses[-1],
     }
 
 
-def ratios(ours: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
-    """ours / reference in real tokens/s, with and without our compile time."""
+def reference_tokens_per_s_after(reference: dict[str, Any], step: int) -> float | None:
+    """The reference's real tokens/s over its steps after `step` (None: there are none)."""
+    after = [(real, wall) for n, real, wall in reference["step_walls"] if n > step]
+    return sum(r for r, _ in after) / sum(w for _, w in after) if after else None
+
+
+def ratios(ours: dict[str, Any], reference: dict[str, Any]) -> dict[str, float | None]:
+    """ours / reference in real tokens/s: with and without our compile time, and over the steps
+    after our last new shape (the reference over the same step numbers)."""
+    settled = ours.get("settled_tokens_per_s")
+    theirs = reference_tokens_per_s_after(reference, ours.get("settled_step", 0))
     return {
         "tokens_per_s": ours["tokens_per_s"] / reference["tokens_per_s"],
         "steady_tokens_per_s": ours["steady_tokens_per_s"] / reference["tokens_per_s"],
+        "settled_tokens_per_s": settled / theirs if settled and theirs else None,
     }
 
 
@@ -499,6 +531,19 @@ def render_report(result: dict[str, Any]) -> str:
     if ref:
         row("steady ratio to the reference", lambda s: "1×" if s == "flag" else
             f"{summaries[s]['steady_tokens_per_s'] / ref['tokens_per_s']:.2f}×")
+    def settled(s: str) -> str:
+        m = summaries[s]
+        if s in ("flag", "torch"):
+            return "–"
+        if m["settled_tokens_per_s"] is None:
+            return f"– (a new shape at step {m['settled_step']})"
+        first, last = m["settled_step"] + 1, m["steps"]
+        span = f"step {last}" if first == last else f"steps {first}–{last}"
+        line = f"{_num(m['settled_tokens_per_s'])} ({span}"
+        ratio = result.get("ratios", {}).get(s, {}).get("settled_tokens_per_s")
+        return line + (f"; {ratio:.2f}× the reference's same steps)" if ratio else ")")
+
+    row("real tokens/s once every step shape has run", settled)
     row("utilisation (real / computed token slots)",
         lambda s: f"{100 * summaries[s]['utilisation']:.1f}%")
     row("real tokens / step, mean", lambda s: _num(summaries[s]["real_tokens_per_step"]))

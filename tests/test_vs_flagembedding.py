@@ -19,10 +19,10 @@ def vs():
 
 
 # Our trainer's metrics.jsonl: step 1 and 2 are warm-up; step 3 compiled a new shape (1 s of its
-# 3 s); one eval line.
+# 3 s; one row of 1,500 slots, where steps 1, 2 and 4 ran one of 1,250); one eval line.
 def step(n, dataset, real, seconds, compile_seconds, compiles):
-    return {"step": n, "loss": 5.0 - n, "dataset": dataset, "real_tokens": real,
-            "slots": real * 1.25, "tokens_per_s": real / seconds, "utilisation": 0.8,
+    return {"step": n, "loss": 5.0 - n, "dataset": dataset, "real_tokens": real, "rows": 1,
+            "tiles": 0, "slots": real * 1.25, "tokens_per_s": real / seconds, "utilisation": 0.8,
             "step_seconds": seconds, "compile_seconds": compile_seconds, "compiles": compiles,
             "compile_cache_hits": 0}
 
@@ -72,6 +72,8 @@ def test_ours_counts_compiles_after_warmup_only(vs, metrics_file):
     assert (m["compiles"], m["compile_seconds"]) == (2, pytest.approx(1.0))
     assert m["compile_seconds_all"] == pytest.approx(6.0)
     assert (m["first_loss"], m["last_loss"]) == (4.0, 1.0)
+    # Once every shape has run: step 4 alone (step 3 ran the last new one).
+    assert (m["settled_step"], m["settled_tokens_per_s"]) == (3, pytest.approx(1000 / 2.0))
     assert m["tasks"] == {
         "a": {"steps": 1, "real_tokens": 1200, "slots": 1500, "seconds": 3.0},
         "b": {"steps": 1, "real_tokens": 1000, "slots": 1250, "seconds": 2.0},
@@ -97,6 +99,8 @@ def test_ratio_and_report(vs, metrics_file):
     r = vs.ratios(ours, reference)
     assert r["tokens_per_s"] == pytest.approx(440 / 375)
     assert r["steady_tokens_per_s"] == pytest.approx(550 / 375)
+    # After our last new shape (step 3): our step 4 (500 tok/s) against the reference's (350).
+    assert r["settled_tokens_per_s"] == pytest.approx(500 / 350)
     result = {
         "date": "2026-01-01", "machine": "test CPU", "warmup": 2, "scratch": "/s",
         "flag_venv": "/v", "versions": {"flag": {"torch": "x"}, "jax": {"jax": "y"}},
@@ -110,11 +114,13 @@ def test_ratio_and_report(vs, metrics_file):
                     "command": "python -m jax_iclemb.train ..."},
         },
     }
+    result["ratios"] = {"jax": r}
     text = vs.render_report(result)
     assert "| **375** | **440** |" in text
     assert "**1.17×**" in text and "1.47×" in text
     assert "| 2 shapes, 0 from the cache; 1.0 s in timed steps / 6.0 s |" in text
     assert "| 50.0% | 80.0% |" in text
+    assert "| – | 500 (step 4; 1.43× the reference's same steps) |" in text
     # Per task: a = reference 2 steps at 375 tok/s, ours 1 step at 1200 / 3 s; b is ours only.
     assert "| a | 2 / 1 | 750 / 1,200 | 50% / 80% | 375 / 400 |" in text
     assert "| b | – / 1 | – / 1,000 | – / 80% | – / 500 |" in text
