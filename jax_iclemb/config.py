@@ -100,7 +100,7 @@ NON_NEGATIVE = (
     "data.max_examples", "data.pack_len", "data.batch_size_by_kind.retrieval",
     "data.batch_size_by_kind.symmetric", "lora.dropout", "loss.distill_weight",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.steps", "eval.every",
-    "train.compile_ahead",
+    "train.compile_ahead", "model.attention_tile_rungs",
 )
 
 
@@ -125,6 +125,10 @@ def default_config() -> ml_collections.ConfigDict:
     # block_sparse | xla (dense mask) | pallas (GPU) | cudnn (GPU) | splash (TPU); docs/model.md
     c.model.attention_impl = "block_sparse"
     c.model.attention_block = 64  # block_sparse tile size; must divide the packed row length
+    # block_sparse tile counts on a ladder of this many rungs per doubling (under 25% padding
+    # tiles at 4); 0 pads every step to all the tiles its rows can need, so that its shape is the
+    # row count alone: fewer compiles for more attention work (docs/performance.md).
+    c.model.attention_tile_rungs = 4
     c.model.init = "normal"
 
     c.lora = ml_collections.ConfigDict()
@@ -317,6 +321,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("eval.every > 0 needs eval.data (a BEIR-format folder)")
     if config.data.passage_max_len > config.data.query_max_len:
         raise ConfigError("data.passage_max_len must not exceed data.query_max_len")
+    rungs = config.model.attention_tile_rungs
+    if rungs & (rungs - 1):
+        raise ConfigError(f"model.attention_tile_rungs must be 0 or a power of two, got {rungs}")
     row_len = config.data.pack_len or config.data.query_max_len
     if config.model.attention_impl == "block_sparse" and row_len % config.model.attention_block:
         raise ConfigError(

@@ -29,7 +29,7 @@ import numpy as np
 
 from jax_iclemb.data.batch import PackedRows
 from jax_iclemb.data.packing import ladder, pack_sequences
-from jax_iclemb.model.block_sparse import block_pairs, pad_pairs
+from jax_iclemb.model.block_sparse import block_pairs, most_tiles, pad_pairs
 
 MIN_ROW_LEN = 64
 SPARSE_ROW_LEN = 512  # many short texts per row; attention work follows the real tiles
@@ -102,9 +102,9 @@ class CallLayout:
     def tile_range(self, rows: int, length: int) -> tuple[int, int]:
         """(fewest, most) tiles a row group's list is padded to: a full diagonal per row, and
         every tile a row can need (the lower triangle when causal)."""
-        per_group, blocks = rows // self.shards, length // self.block
-        most = blocks * (blocks + 1) // 2 if self.causal else blocks * blocks
-        return per_group * blocks, per_group * most
+        per_group = rows // self.shards
+        most = most_tiles(per_group, length, block=self.block, causal=self.causal)
+        return per_group * (length // self.block), most
 
     def tiles(self, count: int, rows: int, length: int) -> int:
         """The padded tile count of a call whose largest row group needs `count` tiles."""

@@ -1,7 +1,8 @@
 """A step's packed batch onto the mesh, at a shape from a small ladder.
 
 Each step runs at its own shape (`StepShape`: rows on `packing.row_bucket`'s ladder, attention
-tiles on `ladder(·, TILE_RUNGS)`, queries padded to the pipeline's maximum), the largest over
+tiles on `ladder(·, model.attention_tile_rungs)`, queries padded to the pipeline's maximum), the
+largest over
 processes (one collective), and a function of the step's own batches only, so that a resumed
 run computes exactly what an uninterrupted one does. Each field of the batch lands where its
 `PackedBatch` declaration says: rows split over the data axes, the rest replicated.
@@ -20,9 +21,7 @@ from jax.experimental import multihost_utils
 from jax_iclemb import parallel
 from jax_iclemb.data.batch import ROW_FIELDS, SLOTS, PackedBatch
 from jax_iclemb.data.packing import ladder, pad_batch
-from jax_iclemb.model.block_sparse import block_pairs, pad_pairs
-
-TILE_RUNGS = 4  # attention tiles: under 25% padding tiles (attention is ~10% of a CPU step)
+from jax_iclemb.model.block_sparse import block_pairs, most_tiles, pad_pairs
 
 
 def attention_tiles(
@@ -67,18 +66,33 @@ class StepShape:
         return self.rows, self.length, self.tiles
 
 
-def step_shape(batch: PackedBatch, tile_lists: np.ndarray | None, groups: int) -> StepShape:
+def padded_tiles(count: int, most: int, rungs: int) -> int:
+    """A row group's tile count for its step shape: `ladder(count, rungs)`, at most `most` (every
+    tile the group's rows can need); with `rungs` 0, `most` itself, so that the step shape is
+    the row count alone (fewer compiles, more padding tiles)."""
+    return min(ladder(count, rungs), most) if rungs else most
+
+
+def step_shape(
+    batch: PackedBatch, tile_lists: np.ndarray | None, groups: int,
+    model: ml_collections.ConfigDict,
+) -> StepShape:
     """The step's shape on the ladders: rows per group as packed (already on `row_bucket`'s
-    ladder), tile lists on `ladder(·, TILE_RUNGS)`, both the largest over processes."""
+    ladder), tile lists padded by `padded_tiles` (`model.attention_tile_rungs`), both the
+    largest over processes."""
     used = int((batch.segment_ids > 0).any(axis=1).sum())
     real = int((batch.segment_ids > 0).sum())
     count = 0 if tile_lists is None else tile_lists.shape[1]
     counts = gather_counts([batch.num_rows // groups, count, real, used])
-    per_group, count = counts[:, :2].max(axis=0)
+    per_group, count = (int(x) for x in counts[:, :2].max(axis=0))
+    length = batch.tokens.shape[1]
+    most = most_tiles(per_group, length, block=model.attention_block,
+                      causal=model.attention == "causal")
     return StepShape(
-        rows=int(per_group) * groups,
-        length=batch.tokens.shape[1],
-        tiles=ladder(int(count), TILE_RUNGS) if tile_lists is not None else 0,
+        rows=per_group * groups,
+        length=length,
+        tiles=padded_tiles(count, most, model.attention_tile_rungs) if tile_lists is not None
+        else 0,
         real_tokens=int(counts[:, 2].sum()),
         rows_used=int(counts[:, 3].sum()),
     )
@@ -95,7 +109,7 @@ def shape_batch(
     """The batch padded to its step shape, with its attention tile lists. `groups`: one row
     group per data shard and gradient-cache chunk, each with its own tile list."""
     tile_lists = attention_tiles(model, batch, groups)
-    shape = step_shape(batch, tile_lists, groups)
+    shape = step_shape(batch, tile_lists, groups, model)
     batch = pad_batch(batch, num_rows=shape.rows, num_queries=num_queries, pad_id=pad_id,
                       groups=groups)
     if tile_lists is not None:

@@ -86,6 +86,13 @@ def test_range_checks():
     c.data.passage_max_len = 4096
     with pytest.raises(ConfigError, match="passage_max_len"):
         validate(c)
+    c = default_config()
+    for rungs in (0, 1, 8):
+        c.model.attention_tile_rungs = rungs
+        validate(c)
+    c.model.attention_tile_rungs = 3
+    with pytest.raises(ConfigError, match=r"attention_tile_rungs must be 0 or a power of two"):
+        validate(c)
 
 
 def test_a_revision_needs_a_hub_id(tmp_path):

@@ -37,9 +37,10 @@ def random_batch(rng: np.random.Generator, num_queries=8, group=3):
     )
 
 
-def loss_and_grads(mesh, batch, impl="xla"):
+def loss_and_grads(mesh, batch, impl="xla", tile_rungs=4):
     model_section = default_config().model
     model_section.attention_impl, model_section.attention_block = impl, 8
+    model_section.attention_tile_rungs = tile_rungs
     # InfoNCE + distillation: both terms cross devices.
     step_config = StepConfig(temperature=0.05, distill_weight=1.0)
     batch, _ = shape_batch(
@@ -72,9 +73,21 @@ def single_device_result():
 @pytest.mark.parametrize("impl", ["xla", "block_sparse"])
 @pytest.mark.parametrize("layout", [(8, 1, 1), (2, 4, 1), (1, 4, 2)], ids=str)
 def test_sharded_step_equals_single_device(layout, impl, single_device_result):
-    loss_1, grads_1 = single_device_result
     batch = random_batch(np.random.default_rng(1))
-    loss_n, grads_n = loss_and_grads(parallel.make_mesh(layout), batch, impl)
+    assert_same_step(loss_and_grads(parallel.make_mesh(layout), batch, impl), single_device_result)
+
+
+def test_padding_to_every_tile_changes_nothing(single_device_result):
+    """`model.attention_tile_rungs=0`: each row group's tile list padded to all the tiles its
+    rows can need (no-op tiles), one step shape per row count; the same loss and gradients."""
+    batch = random_batch(np.random.default_rng(1))
+    mesh = parallel.make_mesh((2, 4, 1))
+    result = loss_and_grads(mesh, batch, "block_sparse", tile_rungs=0)
+    assert_same_step(result, single_device_result)
+
+
+def assert_same_step(result, reference):
+    (loss_n, grads_n), (loss_1, grads_1) = result, reference
     assert np.isfinite(loss_1) and loss_1 > 0
     np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5)
     leaves_1, leaves_n = jax.tree.leaves(grads_1), jax.tree.leaves(grads_n)

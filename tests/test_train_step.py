@@ -8,6 +8,7 @@ from jax_iclemb import parallel, step_batch
 from jax_iclemb.config import default_config
 from jax_iclemb.data.packing import ladder, row_bucket
 from jax_iclemb.model import LoraConfig, ModelConfig, create_model
+from jax_iclemb.model.block_sparse import most_tiles
 from jax_iclemb.model.build import split_model
 from jax_iclemb.step_batch import device_batch
 from jax_iclemb.train_step import StepConfig, make_loss_fn, same_label_passages
@@ -51,7 +52,9 @@ def test_step_shape_is_the_largest_rung_over_processes(monkeypatch):
     config.model.attention_block = 8
     tiles = step_batch.attention_tiles(config.model, batch, 2)
     local = [batch.num_rows // 2, tiles.shape[1]]
-    other = [local[0] + 3, 2 * tiles.shape[1] + 1, 100, 2]
+    # The other process: more rows, and 100 tiles, whose rung (112) is more than its 11 rows
+    # of 4 blocks can need (11 x 10): capped there.
+    other = [local[0] + 3, 100, 100, 2]
     calls = []
 
     def gather(values):
@@ -59,10 +62,32 @@ def test_step_shape_is_the_largest_rung_over_processes(monkeypatch):
         return np.array([list(values), other])
 
     monkeypatch.setattr(step_batch, "gather_counts", gather)
-    shape = step_batch.step_shape(batch, tiles, groups=2)
+    shape = step_batch.step_shape(batch, tiles, groups=2, model=config.model)
     assert len(calls) == 1 and calls[0][:2] == local
     assert shape.rows == 2 * other[0] and shape.length == batch.tokens.shape[1]
-    assert shape.tiles == ladder(other[1], step_batch.TILE_RUNGS) >= other[1]
+    assert ladder(100, config.model.attention_tile_rungs) == 112
+    assert shape.tiles == most_tiles(other[0], 32, block=8, causal=True) == 110
     assert shape.real_tokens == int((batch.segment_ids > 0).sum()) + 100
     assert shape.rows_used == int((batch.segment_ids > 0).any(axis=1).sum()) + 2
     assert row_bucket(shape.rows // 2) >= shape.rows // 2
+
+
+def test_tile_rungs_zero_makes_the_row_count_the_whole_shape():
+    """`model.attention_tile_rungs=0`: every batch's tile lists are padded to all the tiles its
+    rows can need (a causal row of 8 blocks: 36), so batches with the same rows share a shape;
+    on the default ladder the same sparse batches need fewer."""
+    config = default_config()
+    config.model.attention_block = 4  # rows of 32 tokens: 8 blocks
+    shapes = {}
+    for rungs in (0, 4):
+        config.model.attention_tile_rungs = rungs
+        shapes[rungs] = [
+            step_batch.shape_batch(random_batch(np.random.default_rng(seed)), config.model,
+                                   groups=2, num_queries=8, pad_id=0)
+            for seed in range(4)
+        ]
+    for (batch, shape), (_, laddered) in zip(shapes[0], shapes[4]):
+        assert shape.rows == laddered.rows and shape.tiles == (shape.rows // 2) * 36
+        assert batch.block_pairs.shape[1] == shape.tiles
+        assert laddered.tiles < shape.tiles  # packed short sequences skip tiles
+    assert len({shape.key for _, shape in shapes[0]}) == len({s.rows for _, s in shapes[0]})

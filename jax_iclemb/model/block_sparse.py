@@ -63,6 +63,13 @@ def block_pairs(
     return out
 
 
+def most_tiles(rows: int, length: int, *, block: int, causal: bool) -> int:
+    """Every tile `rows` rows of `length` tokens can need: each row's lower block triangle when
+    causal, else its whole block grid."""
+    blocks = length // block
+    return rows * (blocks * (blocks + 1) // 2 if causal else blocks * blocks)
+
+
 def pad_pairs(pairs: np.ndarray, count: int, num_blocks: int) -> np.ndarray:
     """Extend each group's tile list to `count` entries with no-op tiles (a fixed shape)."""
     extra = count - pairs.shape[1]
