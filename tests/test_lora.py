@@ -141,6 +141,12 @@ def test_keep_mask_rate_and_independence(rate):
         assert abs(corr) < 5 / math.sqrt(keep.size)
     x = jnp.ones(shape)
     np.testing.assert_allclose(float(dropout(x, rate, key).mean()), 1.0, atol=0.01)
+    # The mask is drawn under its own jit (traced once per shape): the same bits as the words
+    # compared to the threshold directly, here and inside a jitted caller.
+    words = np.asarray(random_words(key, shape))
+    np.testing.assert_array_equal(keep, words >= round(rate * 2**32))
+    inside = jax.jit(lambda k: keep_mask(k, shape, rate)[0])(key)
+    np.testing.assert_array_equal(np.asarray(inside, np.float64), keep)
 
 
 def test_random_words_are_uniform_and_do_not_depend_on_sharding():

@@ -84,6 +84,9 @@ def _split(x: jax.Array, groups: int) -> jax.Array:
     return x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
 
 
+# Its own jit: the layers of a step call it with the same shapes, and a nested jit is traced once
+# per shape instead of once per layer (tracing is paid again for every step shape).
+@functools.partial(jax.jit, static_argnames=("block", "causal", "sliding_window"))
 def attention(
     q: jax.Array,
     k: jax.Array,
