@@ -29,7 +29,7 @@ import numpy as np
 
 from jax_iclemb.data.batch import PackedRows
 from jax_iclemb.data.packing import ladder, pack_sequences
-from jax_iclemb.model.block_sparse import block_pairs, most_tiles, pad_pairs
+from jax_iclemb.model.block_sparse import block_pairs, most_tiles, pad_pairs, padded_tiles
 
 MIN_ROW_LEN = 64
 SPARSE_ROW_LEN = 512  # many short texts per row; attention work follows the real tiles
@@ -109,7 +109,7 @@ class CallLayout:
     def tiles(self, count: int, rows: int, length: int) -> int:
         """The padded tile count of a call whose largest row group needs `count` tiles."""
         fewest, most = self.tile_range(rows, length)
-        return min(ladder(max(count, fewest), TILE_RUNGS), most)
+        return padded_tiles(max(count, fewest), most, TILE_RUNGS)
 
     def shapes(self, longest: int) -> set[tuple[int, int, int, int]]:
         """Every call shape (rows, length, segments, tiles) that sequences of up to `longest`

@@ -2,10 +2,9 @@
 
 Each step runs at its own shape (`StepShape`: rows on `packing.row_bucket`'s ladder, attention
 tiles on `ladder(·, model.attention_tile_rungs)`, queries padded to the pipeline's maximum), the
-largest over
-processes (one collective), and a function of the step's own batches only, so that a resumed
-run computes exactly what an uninterrupted one does. Each field of the batch lands where its
-`PackedBatch` declaration says: rows split over the data axes, the rest replicated.
+largest over processes (one collective), and a function of the step's own batches only, so that
+a resumed run computes exactly what an uninterrupted one does. Each field of the batch lands
+where its `PackedBatch` declaration says: rows split over the data axes, the rest replicated.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ from jax.experimental import multihost_utils
 
 from jax_iclemb import parallel
 from jax_iclemb.data.batch import ROW_FIELDS, SLOTS, PackedBatch
-from jax_iclemb.data.packing import ladder, pad_batch
-from jax_iclemb.model.block_sparse import block_pairs, most_tiles, pad_pairs
+from jax_iclemb.data.packing import pad_batch
+from jax_iclemb.model.block_sparse import block_pairs, most_tiles, pad_pairs, padded_tiles
 
 
 def attention_tiles(
@@ -66,13 +65,6 @@ class StepShape:
         return self.rows, self.length, self.tiles
 
 
-def padded_tiles(count: int, most: int, rungs: int) -> int:
-    """A row group's tile count for its step shape: `ladder(count, rungs)`, at most `most` (every
-    tile the group's rows can need); with `rungs` 0, `most` itself, so that the step shape is
-    the row count alone (fewer compiles, more padding tiles)."""
-    return min(ladder(count, rungs), most) if rungs else most
-
-
 def step_shape(
     batch: PackedBatch, tile_lists: np.ndarray | None, groups: int,
     model: ml_collections.ConfigDict,
@@ -86,13 +78,15 @@ def step_shape(
     counts = gather_counts([batch.num_rows // groups, count, real, used])
     per_group, count = (int(x) for x in counts[:, :2].max(axis=0))
     length = batch.tokens.shape[1]
-    most = most_tiles(per_group, length, block=model.attention_block,
-                      causal=model.attention == "causal")
+    tiles = 0
+    if tile_lists is not None:
+        most = most_tiles(per_group, length, block=model.attention_block,
+                          causal=model.attention == "causal")
+        tiles = padded_tiles(count, most, model.attention_tile_rungs)
     return StepShape(
         rows=per_group * groups,
         length=length,
-        tiles=padded_tiles(count, most, model.attention_tile_rungs) if tile_lists is not None
-        else 0,
+        tiles=tiles,
         real_tokens=int(counts[:, 2].sum()),
         rows_used=int(counts[:, 3].sum()),
     )

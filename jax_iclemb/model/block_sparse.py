@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_iclemb.data.packing import ladder
+
 
 def block_pairs(
     segment_ids: np.ndarray, *, block: int, causal: bool, groups: int = 1
@@ -68,6 +70,13 @@ def most_tiles(rows: int, length: int, *, block: int, causal: bool) -> int:
     causal, else its whole block grid."""
     blocks = length // block
     return rows * (blocks * (blocks + 1) // 2 if causal else blocks * blocks)
+
+
+def padded_tiles(count: int, most: int, rungs: int) -> int:
+    """How many tiles a row group's list of `count` is padded to: `ladder(count, rungs)`, at
+    most `most` (`most_tiles` of its rows); with `rungs` 0, `most` itself, so the padded count
+    depends on the rows alone (the fewest shapes, the most padding)."""
+    return min(ladder(count, rungs), most) if rungs else most
 
 
 def pad_pairs(pairs: np.ndarray, count: int, num_blocks: int) -> np.ndarray:
