@@ -609,8 +609,9 @@ def given_flag_python(python: Path) -> Path:
     ask = "from importlib.metadata import version; print(version('FlagEmbedding'))"
     found = subprocess.run([str(python), "-c", ask], capture_output=True, text=True)
     if found.returncode or found.stdout.strip() != FLAG_VERSION:
+        what = found.stdout.strip() or (found.stderr.strip().splitlines() or ["nothing"])[-1]
         raise SystemExit(f"--flag-python {python}: needs FlagEmbedding {FLAG_VERSION}, found "
-                         f"{found.stdout.strip() or found.stderr.strip().splitlines()[-1:]}")
+                         f"{what}")
     return python
 
 
