@@ -62,6 +62,9 @@ xla_flags=$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<<"${XL
 
 pids=()
 for ((i = 0; i < n_procs; i++)); do
+    # Created here, not only by the child's redirection: the tail below must find process 0's log
+    # even when it starts before that child has opened it (tail -f gives up on a missing file).
+    : >"$log_dir/proc-$i.log"
     if [[ $emulate == slurm ]]; then
         identity=(SLURM_JOB_ID="$$" SLURM_NTASKS="$n_procs" SLURM_PROCID="$i" SLURM_LOCALID="$i"
             SLURM_NODELIST=localhost SLURM_STEP_NODELIST=localhost SLURM_STEP_NUM_NODES=1
