@@ -97,7 +97,7 @@ POSITIVE = (
     "train.keep_checkpoints", "train.grad_cache_chunks",
 )
 NON_NEGATIVE = (
-    "data.max_examples", "data.pack_len", "data.batch_size_by_kind.retrieval",
+    "data.max_examples", "data.pack_len", "data.min_pack_len", "data.batch_size_by_kind.retrieval",
     "data.batch_size_by_kind.symmetric", "lora.dropout", "loss.distill_weight",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.steps", "eval.every",
     "train.compile_ahead", "model.attention_tile_rungs",
@@ -158,6 +158,9 @@ def default_config() -> ml_collections.ConfigDict:
         "Given a web search query, retrieve relevant passages that answer the query."
     )
     c.data.pack_len = 0
+    # A step packs into rows of pack_len, or of its half, quarter... down to this length: the
+    # shortest that holds its longest sequence (short texts fill short rows). 0 = pack_len only.
+    c.data.min_pack_len = 256
     c.data.max_segments_per_row = 128  # short passages: many per row
 
     c.loss = ml_collections.ConfigDict()

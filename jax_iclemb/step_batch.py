@@ -1,8 +1,9 @@
 """A step's packed batch onto the mesh, at a shape from a small ladder.
 
-Each step runs at its own shape (`StepShape`: rows on `packing.row_bucket`'s ladder, attention
-tiles on `ladder(·, model.attention_tile_rungs)`, queries padded to the pipeline's maximum), the
-largest over processes (one collective), and a function of the step's own batches only, so that
+Each step runs at its own shape (`StepShape`: the row length, the shortest of the pipeline's
+`row_lengths` that holds every sequence; rows on `packing.row_bucket`'s ladder; attention tiles
+on `ladder(·, model.attention_tile_rungs)`; queries padded to the pipeline's maximum), agreed by
+all processes in one collective, and a function of the step's own batches only, so that
 a resumed run computes exactly what an uninterrupted one does. Each field of the batch lands
 where its `PackedBatch` declaration says: rows split over the data axes, the rest replicated.
 """
@@ -10,7 +11,7 @@ where its `PackedBatch` declaration says: rows split over the data axes, the res
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import ml_collections
@@ -66,20 +67,36 @@ class StepShape:
 
 
 def step_shape(
-    batch: PackedBatch, tile_lists: np.ndarray | None, groups: int,
+    packed: Mapping[int, tuple[PackedBatch, np.ndarray | None]],
+    row_lengths: Sequence[int],
+    groups: int,
     model: ml_collections.ConfigDict,
 ) -> StepShape:
-    """The step's shape on the ladders: rows per group as packed (already on `row_bucket`'s
-    ladder), tile lists padded by `padded_tiles` (`model.attention_tile_rungs`), both the
-    largest over processes."""
-    used = int((batch.segment_ids > 0).any(axis=1).sum())
-    real = int((batch.segment_ids > 0).sum())
-    count = 0 if tile_lists is None else tile_lists.shape[1]
-    counts = gather_counts([batch.num_rows // groups, count, real, used])
-    per_group, count = (int(x) for x in counts[:, :2].max(axis=0))
-    length = batch.tokens.shape[1]
+    """The step's shape: its row length, the shortest of `row_lengths` at which every process
+    packed its part (`packed`: {row length: (batch, tile lists)}); rows per group as packed there
+    (already on `row_bucket`'s ladder) and tile lists padded by `padded_tiles`
+    (`model.attention_tile_rungs`), both the largest over processes. One collective."""
+    counts = []
+    for length in row_lengths:
+        batch, tile_lists = packed.get(length, (None, None))
+        if batch is None:
+            counts += [-1, -1, -1]  # not packed at this length: too short for a sequence
+            continue
+        tiles = 0 if tile_lists is None else tile_lists.shape[1]
+        used = int((batch.segment_ids > 0).any(axis=1).sum())
+        counts += [batch.num_rows // groups, tiles, used]
+    some_batch = next(iter(packed.values()))[0]
+    real = int((some_batch.segment_ids > 0).sum())
+    gathered = gather_counts([*counts, real])
+    per_length = gathered[:, :-1].reshape(len(gathered), len(row_lengths), 3)
+    everywhere = [i for i in range(len(row_lengths)) if (per_length[:, i, 0] >= 0).all()]
+    if not everywhere:
+        raise ValueError(f"no row length of {list(row_lengths)} holds every process's sequences")
+    i = everywhere[-1]  # row_lengths is longest first
+    length = row_lengths[i]
+    per_group, count, _ = (int(x) for x in per_length[:, i].max(axis=0))
     tiles = 0
-    if tile_lists is not None:
+    if packed[length][1] is not None:
         most = most_tiles(per_group, length, block=model.attention_block,
                           causal=model.attention == "causal")
         tiles = padded_tiles(count, most, model.attention_tile_rungs)
@@ -87,23 +104,29 @@ def step_shape(
         rows=per_group * groups,
         length=length,
         tiles=tiles,
-        real_tokens=int(counts[:, 2].sum()),
-        rows_used=int(counts[:, 3].sum()),
+        real_tokens=int(gathered[:, -1].sum()),
+        rows_used=int(per_length[:, i, 2].sum()),
     )
 
 
 def shape_batch(
-    batch: PackedBatch,
+    packed: Mapping[int, PackedBatch],
+    row_lengths: Sequence[int],
     model: ml_collections.ConfigDict,
     *,
     groups: int,
     num_queries: int,
     pad_id: int,
 ) -> tuple[PackedBatch, StepShape]:
-    """The batch padded to its step shape, with its attention tile lists. `groups`: one row
-    group per data shard and gradient-cache chunk, each with its own tile list."""
-    tile_lists = attention_tiles(model, batch, groups)
-    shape = step_shape(batch, tile_lists, groups, model)
+    """This process's part of the step at the step shape, with its attention tile lists.
+
+    `packed`: {row length: this process's batch packed at it}, at least at the shortest of
+    `row_lengths` that holds its sequences; with several processes at every longer one too, so
+    that each has the length all agree on. `groups`: one row group per data shard and
+    gradient-cache chunk, each with its own tile list."""
+    with_tiles = {n: (b, attention_tiles(model, b, groups)) for n, b in packed.items()}
+    shape = step_shape(with_tiles, row_lengths, groups, model)
+    batch, tile_lists = with_tiles[shape.length]
     batch = pad_batch(batch, num_rows=shape.rows, num_queries=num_queries, pad_id=pad_id,
                       groups=groups)
     if tile_lists is not None:

@@ -127,9 +127,12 @@ class TrainLoop:
 
     def next_batch(self, step: int) -> tuple[PackedBatch, StepShape, dict[str, Any]]:
         """Step `step`'s batch on the mesh, at its step shape."""
-        batch, info = self.pipeline.batch(step)
+        # With several processes, each packs at every row length its sequences fit, so that the
+        # one collective in `shape_batch` can settle on the shortest that fits all of them.
+        packed, info = self.pipeline.batches(step, every_length=jax.process_count() > 1)
         batch, shape = shape_batch(
-            batch,
+            packed,
+            self.pipeline.row_lengths,
             self.config.model,
             groups=self.pipeline.row_multiple,  # data shards × gradient-cache chunks
             num_queries=self.pipeline.max_local_queries,
@@ -214,6 +217,7 @@ class TrainLoop:
                     "slots": slots,
                     "utilisation": shape.real_tokens / slots,
                     "rows": rows,
+                    "row_length": shape.length,
                     "row_padding": 1 - shape.rows_used / rows,
                     "tiles": shape.tiles,
                     "step_seconds": seconds,  # wall time of the step, compiles included

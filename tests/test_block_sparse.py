@@ -9,8 +9,9 @@ import pytest
 from conftest import REPO
 
 from jax_iclemb.config import ConfigError, load_config
+from jax_iclemb.data.packing import ladder
 from jax_iclemb.model.attention import dot_product_attention, xla_attention
-from jax_iclemb.model.block_sparse import attention, block_pairs, pad_pairs
+from jax_iclemb.model.block_sparse import attention, block_pairs, pad_pairs, padded_tiles
 
 
 def packed_layout(rng, rows, length, *, empty_rows=0):
@@ -57,6 +58,21 @@ def test_tile_list_is_exactly_the_tiles_with_an_allowed_pair(causal, block):
         got |= {(g * 2 + r, q, k) for r, q, k in keys}
     assert got == tiles_from_dense_mask(seg, pos, block, causal)
     assert pairs.shape[1] == max(len(t[t[:, 1] < nb]) for t in pairs)
+
+
+@pytest.mark.parametrize("rungs", [0, 1, 4])
+@pytest.mark.parametrize("most", [10, 136, 1000])
+def test_tile_lists_pad_to_a_ladder_rung_below_half_of_every_tile_and_to_all_above(rungs, most):
+    padded = [padded_tiles(count, most, rungs) for count in range(1, most + 1)]
+    for count, n in enumerate(padded, start=1):
+        assert count <= n <= most
+        if rungs == 0 or 2 * count > most:
+            assert n == most  # work at most doubled; the shape is the rows' alone
+        else:
+            assert n == min(ladder(count, rungs), most)
+    assert padded[most // 2] == most  # just past half
+    if rungs:
+        assert len(set(padded)) <= len({ladder(c, rungs) for c in range(1, most // 2 + 1)}) + 1
 
 
 def test_tile_list_rejects_shapes_that_do_not_split():

@@ -27,7 +27,10 @@ STOP_TIMEOUT = 120  # a stopped job saves and exits in seconds; a hung one waits
 PROGRESS_BAR = re.compile(r"train:\s+\d+%\|")  # tqdm's, not the "jax_iclemb.train:" logger
 
 # The tests' small variant of configs/tiny.py; only the process layout differs between runs.
-TRAIN_ARGS = ["--config", str(REPO / "configs" / "tiny.py"), *TINY_OVERRIDES]
+# Rows of 128 or 64 tokens, and at most one example a query: with this seed, steps 2 and 4
+# fit 64 in one process's half only, step 3 in both, so the processes must agree on a length.
+TRAIN_ARGS = ["--config", str(REPO / "configs" / "tiny.py"), *TINY_OVERRIDES,
+              "--config.data.min_pack_len=64", "--config.data.max_examples=1", "--config.seed=6"]
 
 
 def single_process(workdir: Path, *overrides: str) -> subprocess.Popen:
@@ -161,6 +164,10 @@ def test_two_processes_match_one_process(runs):
     steps = sorted(one)
     # Same batches and parameters; only the order of reductions may differ.
     np.testing.assert_allclose([two[s] for s in steps], [one[s] for s in steps], rtol=1e-5)
+    # The same row length each step: the shortest that holds the sequences of both halves.
+    lengths = [r["row_length"] for r in records(paths["single"])]
+    assert [r["row_length"] for r in records(paths["multi"])] == lengths
+    assert lengths == [128, 128, 64, 128]
 
 
 @pytest.mark.parametrize("launcher", ["multi", "slurm"])

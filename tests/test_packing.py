@@ -1,5 +1,7 @@
 """Packing invariants (hypothesis) and row buckets."""
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,6 +13,7 @@ from jax_iclemb.data.packing import (
     pack_batch,
     pad_batch,
     row_bucket,
+    row_lengths,
 )
 from jax_iclemb.model.block_sparse import block_pairs
 
@@ -107,6 +110,18 @@ def test_ffd_matches_direct_first_fit(lengths, max_segments):
 def test_too_long_sequence_is_an_error():
     with pytest.raises(ValueError, match="sequence 1 has 9 tokens"):
         first_fit_decreasing([3, 9], pack_len=8, max_segments=4)
+
+
+@given(st.integers(1, 4096), st.integers(0, 4096), st.sampled_from([1, 8, 64]))
+def test_row_lengths_halve_pack_len_down_to_the_shortest_in_whole_units(pack_len, shortest, unit):
+    lengths = row_lengths(pack_len, shortest, unit)
+    assert lengths[0] == pack_len
+    for longer, shorter in itertools.pairwise(lengths):
+        assert longer == 2 * shorter and shorter >= shortest and shorter % unit == 0
+    half = lengths[-1] // 2
+    # It stops only where one more half would be too short, not whole, or not wanted.
+    assert not shortest or half < shortest or lengths[-1] % (2 * unit)
+    assert row_lengths(1024, 256, 64) == (1024, 512, 256) and row_lengths(1024, 0, 64) == (1024,)
 
 
 def test_row_bucket():

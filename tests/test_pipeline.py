@@ -206,6 +206,29 @@ def test_row_multiple_and_info(tok, datasets):
     assert info["utilisation"] == pytest.approx(batch.utilisation())
 
 
+def test_a_step_packs_into_the_shortest_rows_that_hold_it(tok, datasets):
+    """Rows of 128, 64 or 32 tokens (pack_len 128 halved down to min_pack_len 32): a step packs
+    into the shortest that holds its longest sequence; every longer one holds the same
+    sequences (what processes that must agree on a length need)."""
+    pipe = TrainPipeline(config(pack_len=128, min_pack_len=32, max_examples=1), tok, datasets,
+                         seed=0, row_unit=16)
+    assert pipe.row_lengths == (128, 64, 32)
+    shortest_seen = set()
+    for s in range(pipe.steps_per_epoch):
+        packed, info = pipe.batches(s, every_length=True)
+        view = host_view(packed[128])
+        longest = max(len(x) for q, passages, *_ in view for x in (q, *passages))
+        assert sorted(packed) == [n for n in (32, 64, 128) if n >= longest]
+        assert all(host_view(batch) == view for batch in packed.values())
+        batch, alone = pipe.batch(s)
+        assert batch.tokens.shape[1] == min(packed) == info["row_length"] == alone["row_length"]
+        np.testing.assert_array_equal(batch.tokens, packed[min(packed)].tokens)
+        shortest_seen.add(min(packed))
+    assert shortest_seen == {32, 64}  # this data has steps of either kind
+    fixed = TrainPipeline(config(pack_len=128, min_pack_len=0), tok, datasets, seed=0)
+    assert fixed.row_lengths == (128,) and fixed.batch(0)[0].tokens.shape[1] == 128
+
+
 def test_preview_cli(tmp_path, sample_data, capsys):
     from jax_iclemb.data import preview
 

@@ -43,8 +43,9 @@ def loss_and_grads(mesh, batch, impl="xla", tile_rungs=4):
     model_section.attention_tile_rungs = tile_rungs
     # InfoNCE + distillation: both terms cross devices.
     step_config = StepConfig(temperature=0.05, distill_weight=1.0)
+    length = batch.tokens.shape[1]
     batch, _ = shape_batch(
-        batch, model_section, groups=parallel.data_parallel_size(mesh),
+        {length: batch}, (length,), model_section, groups=parallel.data_parallel_size(mesh),
         num_queries=len(batch.query_slot), pad_id=0,
     )
     cfg = ModelConfig.from_hf(

@@ -14,9 +14,9 @@ from conftest import TINY_OVERRIDES
 
 from jax_iclemb.config import load_config
 from jax_iclemb.data.builtin import builtin_data_dir
-from jax_iclemb.data.packing import ladder, row_bucket
+from jax_iclemb.data.packing import row_bucket
 from jax_iclemb.data.pipeline import pipeline_from_config
-from jax_iclemb.model.block_sparse import block_pairs, most_tiles
+from jax_iclemb.model.block_sparse import block_pairs, most_tiles, padded_tiles
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,10 +182,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tmp_path):
-    """Four tasks of different lengths: each step's rows and tiles are the rungs of its own batch
-    (recomputed here from the pipeline alone), one compile per distinct shape; the same run again
-    loads every executable from the persistent compilation cache."""
-    steps = ["--config.train.steps=12", "--config.train.checkpoint_every=100"]
+    """Four tasks of different lengths: each step's row length (128 or 64 tokens), rows and
+    tiles are the rungs of its own batch (recomputed here from the pipeline alone), one compile
+    per distinct shape; the same run again loads every executable from the persistent
+    compilation cache."""
+    # At most one example per query, 4 queries a step: some steps fit rows of 64 tokens.
+    steps = ["--config.train.steps=12", "--config.train.checkpoint_every=100",
+             "--config.data.min_pack_len=64", "--config.data.max_examples=1",
+             "--config.data.batch_size=4"]
     cache = tmp_path / "xla"
     first = run_cli(tmp_path / "a", *steps, data=builtin_data_dir(), cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -199,13 +203,17 @@ def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tm
     pipeline = pipeline_from_config(config, row_multiple=groups)
     for r in records:
         batch, info = pipeline.batch(r["step"] - 1)
+        length = batch.tokens.shape[1]
+        assert r["row_length"] == length == min(pipeline.batches(r["step"] - 1, True)[0])
         tiles = block_pairs(batch.segment_ids, block=64, causal=True, groups=groups)
         assert r["rows"] == row_bucket(info["rows_used"], groups), r
-        most = most_tiles(r["rows"] // groups, config.data.pack_len, block=64, causal=True)
-        assert r["tiles"] == min(ladder(tiles.shape[1], config.model.attention_tile_rungs), most)
+        most = most_tiles(r["rows"] // groups, length, block=64, causal=True)
+        assert r["tiles"] == padded_tiles(tiles.shape[1], most, config.model.attention_tile_rungs)
         assert r["real_tokens"] == info["real_tokens"]
-        assert r["utilisation"] == r["real_tokens"] / (r["rows"] * config.data.pack_len)
-    shapes = {(r["rows"], r["tiles"]) for r in records}
+        assert r["utilisation"] == r["real_tokens"] / (r["rows"] * length)
+    assert pipeline.row_lengths == (128, 64)
+    assert len({r["row_length"] for r in records}) > 1
+    shapes = {(r["rows"], r["row_length"], r["tiles"]) for r in records}
     assert len({r["dataset"] for r in records}) > 1 and len(shapes) > 1
     assert records[-1]["compiles"] == len(shapes)  # one executable per shape, no more
     assert sum(r["compile_seconds"] > 0 for r in records) <= len(shapes)

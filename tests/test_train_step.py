@@ -6,9 +6,9 @@ from test_sharded_step import ARCH, random_batch
 
 from jax_iclemb import parallel, step_batch
 from jax_iclemb.config import default_config
-from jax_iclemb.data.packing import ladder, row_bucket
+from jax_iclemb.data.packing import ladder, pack_batch, row_bucket
 from jax_iclemb.model import LoraConfig, ModelConfig, create_model
-from jax_iclemb.model.block_sparse import most_tiles
+from jax_iclemb.model.block_sparse import most_tiles, padded_tiles
 from jax_iclemb.model.build import split_model
 from jax_iclemb.step_batch import device_batch
 from jax_iclemb.train_step import StepConfig, make_loss_fn, same_label_passages
@@ -46,15 +46,17 @@ def test_same_label_passages_against_a_loop():
 
 def test_step_shape_is_the_largest_rung_over_processes(monkeypatch):
     """Two processes: rows per group and tiles are the larger of the two (tiles on the tile
-    ladder), real tokens and used rows their sums; one exchange of four numbers."""
+    ladder), real tokens and used rows their sums; one exchange of (rows, tiles, used rows) per
+    row length and the real tokens."""
     batch = random_batch(np.random.default_rng(0))  # 8 rows in 8 row groups
     config = default_config()
     config.model.attention_block = 8
     tiles = step_batch.attention_tiles(config.model, batch, 2)
-    local = [batch.num_rows // 2, tiles.shape[1]]
+    used = int((batch.segment_ids > 0).any(axis=1).sum())
+    local = [batch.num_rows // 2, tiles.shape[1], used]
     # The other process: more rows, and 100 tiles, whose rung (112) is more than its 11 rows
     # of 4 blocks can need (11 x 10): capped there.
-    other = [local[0] + 3, 100, 100, 2]
+    other = [local[0] + 3, 100, 2, 100]
     calls = []
 
     def gather(values):
@@ -62,32 +64,79 @@ def test_step_shape_is_the_largest_rung_over_processes(monkeypatch):
         return np.array([list(values), other])
 
     monkeypatch.setattr(step_batch, "gather_counts", gather)
-    shape = step_batch.step_shape(batch, tiles, groups=2, model=config.model)
-    assert len(calls) == 1 and calls[0][:2] == local
-    assert shape.rows == 2 * other[0] and shape.length == batch.tokens.shape[1]
+    shape = step_batch.step_shape({32: (batch, tiles)}, (32,), groups=2, model=config.model)
+    assert len(calls) == 1 and calls[0][:3] == local
+    assert shape.rows == 2 * other[0] and shape.length == batch.tokens.shape[1] == 32
     assert ladder(100, config.model.attention_tile_rungs) == 112
     assert shape.tiles == most_tiles(other[0], 32, block=8, causal=True) == 110
     assert shape.real_tokens == int((batch.segment_ids > 0).sum()) + 100
-    assert shape.rows_used == int((batch.segment_ids > 0).any(axis=1).sum()) + 2
+    assert shape.rows_used == used + 2
     assert row_bucket(shape.rows // 2) >= shape.rows // 2
+
+
+def test_processes_settle_on_the_shortest_row_length_that_fits_them_all(monkeypatch):
+    """Rows of 128, 64 or 32 tokens. This process packed at 64 and 32; the other's sequences
+    fit 128 and 64 only: the step runs at 64 with the rows and tiles each packed there; when
+    both fit 32, at 32."""
+    rng = np.random.default_rng(0)
+    queries = [list(rng.integers(5, 50, size=n)) for n in (20, 9, 30, 12)]
+    passages = [[list(rng.integers(5, 50, size=n)) for n in (6, 11)] for _ in queries]
+    packed = {
+        n: pack_batch(
+            queries, passages, group_size=2, pack_len=n, max_segments=8,
+            teacher_scores=np.zeros((4, 2)), has_teacher=np.zeros(4, bool),
+            in_batch_negatives=True,
+        )
+        for n in (64, 32)
+    }
+    config = default_config()
+    config.model.attention_block = 8
+    model = config.model
+    assert packed[32].num_rows > packed[64].num_rows
+    for other_fits_32, want in ((False, 64), (True, 32)):
+        other = [4, 50, 4, 5, 40, 5, *([3, 12, 3] if other_fits_32 else [-1, -1, -1]), 77]
+        monkeypatch.setattr(step_batch, "gather_counts",
+                            lambda values, other=other: np.array([list(values), other]))
+        batch, shape = step_batch.shape_batch(
+            packed, (128, 64, 32), model, groups=1, num_queries=4, pad_id=0
+        )
+        mine = packed[want]
+        assert shape.length == want == batch.tokens.shape[1]
+        assert shape.rows == max(mine.num_rows, 5 if want == 64 else 3) == batch.num_rows
+        tiles = max(step_batch.attention_tiles(model, mine, 1).shape[1], 40 if want == 64 else 12)
+        most = most_tiles(shape.rows, want, block=8, causal=True)
+        assert shape.tiles == padded_tiles(tiles, most, 4) == batch.block_pairs.shape[1]
+        assert shape.real_tokens == int((mine.segment_ids > 0).sum()) + 77
+        np.testing.assert_array_equal(batch.tokens[: mine.num_rows], mine.tokens)
 
 
 def test_tile_rungs_zero_makes_the_row_count_the_whole_shape():
     """`model.attention_tile_rungs=0`: every batch's tile lists are padded to all the tiles its
-    rows can need (a causal row of 8 blocks: 36), so batches with the same rows share a shape;
+    rows can need (a causal row of 16 blocks: 136), so batches with the same rows share a shape;
     on the default ladder the same sparse batches need fewer."""
     config = default_config()
-    config.model.attention_block = 4  # rows of 32 tokens: 8 blocks
+    config.model.attention_block = 2  # rows of 32 tokens: 16 blocks
+
+    def short_texts(seed):  # sequences of 2-5 tokens, 8 to a row: a few tiles of each row
+        rng = np.random.default_rng(seed)
+        text = lambda: list(rng.integers(5, 50, size=int(rng.integers(2, 6))))
+        queries = [text() for _ in range(int(rng.integers(8, 17)))]
+        return pack_batch(
+            queries, [[text(), text()] for _ in queries], group_size=2, pack_len=32,
+            max_segments=8, teacher_scores=np.zeros((len(queries), 2)),
+            has_teacher=np.zeros(len(queries), bool), in_batch_negatives=True, row_multiple=2,
+        )
+
     shapes = {}
     for rungs in (0, 4):
         config.model.attention_tile_rungs = rungs
         shapes[rungs] = [
-            step_batch.shape_batch(random_batch(np.random.default_rng(seed)), config.model,
-                                   groups=2, num_queries=8, pad_id=0)
+            step_batch.shape_batch({32: short_texts(seed)}, (32,), config.model, groups=2,
+                                   num_queries=16, pad_id=0)
             for seed in range(4)
         ]
     for (batch, shape), (_, laddered) in zip(shapes[0], shapes[4]):
-        assert shape.rows == laddered.rows and shape.tiles == (shape.rows // 2) * 36
+        assert shape.rows == laddered.rows and shape.tiles == (shape.rows // 2) * 136
         assert batch.block_pairs.shape[1] == shape.tiles
         assert laddered.tiles < shape.tiles  # packed short sequences skip tiles
     assert len({shape.key for _, shape in shapes[0]}) == len({s.rows for _, s in shapes[0]})

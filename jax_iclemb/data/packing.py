@@ -1,5 +1,8 @@
 """Pack a step's token sequences, whole, into fixed-length rows (first-fit decreasing).
 
+A step's rows are as long as the shortest rung of `row_lengths` that holds its longest sequence
+(short texts need not fill rows sized for the longest query a run allows).
+
 Each row holds at most `max_segments` sequences; segment ids run 1..n along a row (0 = padding),
 positions restart at 0 in every segment. The row count is rounded up to a rung of a shape ladder
 (`row_bucket`) so that jax.jit sees only a few distinct shapes.
@@ -35,6 +38,16 @@ def row_bucket(num_rows: int, multiple: int = 1) -> int:
     if multiple < 1:
         raise ValueError(f"bad row multiple {multiple}")
     return -(-ladder(num_rows, ROW_RUNGS) // multiple) * multiple
+
+
+def row_lengths(pack_len: int, shortest: int, unit: int = 1) -> tuple[int, ...]:
+    """The row lengths a step may pack into, longest first: `pack_len`, then its halves while a
+    half is a whole multiple of `unit` (the attention's block) and at least `shortest`.
+    `shortest` 0: `pack_len` alone."""
+    lengths = [pack_len]
+    while shortest and lengths[-1] % (2 * unit) == 0 and lengths[-1] // 2 >= shortest:
+        lengths.append(lengths[-1] // 2)
+    return tuple(lengths)
 
 
 def first_fit_decreasing(

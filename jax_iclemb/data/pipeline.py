@@ -18,7 +18,7 @@ import transformers
 
 from jax_iclemb.data import icl, sampling
 from jax_iclemb.data.batch import PackedBatch
-from jax_iclemb.data.packing import pack_batch
+from jax_iclemb.data.packing import pack_batch, row_lengths
 from jax_iclemb.data.records import Dataset, Record, task_kind
 from jax_iclemb.data.sources import open_datasets
 from jax_iclemb.data.tokenizer import load_tokenizer
@@ -79,6 +79,7 @@ class DataConfig:
     batch_size_overrides: Mapping[str, int]  # fnmatch pattern on the dataset name -> size
     default_prompt: str
     pack_len: int  # packed row length; 0 = query_max_len
+    min_pack_len: int  # shortest row a step may pack into (packing.row_lengths); 0 = pack_len
     max_segments_per_row: int
 
     @classmethod
@@ -102,6 +103,7 @@ class TrainPipeline:
         process_index: int = 0,
         process_count: int = 1,
         row_multiple: int = 1,
+        row_unit: int = 1,
     ):
         self.cfg = data_config
         self.tokenizer = tokenizer
@@ -111,6 +113,8 @@ class TrainPipeline:
         self.row_multiple = row_multiple
         self.template_tokenizer = icl.TemplateTokenizer(tokenizer)
         self.pack_len = data_config.pack_len or data_config.query_max_len
+        # Each a multiple of `row_unit` (the block-sparse attention's block).
+        self.row_lengths = row_lengths(self.pack_len, data_config.min_pack_len, row_unit)
         self.layout = sampling.layout_for(
             [d.name for d in self.datasets],
             [len(d) for d in self.datasets],
@@ -334,31 +338,23 @@ class TrainPipeline:
         return plan, out
 
     def batch(self, step: int) -> tuple[PackedBatch, dict[str, Any]]:
-        """This process's part of global step `step`, packed, and a summary of it."""
+        """This process's part of global step `step`, packed into the shortest rows that hold it,
+        and a summary of it."""
+        packed, info = self.batches(step)
+        return packed[min(packed)], info
+
+    def batches(
+        self, step: int, every_length: bool = False
+    ) -> tuple[dict[int, PackedBatch], dict[str, Any]]:
+        """This process's part of global step `step`, packed at the shortest of `row_lengths`
+        that holds its longest sequence, or with `every_length` at each one that does (so that
+        processes can agree on the shortest that holds all of theirs: `step_batch.step_shape`),
+        as {row length: batch}; and a summary of it (its rows: those of the shortest)."""
         plan, seqs = self._sequences(step)
-        g = self.cfg.train_group_size
-        teacher = np.zeros((len(seqs), g), dtype=np.float32)
-        has_teacher = np.zeros(len(seqs), dtype=bool)
-        passage_labels = np.full((len(seqs), g), -1, dtype=np.int32)
-        for i, q in enumerate(seqs):
-            if q.teacher is not None:
-                teacher[i, : len(q.teacher)] = q.teacher
-                has_teacher[i] = True
-            passage_labels[i, : len(q.passage_labels)] = q.passage_labels
-        batch = pack_batch(
-            [q.query for q in seqs],
-            [q.passages for q in seqs],
-            group_size=g,
-            pack_len=self.pack_len,
-            max_segments=self.cfg.max_segments_per_row,
-            teacher_scores=teacher,
-            has_teacher=has_teacher,
-            in_batch_negatives=plan.in_batch_negatives,
-            query_label=[q.label for q in seqs],
-            passage_label=passage_labels,
-            row_multiple=self.row_multiple,
-            pad_id=self.tokenizer.pad_token_id or 0,
-        )
+        longest = max(len(s) for q in seqs for s in (q.query, *q.passages))
+        fitting = [n for n in self.row_lengths if n >= longest]
+        packed = {n: self._pack(plan, seqs, n) for n in (fitting if every_length else fitting[-1:])}
+        batch = packed[min(packed)]
         real = int((batch.segment_ids > 0).sum())
         info = {
             "step": step,
@@ -369,13 +365,39 @@ class TrainPipeline:
             "num_queries": len(seqs),
             "num_passages": int(batch.passage_mask.sum()),
             "num_rows": batch.num_rows,
+            "row_length": batch.tokens.shape[1],
             "rows_used": int((batch.segment_ids > 0).any(axis=1).sum()),  # before bucket padding
             "real_tokens": real,
             "utilisation": real / batch.tokens.size,
             "in_batch_negatives": plan.in_batch_negatives,
             "mean_examples": float(np.mean([q.num_examples for q in seqs])),
         }
-        return batch, info
+        return packed, info
+
+    def _pack(self, plan: StepPlan, seqs: list[QuerySequences], length: int) -> PackedBatch:
+        g = self.cfg.train_group_size
+        teacher = np.zeros((len(seqs), g), dtype=np.float32)
+        has_teacher = np.zeros(len(seqs), dtype=bool)
+        passage_labels = np.full((len(seqs), g), -1, dtype=np.int32)
+        for i, q in enumerate(seqs):
+            if q.teacher is not None:
+                teacher[i, : len(q.teacher)] = q.teacher
+                has_teacher[i] = True
+            passage_labels[i, : len(q.passage_labels)] = q.passage_labels
+        return pack_batch(
+            [q.query for q in seqs],
+            [q.passages for q in seqs],
+            group_size=g,
+            pack_len=length,
+            max_segments=self.cfg.max_segments_per_row,
+            teacher_scores=teacher,
+            has_teacher=has_teacher,
+            in_batch_negatives=plan.in_batch_negatives,
+            query_label=[q.label for q in seqs],
+            passage_label=passage_labels,
+            row_multiple=self.row_multiple,
+            pad_id=self.tokenizer.pad_token_id or 0,
+        )
 
     def examples(self, step: int) -> list[dict[str, Any]]:
         """Human-readable texts of this process's queries of `step` (for inspection)."""
@@ -406,7 +428,7 @@ def pipeline_from_config(
     row_multiple: int = 1,
 ) -> TrainPipeline:
     """Open the configured datasets and tokenizer and build the pipeline."""
-    data = config.data
+    data, model = config.data, config.model
     datasets = open_datasets(
         data.path, on_bad_record=data.on_bad_record, tfds_dir=data.tfds_dir or None
     )
@@ -418,4 +440,6 @@ def pipeline_from_config(
         process_index=process_index,
         process_count=process_count,
         row_multiple=row_multiple,
+        # Block-sparse attention tiles rows into blocks: every row length is a whole number.
+        row_unit=model.attention_block if model.attention_impl == "block_sparse" else 1,
     )

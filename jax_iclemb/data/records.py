@@ -307,9 +307,9 @@ class JsonlDataset:
         self.__dict__.update(state)
         self._fd = os.open(self.path, os.O_RDONLY)
 
-    def __del__(self) -> None:
+    def __del__(self, _close=os.close) -> None:  # bound early: at exit `os` may be torn down
         if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+            _close(self._fd)
 
     def __repr__(self) -> str:
         return (

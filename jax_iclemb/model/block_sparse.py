@@ -73,10 +73,13 @@ def most_tiles(rows: int, length: int, *, block: int, causal: bool) -> int:
 
 
 def padded_tiles(count: int, most: int, rungs: int) -> int:
-    """How many tiles a row group's list of `count` is padded to: `ladder(count, rungs)`, at
-    most `most` (`most_tiles` of its rows); with `rungs` 0, `most` itself, so the padded count
-    depends on the rows alone (the fewest shapes, the most padding)."""
-    return min(ladder(count, rungs), most) if rungs else most
+    """How many tiles a row group's list of `count` is padded to: `ladder(count, rungs)` while
+    `count` is at most half of `most` (`most_tiles` of its rows, never exceeded), and `most`
+    from there up: the top doubling is one rung. Padding a list that needs over half of its
+    rows' tiles to all of them at most doubles its attention work, and its shape is then the
+    row count alone (short rows mostly land there: a causal row of 4 blocks has 10 tiles).
+    With `rungs` 0, always `most`: the fewest shapes, the most padding."""
+    return min(ladder(count, rungs), most) if rungs and 2 * count <= most else most
 
 
 def pad_pairs(pairs: np.ndarray, count: int, num_blocks: int) -> np.ndarray:
