@@ -352,7 +352,8 @@ class TrainPipeline:
         as {row length: batch}; and a summary of it (its rows: those of the shortest)."""
         plan, seqs = self._sequences(step)
         longest = max(len(s) for q in seqs for s in (q.query, *q.passages))
-        fitting = [n for n in self.row_lengths if n >= longest]
+        # None fits only a sequence over pack_len, which pack_batch reports by its length.
+        fitting = [n for n in self.row_lengths if n >= longest] or [self.pack_len]
         packed = {n: self._pack(plan, seqs, n) for n in (fitting if every_length else fitting[-1:])}
         batch = packed[min(packed)]
         real = int((batch.segment_ids > 0).sum())
@@ -440,6 +441,6 @@ def pipeline_from_config(
         process_index=process_index,
         process_count=process_count,
         row_multiple=row_multiple,
-        # Block-sparse attention tiles rows into blocks: every row length is a whole number.
+        # Block-sparse attention cuts rows into blocks: every row length a whole number of them.
         row_unit=model.attention_block if model.attention_impl == "block_sparse" else 1,
     )
