@@ -22,7 +22,7 @@ ARCH = {
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
 
 
-def random_batch(rng: np.random.Generator, num_queries=8, group=3):
+def random_batch(rng: np.random.Generator, num_queries=8, group=3, pack_len=32):
     def seq(n):
         return [*rng.integers(3, 96, n - 1).tolist(), 2]
 
@@ -30,7 +30,7 @@ def random_batch(rng: np.random.Generator, num_queries=8, group=3):
     passages = [[seq(int(rng.integers(3, 20))) for _ in range(group)] for _ in range(num_queries)]
     passages[1] = passages[1][:2]  # a short group: masked slot
     return pack_batch(
-        queries, passages, group_size=group, pack_len=32, max_segments=4,
+        queries, passages, group_size=group, pack_len=pack_len, max_segments=4,
         teacher_scores=rng.normal(size=(num_queries, group)),
         has_teacher=np.ones(num_queries, bool), in_batch_negatives=True,
         query_label=np.array([0, 0, 1, -1, 2, 2, -1, 3]), row_multiple=8,
@@ -85,6 +85,15 @@ def test_padding_to_every_tile_changes_nothing(single_device_result):
     mesh = parallel.make_mesh((2, 4, 1))
     result = loss_and_grads(mesh, batch, "block_sparse", tile_rungs=0)
     assert_same_step(result, single_device_result)
+
+
+def test_rows_of_another_length_change_nothing(single_device_result):
+    """The same sequences packed into rows of 64 tokens instead of 32 (what a step's row length
+    decides, `data.min_pack_len`): the same loss and gradients."""
+    batch = random_batch(np.random.default_rng(1), pack_len=64)
+    assert batch.tokens.shape[1] == 64
+    mesh = parallel.make_mesh((2, 4, 1))
+    assert_same_step(loss_and_grads(mesh, batch, "block_sparse"), single_device_result)
 
 
 def assert_same_step(result, reference):
