@@ -85,14 +85,13 @@ def step_shape(
         tiles = 0 if tile_lists is None else tile_lists.shape[1]
         used = int((batch.segment_ids > 0).any(axis=1).sum())
         counts += [batch.num_rows // groups, tiles, used]
-    some_batch = next(iter(packed.values()))[0]
-    real = int((some_batch.segment_ids > 0).sum())
+    real = int((next(iter(packed.values()))[0].segment_ids > 0).sum())  # any length: the same
     gathered = gather_counts([*counts, real])
     per_length = gathered[:, :-1].reshape(len(gathered), len(row_lengths), 3)
-    everywhere = [i for i in range(len(row_lengths)) if (per_length[:, i, 0] >= 0).all()]
-    if not everywhere:
+    everywhere = np.flatnonzero((per_length[:, :, 0] >= 0).all(axis=0))
+    if not everywhere.size:
         raise ValueError(f"no row length of {list(row_lengths)} holds every process's sequences")
-    i = everywhere[-1]  # row_lengths is longest first
+    i = int(everywhere[-1])  # row_lengths is longest first
     length = row_lengths[i]
     per_group, count, _ = (int(x) for x in per_length[:, i].max(axis=0))
     tiles = 0
