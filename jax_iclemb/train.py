@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from jax_iclemb import checkpoint, compile_cache, distributed, parallel
+from jax_iclemb import checkpoint, compile_cache, distributed, host_memory, parallel
 from jax_iclemb import config as config_lib
 from jax_iclemb.data.pipeline import TrainPipeline, pipeline_from_config
 from jax_iclemb.errors import PathExists, add_debug_flag, cli
@@ -197,7 +197,9 @@ def log_to_stderr() -> None:
 
 def script() -> int:
     """The command (`python -m jax_iclemb.train`, `jax-iclemb-train`): `main` with the CLI's
-    logging, which is not in `main` so that a caller in-process keeps its own."""
+    logging and malloc settings, which are not in `main` so that a caller in-process keeps its
+    own."""
+    host_memory.keep_freed_memory()  # before JAX starts its threads: steps reuse freed buffers
     log_to_stderr()
     return main()
 
