@@ -184,6 +184,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.compilation_cache = ""
     # Steps whose batches are built ahead; their new shapes compile on a background thread.
     c.train.compile_ahead = 4
+    # The train command sets glibc's malloc to keep freed memory, so that each CPU step reuses its
+    # buffers' pages: faster steps, slower compiles (for long CPU runs; jax_iclemb/host_memory.py).
+    c.train.reuse_host_memory = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0

@@ -15,6 +15,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 DEBUG_ENV = "JAX_ICLEMB_DEBUG"
 DEBUG_FLAG = "--debug"
@@ -56,14 +57,15 @@ def debug_requested(argv: Sequence[str]) -> bool:
     return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def cli(main: Callable[[list[str]], int]) -> Callable[[Sequence[str] | None], int]:
-    """`main(argv) -> exit code`, with `ReportedError`s turned into a message and their code."""
+def cli(main: Callable[..., int]) -> Callable[..., int]:
+    """`main(argv, **options) -> exit code`, with `ReportedError`s turned into a message and their
+    code; argv defaults to the command line."""
 
     @functools.wraps(main)
-    def wrapped(argv: Sequence[str] | None = None) -> int:
+    def wrapped(argv: Sequence[str] | None = None, **options: Any) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         try:
-            return main(argv)
+            return main(argv, **options)
         except ReportedError as e:
             if debug_requested(argv):
                 traceback.print_exc()

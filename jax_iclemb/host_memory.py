@@ -1,14 +1,16 @@
 """glibc's malloc told to keep what it frees, so that XLA's CPU buffers are reused, not refaulted.
 
-XLA's CPU runtime mallocs each execution's buffers (activations, residuals, gradients) and frees
-them when it ends. By default glibc serves blocks that large with a fresh `mmap` (and gives the
-per-thread arenas' free tops back to the kernel), so every training step faults all those pages in
-again and the kernel zeroes each one: on the 2-core VM of docs/benchmarks.md, 0.19-0.22 s of
-system time in a 0.57 s step of the comparison work. One arena, no `mmap` and no trimming keep the
-freed blocks in the heap for the next step. The heap then stays at its peak until the process ends.
+XLA's CPU runtime mallocs each execution's buffers and frees them when it ends; a training step of
+the comparison work of docs/benchmarks.md takes one 461 MiB block for its temporaries. glibc
+serves a block that large with a fresh `mmap` and unmaps it on free, so every step faults all its
+pages in again and the kernel zeroes each one: on the 2-core VM, 0.18-0.22 s of system time in a
+0.5-0.57 s step. One arena, no `mmap` and no trimming keep the freed block in the heap for the next
+step, and the heap stays at its peak until the process ends. The cost: with one arena, XLA's
+compiler threads contend for malloc's lock, and a step shape compiles ~40% slower. So it is an
+option, `train.reuse_host_memory`, for long CPU runs (configs/icl_miniature.py sets it).
 
-The CLIs that run a model call `keep_freed_memory` first thing; code that imports jax_iclemb keeps
-its own allocator. A glibc setting already chosen in the environment (`MALLOC_ARENA_MAX`,
+Only the train command applies it, before JAX starts its threads; code that imports jax_iclemb
+keeps its own allocator. A glibc setting already chosen in the environment (`MALLOC_ARENA_MAX`,
 `MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`, or `glibc.malloc.*` in `GLIBC_TUNABLES`) is left
 alone; off glibc (macOS, musl) nothing changes.
 """

@@ -175,9 +175,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 @cli
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], *, command: bool = False) -> int:
+    """The job; `command`: run as the process's command (`script`), which may then also set
+    process-wide options the config asks for."""
     args, overrides = parse_args(argv)
     config = config_lib.load_config(args.config, overrides)
+    if command and config.train.reuse_host_memory:
+        host_memory.keep_freed_memory()  # before JAX starts its threads
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     if workdir.exists() and not workdir.is_dir():
         raise PathExists(f"--workdir {workdir} exists and is not a folder")
@@ -197,11 +201,9 @@ def log_to_stderr() -> None:
 
 def script() -> int:
     """The command (`python -m jax_iclemb.train`, `jax-iclemb-train`): `main` with the CLI's
-    logging and malloc settings, which are not in `main` so that a caller in-process keeps its
-    own."""
-    host_memory.keep_freed_memory()  # before JAX starts its threads: steps reuse freed buffers
+    logging and process-wide settings, which a caller of `main` in-process keeps its own of."""
     log_to_stderr()
-    return main()
+    return main(command=True)
 
 
 if __name__ == "__main__":

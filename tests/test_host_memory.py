@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from jax_iclemb import train
+from jax_iclemb.errors import ReportedError
 
 try:
     ctypes.CDLL(None).mallinfo2  # noqa: B018 (glibc >= 2.33)
@@ -20,6 +22,7 @@ except AttributeError:
 pytestmark = pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 
 BLOCK = 64 << 20
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 
 # Allocates and frees a 64 MiB block with libc's malloc; prints what was applied and mallinfo2's
 # bytes mmapped for the block, and the heap's free bytes after it is freed.
@@ -69,9 +72,20 @@ def test_settings_chosen_in_the_environment_are_left_alone():
     assert by_tunable["mmapped"] >= BLOCK
 
 
-def test_the_train_command_applies_them_before_it_runs(monkeypatch, capsys):
+@pytest.mark.parametrize("reuse", [True, False])
+def test_the_train_command_applies_them_when_the_config_asks(monkeypatch, reuse):
     calls = []
     monkeypatch.setattr(train.host_memory, "keep_freed_memory", lambda: calls.append("malloc"))
-    monkeypatch.setattr(train, "main", lambda: calls.append("main") or 0)
-    assert train.script() == 0
-    assert calls == ["malloc", "main"]
+
+    def stop(*_):  # the job would start here; the settings must come before it (and JAX's threads)
+        calls.append("run")
+        raise ReportedError("stopped")
+
+    monkeypatch.setattr(train.distributed, "initialize", stop)
+    argv = ["--config", TINY, f"--config.train.reuse_host_memory={reuse}"]
+    monkeypatch.setattr(sys, "argv", ["jax_iclemb.train", *argv])
+    assert train.script() == 1
+    assert calls == (["malloc", "run"] if reuse else ["run"])
+    calls.clear()
+    assert train.main(argv) == 1  # in-process: the caller's allocator stays as it is
+    assert calls == ["run"]
