@@ -5,8 +5,8 @@ the comparison work of docs/benchmarks.md takes one 461 MiB block for its tempor
 serves a block that large with a fresh `mmap` and unmaps it on free, so every step faults all its
 pages in again and the kernel zeroes each one: on the 2-core VM, 0.18-0.22 s of system time in a
 0.5-0.57 s step. One arena, no `mmap` and no trimming keep the freed block in the heap for the next
-step, and the heap stays at its peak until the process ends. The cost: with one arena, XLA's
-compiler threads contend for malloc's lock, and a step shape compiles ~40% slower. So it is an
+step, and the heap stays at its peak until the process ends. The cost: a step shape compiles
+~40% slower (likely XLA's compiler threads contending for the one arena's lock). So it is an
 option, `train.reuse_host_memory`, for long CPU runs (configs/icl_miniature.py sets it).
 
 Only the train command applies it, before JAX starts its threads; code that imports jax_iclemb
