@@ -2,7 +2,7 @@
 
 Each step runs at its own shape (`StepShape`: the row length, the shortest of the pipeline's
 `row_lengths` that holds every sequence; rows on `packing.row_bucket`'s ladder; attention tiles
-on `ladder(·, model.attention_tile_rungs)`; queries padded to the pipeline's maximum), agreed by
+by `block_sparse.padded_tiles`; queries padded to the pipeline's maximum), agreed by
 all processes in one collective, and a function of the step's own batches only, so that
 a resumed run computes exactly what an uninterrupted one does. Each field of the batch lands
 where its `PackedBatch` declaration says: rows split over the data axes, the rest replicated.

@@ -181,7 +181,9 @@ def main(argv: Sequence[str], *, command: bool = False) -> int:
     args, overrides = parse_args(argv)
     config = config_lib.load_config(args.config, overrides)
     if command and config.train.reuse_host_memory:
-        host_memory.keep_freed_memory()  # before JAX starts its threads
+        applied = host_memory.keep_freed_memory()  # before JAX starts its threads
+        log.info("train.reuse_host_memory: glibc malloc set by %s", ", ".join(applied) or
+                 "nothing (not glibc, or the environment already chose)")
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     if workdir.exists() and not workdir.is_dir():
         raise PathExists(f"--workdir {workdir} exists and is not a folder")

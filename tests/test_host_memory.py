@@ -75,7 +75,8 @@ def test_settings_chosen_in_the_environment_are_left_alone():
 @pytest.mark.parametrize("reuse", [True, False])
 def test_the_train_command_applies_them_when_the_config_asks(monkeypatch, reuse):
     calls = []
-    monkeypatch.setattr(train.host_memory, "keep_freed_memory", lambda: calls.append("malloc"))
+    keep = lambda: calls.append("malloc") or []  # returns a list, as the real one does
+    monkeypatch.setattr(train.host_memory, "keep_freed_memory", keep)
 
     def stop(*_):  # the job would start here; the settings must come before it (and JAX's threads)
         calls.append("run")
