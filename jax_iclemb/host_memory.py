@@ -3,9 +3,10 @@
 XLA's CPU runtime mallocs each execution's buffers and frees them when it ends; a training step of
 the comparison work of docs/benchmarks.md takes one 461 MiB block for its temporaries. glibc
 serves a block that large with a fresh `mmap` and unmaps it on free, so every step faults all its
-pages in again and the kernel zeroes each one: on the 2-core VM, 0.18-0.22 s of system time in a
-0.5-0.57 s step. One arena, no `mmap` and no trimming keep the freed block in the heap for the next
-step, and the heap stays at its peak until the process ends. The cost: a step shape compiles
+pages in again and the kernel zeroes each one: on the 2-core VM, 7.7 s of system time over 60
+warm steps through the CLI, 1.7 s with this (docs/performance.md, "Host memory"). One arena, no
+`mmap` and no trimming keep the freed block in the heap for the next step, and the heap stays at
+its peak until the process ends. The cost: a step shape compiles
 ~40% slower (likely XLA's compiler threads contending for the one arena's lock). So it is an
 option, `train.reuse_host_memory`, for long CPU runs (configs/icl_miniature.py sets it).
 
