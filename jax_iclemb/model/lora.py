@@ -78,6 +78,10 @@ def random_words(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return _mix(words).reshape(shape)
 
 
+# Jitted like `_words_at_least`: a step's program folds 8 keys a layer, all of one shape, so tracing
+# them once instead of 32 times takes a fifth to a third off tracing a step shape of the 4-layer
+# comparison model (docs/performance.md). Same operations, same bits.
+@jax.jit
 def fold_key(key: jax.Array, n: int | jax.Array) -> jax.Array:
     """The key of sub-stream `n` of `key` (a layer, a projection): its words rehashed with a salt
     of n: a few integer operations, where `jax.random.fold_in` runs threefry (about a hundred) in
