@@ -795,6 +795,12 @@ def jax_args(args: argparse.Namespace, scratch: Path, workdir: Path,
     # relative paths; a '.' in one would split the config key, so it becomes fnmatch's '?'.
     sizes = [f"--config.data.batch_size_overrides.{t['name'].replace('.', '?')}={t['batch']}"
              for t in tasks if t["batch"] != args.batch]
+    # The reference lets a query's examples take query_max_len - 512 tokens (with BOS and EOS)
+    # whatever passage_max_len is, so none at all up to 512 (ours: query_max_len -
+    # passage_max_len by default; docs/data_pipeline.md). The same budget here, the same work.
+    examples = args.query_len - 512
+    budget = (f"--config.data.examples_max_len={examples}" if examples > 0
+              else "--config.data.max_examples=0")
     return [
         "--config", "configs/tiny.py", "--workdir", str(workdir),
         f"--config.data.path={scratch / 'data'}",
@@ -805,6 +811,7 @@ def jax_args(args: argparse.Namespace, scratch: Path, workdir: Path,
         f"--config.data.passage_max_len={args.passage_len}",
         f"--config.data.example_query_max_len={args.example_len}",
         f"--config.data.example_passage_max_len={args.example_len}",
+        budget,
         f"--config.data.train_group_size={GROUP}",
         f"--config.data.batch_size={args.batch}",
         *sizes,

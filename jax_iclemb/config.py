@@ -97,8 +97,9 @@ POSITIVE = (
     "train.keep_checkpoints", "train.grad_cache_chunks",
 )
 NON_NEGATIVE = (
-    "data.max_examples", "data.pack_len", "data.min_pack_len", "data.batch_size_by_kind.retrieval",
-    "data.batch_size_by_kind.symmetric", "lora.dropout", "loss.distill_weight",
+    "data.max_examples", "data.examples_max_len", "data.pack_len", "data.min_pack_len",
+    "data.batch_size_by_kind.retrieval", "data.batch_size_by_kind.symmetric", "lora.dropout",
+    "loss.distill_weight",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.steps", "eval.every",
     "train.compile_ahead", "model.attention_tile_rungs",
 )
@@ -148,6 +149,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.example_passage_max_len = 256
     c.data.train_group_size = 8
     c.data.max_examples = 5
+    # Tokens a query's in-context examples may take together, with BOS and EOS; 0 = query_max_len
+    # - passage_max_len. The reference hard-codes query_max_len - 512 (docs/data_pipeline.md).
+    c.data.examples_max_len = 0
     c.data.batch_size = 512
     # By the task kind of a dataset's records (records.TASK_TYPES): retrieval (normal,
     # only_1neg) or symmetric (STS, classification, clustering); 0 = data.batch_size.

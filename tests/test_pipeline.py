@@ -302,9 +302,14 @@ def test_a_budget_too_small_for_the_prompt_is_an_error_with_the_numbers(tok, dat
         TrainPipeline(
             config(query_max_len=query, passage_max_len=16, max_examples=0), tok, data, seed=0
         )
-    # Examples may take query_max_len - passage_max_len: the query must fit in the rest.
-    with pytest.raises(BudgetError, match=r"data.passage_max_len=8 must be more than"):
+    # Examples may take query_max_len - passage_max_len (data.examples_max_len's default): the
+    # query must fit in the rest.
+    room = 96 - query + 1  # the largest budget of BOS + examples + EOS that leaves the text room
+    with pytest.raises(BudgetError, match=rf"= 88, the default .* must be less than {room + 1}"):
         TrainPipeline(config(passage_max_len=8, **fits), tok, data, seed=0)
+    with pytest.raises(BudgetError, match=rf"data.examples_max_len={room + 1} must be less than"):
+        TrainPipeline(config(examples_max_len=room + 1, **fits), tok, data, seed=0)
+    TrainPipeline(config(passage_max_len=8, examples_max_len=room, **fits), tok, data, seed=0)
     sym = [ListDataset("s", make_records("s", 8, type="symmetric_sts", prompt=prompt))]
     with pytest.raises(BudgetError, match=rf"passage_max_len={query} .*symmetric_sts passage"):
         TrainPipeline(config(passage_max_len=query, max_examples=0), tok, sym, seed=0)

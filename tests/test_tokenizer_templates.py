@@ -210,6 +210,41 @@ def test_budgets_hold_when_truncating(tok, datasets):
     assert num_examples > 0
 
 
+def test_examples_max_len_is_the_examples_budget(tok, datasets):
+    """`data.examples_max_len` replaces query_max_len - passage_max_len (its default) as the
+    budget of BOS + a query's in-context examples + EOS (the reference's is query_max_len - 512).
+    Checked against the same steps under the default budget, which keep more of the same sampled
+    examples: a smaller budget keeps a leading run of them and stops at the first that does not
+    fit."""
+    lengths = dict(
+        query_max_len=160, passage_max_len=32, example_query_max_len=24, example_passage_max_len=12
+    )
+    ds = list(datasets.values())
+
+    def example_runs(limit):
+        pipe = TrainPipeline(data_config(examples_max_len=limit, **lengths), tok, ds, seed=0)
+        runs = []
+        for step in range(pipe.steps_per_epoch):
+            batch, _ = pipe.batch(step)
+            for slot in batch.query_slot:
+                ids = sequence(batch, slot)
+                starts = [k for k, t in enumerate(ids) if t == INSTRUCT]
+                runs.append([ids[a:b] for a, b in itertools.pairwise(starts)])
+        return runs
+
+    wide = example_runs(0)
+    assert max(sum(map(len, run)) for run in wide) + 2 > 60  # the budgets below cut some
+    for limit in (30, 60):
+        cut = 0
+        for run, full in zip(example_runs(limit), wide, strict=True):
+            used = sum(map(len, run))
+            assert run == full[: len(run)] and used + 2 <= limit
+            if len(run) < len(full):
+                assert used + len(full[len(run)]) + 2 > limit
+                cut += 1
+        assert cut
+
+
 def test_clustering_examples_answer_with_category(tok, datasets):
     ds = [datasets["clustering-no_in_batch_neg/paper_titles"]]
     pipe = TrainPipeline(data_config(), tok, ds, seed=1)

@@ -154,3 +154,22 @@ def test_pytorch_way_summary(vs):
     assert (m["steps"], m["timed_steps"]) == (3, 2)
     assert m["real_tokens_per_step"] == 1500 and m["step_seconds_mean"] == 2.5
     assert (m["first_loss"], m["last_loss"]) == (3.0, 1.5)
+
+
+@pytest.mark.parametrize("query_len", [1024, 512])
+def test_ours_gets_the_references_examples_budget(vs, tmp_path, query_len):
+    """The reference caps a query's examples at query_max_len - 512 tokens whatever the passage
+    length (none at all up to 512): our side's config gets the same budget, so both do the same
+    work at any lengths."""
+    from jax_iclemb.config import load_config
+    from jax_iclemb.data.pipeline import DataConfig
+
+    args = vs.parse_args(["--query-len", str(query_len), "--passage-len", "128"])
+    argv = vs.jax_args(args, tmp_path, tmp_path / "run", [{"name": "t", "batch": args.batch}])
+    config = load_config(REPO / argv[1], [a for a in argv if a.startswith("--config.")])
+    data = DataConfig.from_section(config.data)
+    assert (data.passage_max_len, data.query_max_len) == (128, query_len)
+    if query_len > 512:
+        assert data.max_examples == 5 and data.examples_limit == query_len - 512
+    else:
+        assert data.max_examples == 0

@@ -74,6 +74,7 @@ class DataConfig:
     example_passage_max_len: int
     train_group_size: int  # passages per query: the positive and its hard negatives
     max_examples: int  # in-context examples per query: 0..max_examples
+    examples_max_len: int  # their tokens together, with BOS and EOS; 0 = examples_limit's default
     batch_size: int
     batch_size_by_kind: Mapping[str, int]  # 0 = batch_size
     batch_size_overrides: Mapping[str, int]  # fnmatch pattern on the dataset name -> size
@@ -81,6 +82,11 @@ class DataConfig:
     pack_len: int  # packed row length; 0 = query_max_len
     min_pack_len: int  # shortest row a step may pack into (packing.row_lengths); 0 = pack_len
     max_segments_per_row: int
+
+    @property
+    def examples_limit(self) -> int:
+        """The most tokens BOS + a query's in-context examples + EOS may take."""
+        return self.examples_max_len or self.query_max_len - self.passage_max_len
 
     @classmethod
     def from_section(cls, data: Mapping[str, Any]) -> DataConfig:
@@ -153,21 +159,29 @@ class TrainPipeline:
     def _check_budgets(self, dataset: Dataset) -> None:
         """Fail at the start, not at some later step, when a dataset's prompt (its first
         record's) and the templates leave no room for the text in a length budget, whatever the
-        in-context examples take (at most query_max_len - passage_max_len, with BOS and EOS)."""
+        in-context examples take (at most `examples_limit`, with BOS and EOS)."""
         cfg, tt, rec = self.cfg, self.template_tokenizer, dataset[0]
         prompt = self._prompt(rec)
         query = icl.query_overhead(tt, prompt)
         example = len(icl.instruction_head(tt, prompt))
         tt.clear()
-        q, p = cfg.query_max_len, cfg.passage_max_len
-        examples = max(0, q - p - len(tt.bos) - 1) if cfg.max_examples else 0
+        q, p, limit = cfg.query_max_len, cfg.passage_max_len, cfg.examples_limit
+        examples = max(0, limit - len(tt.bos) - 1) if cfg.max_examples else 0
+        most = q - query + len(tt.bos) + 1  # the examples' budget must be below this
+        if cfg.examples_max_len:
+            too_long = f"data.examples_max_len={limit} must be less than {most}"
+        else:
+            too_long = (
+                f"data.query_max_len - data.passage_max_len = {limit}, the default of "
+                f"data.examples_max_len, must be less than {most}: raise data.passage_max_len "
+                f"or set data.examples_max_len"
+            )
         checks = [
             (query >= q, f"data.query_max_len={q} leaves no room for the query text"),
             (
                 examples and query + examples >= q,
-                f"in-context examples may take up to data.query_max_len - data.passage_max_len "
-                f"= {q - p} tokens, which leaves no room for the query text: data.passage_max_len"
-                f"={p} must be more than {query - len(tt.bos) - 1}",
+                f"in-context examples may take up to {limit} tokens, which leaves no room for "
+                f"the query text: {too_long}",
             ),
             (
                 examples and example >= cfg.example_query_max_len,
@@ -297,7 +311,7 @@ class TrainPipeline:
                 prefix, used = icl.add_examples(
                     tt,
                     (examples[j] for j in sample.examples),
-                    limit=cfg.query_max_len - cfg.passage_max_len,
+                    limit=cfg.examples_limit,
                 )
                 prompt = self._prompt(rec)
                 with self._budget("query_max_len", plan.dataset_name, int(plan.records[i])):
