@@ -149,8 +149,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.example_passage_max_len = 256
     c.data.train_group_size = 8
     c.data.max_examples = 5
-    # Tokens a query's in-context examples may take together, with BOS and EOS; 0 = query_max_len
-    # - passage_max_len. The reference hard-codes query_max_len - 512 (docs/data_pipeline.md).
+    # Tokens a query's in-context examples may take together, with BOS and EOS (0: the default,
+    # query_max_len - passage_max_len; the reference hard-codes query_max_len - 512, which is the
+    # same at the paper's lengths: docs/data_pipeline.md).
     c.data.examples_max_len = 0
     c.data.batch_size = 512
     # By the task kind of a dataset's records (records.TASK_TYPES): retrieval (normal,
