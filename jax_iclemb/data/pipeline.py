@@ -166,8 +166,8 @@ class TrainPipeline:
         example = len(icl.instruction_head(tt, prompt))
         tt.clear()
         q, p, limit = cfg.query_max_len, cfg.passage_max_len, cfg.examples_limit
-        examples = max(0, limit - len(tt.bos) - 1) if cfg.max_examples else 0
-        most = q - query + len(tt.bos) + 1  # the examples' budget must be below this
+        examples = cfg.max_examples and limit > len(tt.bos) + 1  # room for one example token
+        most = q - query + len(tt.bos) + 1  # from this budget up, the query text has no room
         if cfg.examples_max_len:
             too_long = f"data.examples_max_len={limit} must be less than {most}"
         else:
@@ -179,7 +179,7 @@ class TrainPipeline:
         checks = [
             (query >= q, f"data.query_max_len={q} leaves no room for the query text"),
             (
-                examples and query + examples >= q,
+                examples and limit >= most,
                 f"in-context examples may take up to {limit} tokens, which leaves no room for "
                 f"the query text: {too_long}",
             ),
