@@ -101,7 +101,7 @@ NON_NEGATIVE = (
     "data.batch_size_by_kind.retrieval", "data.batch_size_by_kind.symmetric", "lora.dropout",
     "loss.distill_weight",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.steps", "eval.every",
-    "train.compile_ahead", "model.attention_tile_rungs",
+    "train.compile_ahead", "train.compile_workers", "model.attention_tile_rungs",
 )
 
 
@@ -187,8 +187,11 @@ def default_config() -> ml_collections.ConfigDict:
     # Compiled steps kept across runs: "" = $JAX_COMPILATION_CACHE_DIR or ~/.cache/jax_iclemb/xla,
     # "none" = off, else a folder (jax_iclemb/compile_cache.py).
     c.train.compilation_cache = ""
-    # Steps whose batches are built ahead; their new shapes compile on a background thread.
+    # Steps whose batches are built ahead; their new shapes compile on background threads.
     c.train.compile_ahead = 4
+    # Step shapes compiled at once (0 = one per 4 host cores, 1 to 4): a GPU host's cores compile
+    # a cold run's shapes side by side; a small CPU host needs its cores for the steps.
+    c.train.compile_workers = 0
     # The train command sets glibc's malloc to keep freed memory, so that each CPU step reuses its
     # buffers' pages: faster steps, slower compiles (for long CPU runs; jax_iclemb/host_memory.py).
     c.train.reuse_host_memory = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import math
+import os
 import signal
 import sys
 import time
@@ -46,24 +47,37 @@ class _StopFlag:
 
 
 
+def compile_workers(configured: int) -> int:
+    """Step shapes compiled at once: `configured`, or for 0 one per 4 host cores (1 to 4)."""
+    return configured or min(4, max(1, (os.cpu_count() or 1) // 4))
+
+
 class StepCompiler:
-    """One gradient executable per step shape, compiled on a background thread in the order the
-    steps need them, so that compiling a shape that comes up overlaps the steps before it.
+    """One gradient executable per step shape, compiled on `workers` background threads in the
+    order the steps need them, so that compiling a shape that comes up overlaps the steps before
+    it (and, with several workers, the other shapes' compiles: XLA compiles without the GIL).
 
     `grad_step` is the jitted `make_grad_fn` (params, frozen, batch, step). `note` gets a line per
     shape (what it is, compiled or loaded from the persistent cache, how long it took)."""
 
-    def __init__(self, grad_step: Any, state: TrainState, frozen: dict, note: Callable):
+    def __init__(
+        self, grad_step: Any, state: TrainState, frozen: dict, note: Callable, workers: int = 1
+    ):
         self._grad_step, self._note = grad_step, note
         self._params, self._frozen, self._step = abstract_like((state.params, frozen, state.step))
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile")
+        # shape key -> future of (executable, whether it came from the persistent cache)
         self._futures: dict[tuple[int, int, int], concurrent.futures.Future] = {}
-        self.cache_hits = 0  # executables loaded from the persistent compilation cache
 
     @property
     def count(self) -> int:
         """Shapes compiled or being compiled."""
         return len(self._futures)
+
+    @property
+    def cache_hits(self) -> int:
+        """Executables loaded from the persistent compilation cache so far."""
+        return sum(f.result()[1] for f in self._futures.values() if f.done() and not f.exception())
 
     def submit(self, shape: StepShape, batch: PackedBatch) -> None:
         if shape.key not in self._futures:
@@ -71,27 +85,26 @@ class StepCompiler:
                 self._compile, shape, abstract_like(batch), len(self._futures) + 1
             )
 
-    def _compile(self, shape: StepShape, batch: PackedBatch, index: int) -> Any:
+    def _compile(self, shape: StepShape, batch: PackedBatch, index: int) -> tuple[Any, bool]:
         t0, hits = time.perf_counter(), compile_cache.hits()
         compiled = self._grad_step.lower(self._params, self._frozen, batch, self._step).compile()
-        cached = compile_cache.hits() > hits
-        self.cache_hits += cached
+        cached = compile_cache.hits() > hits  # counted per thread: other workers' loads apart
         self._note(
             f"step shape {index}: {shape.rows * jax.process_count()} rows x {shape.length} "
             f"tokens, {shape.tiles} attention tiles per row group; "
             f"{'loaded from the compilation cache' if cached else 'compiled'} in "
             f"{time.perf_counter() - t0:.1f} s"
         )
-        return compiled
+        return compiled, cached
 
     def get(self, shape: StepShape, batch: PackedBatch) -> tuple[Any, float]:
         """The executable for `shape` and the seconds spent waiting for it."""
         self.submit(shape, batch)
         future = self._futures[shape.key]
         if future.done():
-            return future.result(), 0.0
+            return future.result()[0], 0.0
         t0 = time.perf_counter()
-        compiled = future.result()
+        compiled, _ = future.result()
         return compiled, time.perf_counter() - t0
 
     def close(self) -> None:
@@ -167,7 +180,8 @@ class TrainLoop:
         history: list[float] = []
         totals = {"real_tokens": 0, "seconds": 0.0, "compile_seconds": 0.0}  # this run's steps
         reason = "finished"
-        compiler = StepCompiler(self.grad_step, state, frozen, writer.note)
+        workers = compile_workers(int(config.train.compile_workers))
+        compiler = StepCompiler(self.grad_step, state, frozen, writer.note, workers)
         upcoming: collections.deque = collections.deque()  # (batch, shape, info) of next steps
         ahead = max(1, int(config.train.compile_ahead))
 
@@ -182,6 +196,9 @@ class TrainLoop:
             built = max(built, min(until, steps))
 
         try:
+            # The first steps' shapes are all queued before waiting on any, so that several
+            # workers compile them side by side.
+            prepare(start + ahead)
             for step in range(start, steps):
                 t0 = time.perf_counter()
                 prepare(step + 1)

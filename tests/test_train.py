@@ -17,6 +17,7 @@ from jax_iclemb.data.builtin import builtin_data_dir
 from jax_iclemb.data.packing import row_bucket
 from jax_iclemb.data.pipeline import pipeline_from_config
 from jax_iclemb.model.block_sparse import block_pairs, most_tiles, padded_tiles
+from jax_iclemb.train_loop import compile_workers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,14 +185,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tmp_path):
     """Four tasks of different lengths: each step's row length (128 or 64 tokens), rows and
     tiles are the rungs of its own batch (recomputed here from the pipeline alone), one compile
-    per distinct shape; the same run again loads every executable from the persistent
-    compilation cache."""
+    per distinct shape, with two shapes compiling at a time; the same run again, one compile
+    worker, loads every executable from the persistent compilation cache (the programs compiled
+    side by side are the serial ones) and gives the same losses."""
     # At most one example per query, 4 queries a step: some steps fit rows of 64 tokens.
     steps = ["--config.train.steps=12", "--config.train.checkpoint_every=100",
              "--config.data.min_pack_len=64", "--config.data.max_examples=1",
              "--config.data.batch_size=4"]
     cache = tmp_path / "xla"
-    first = run_cli(tmp_path / "a", *steps, data=builtin_data_dir(), cache=cache)
+    first = run_cli(tmp_path / "a", *steps, "--config.train.compile_workers=2",
+                    data=builtin_data_dir(), cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
     records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
 
@@ -220,8 +223,16 @@ def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tm
     assert records[-1]["compile_cache_hits"] == 0
     assert first.stderr.count("compiled in") == len(shapes)
 
-    again = run_cli(tmp_path / "b", *steps, data=builtin_data_dir(), cache=cache)
+    again = run_cli(tmp_path / "b", *steps, "--config.train.compile_workers=1",
+                    data=builtin_data_dir(), cache=cache)
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert rerun[-1]["compile_cache_hits"] == rerun[-1]["compiles"] == len(shapes)
     assert [r["loss"] for r in rerun] == [r["loss"] for r in records]
+
+
+def test_compile_workers_default_to_one_per_four_host_cores(monkeypatch):
+    for cores, workers in [(None, 1), (2, 1), (4, 1), (8, 2), (16, 4), (64, 4)]:
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert compile_workers(0) == workers, cores
+    assert compile_workers(3) == 3  # a configured count is kept
