@@ -195,6 +195,9 @@ def default_config() -> ml_collections.ConfigDict:
     # The train command sets glibc's malloc to keep freed memory, so that each CPU step reuses its
     # buffers' pages: faster steps, slower compiles (for long CPU runs; jax_iclemb/host_memory.py).
     c.train.reuse_host_memory = False
+    # XLA's Triton matmuls on GPUs: faster steps, ~3x slower compiles of each step shape
+    # (jax_iclemb/xla_flags.py); the train command's default leaves them to cuBLAS.
+    c.train.gpu_triton_gemm = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0

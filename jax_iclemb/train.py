@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from jax_iclemb import checkpoint, compile_cache, distributed, host_memory, parallel
+from jax_iclemb import checkpoint, compile_cache, distributed, host_memory, parallel, xla_flags
 from jax_iclemb import config as config_lib
 from jax_iclemb.data.pipeline import TrainPipeline, pipeline_from_config
 from jax_iclemb.errors import PathExists, add_debug_flag, cli
@@ -184,6 +184,9 @@ def main(argv: Sequence[str], *, command: bool = False) -> int:
         applied = host_memory.keep_freed_memory()  # before JAX starts its threads
         log.info("train.reuse_host_memory: glibc malloc set by %s", ", ".join(applied) or
                  "nothing (not glibc, or the environment already chose)")
+    if command:  # before JAX starts its backend, which reads XLA_FLAGS once
+        triton = "true" if config.train.gpu_triton_gemm else "false"
+        xla_flags.set_default("xla_gpu_enable_triton_gemm", triton)
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     if workdir.exists() and not workdir.is_dir():
         raise PathExists(f"--workdir {workdir} exists and is not a folder")
