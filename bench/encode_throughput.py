@@ -55,6 +55,7 @@ from vs_flagembedding import (
     machine,
     our_versions,
     run_timed,
+    stop_on_sigterm,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -401,6 +402,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_sigterm()
     scratch = args.scratch.resolve()
     model = scratch / "model"
     if args.worker:

@@ -37,6 +37,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -733,6 +734,19 @@ def our_versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def stop_session(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGTERM to `proc`'s session (our trainer then saves and exits), SIGKILL after `grace` s."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_timed(argv: Sequence[str], env: dict[str, str], log: Path, cwd: Path) -> dict[str, Any]:
     """Run `argv` under /usr/bin/time -v (peak RSS, wall); output to `log`; stop on failure."""
     timefile = log.with_suffix(".time")
@@ -741,8 +755,15 @@ def run_timed(argv: Sequence[str], env: dict[str, str], log: Path, cwd: Path) ->
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        rc = subprocess.run([*prefix, *argv], env=env, cwd=cwd, stdout=f,
-                            stderr=subprocess.STDOUT).returncode
+        # In a session of its own, so that a stopped bench stops the whole side (/usr/bin/time
+        # and the trainer under it) rather than leaving it to run on into the next side.
+        proc = subprocess.Popen([*prefix, *argv], env=env, cwd=cwd, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait()
+        except BaseException:  # SIGTERM (see `main`), Ctrl-C
+            stop_session(proc)
+            raise
     wall = time.perf_counter() - t0
     if rc:
         tail = log.read_text(errors="replace").splitlines()[-40:]
@@ -964,8 +985,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _stopped(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`timeout`, a scheduler) ends the bench as Ctrl-C does: unwinding through
+    `run_timed`, which stops the side it is running."""
+    signal.signal(signal.SIGTERM, _stopped)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_sigterm()
     scratch = args.scratch.resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     venv = (args.flag_venv or default_flag_venv()).expanduser().resolve()

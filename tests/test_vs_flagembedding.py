@@ -3,6 +3,12 @@ need the reference's own venv and minutes, so they are not run here)."""
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -173,3 +179,40 @@ def test_ours_gets_the_references_examples_budget(vs, tmp_path, query_len):
         assert data.max_examples == 5 and data.examples_limit == query_len - 512
     else:
         assert data.max_examples == 0
+
+
+def test_a_stopped_bench_stops_the_side_it_runs(tmp_path):
+    """SIGTERM to the bench while it runs a side: the side's whole process group (here a shell
+    and the sleeper under it, as /usr/bin/time and the trainer) is stopped, not left running."""
+    pids = tmp_path / "pids"
+    side = f"sleep 120 & echo $$ $! > {pids}; wait"
+    module, log = str(REPO / "bench" / "vs_flagembedding.py"), str(tmp_path / "side.log")
+    bench = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('vs', {module!r})\n"
+        "vs = importlib.util.module_from_spec(spec); spec.loader.exec_module(vs)\n"
+        "vs.stop_on_sigterm()\n"
+        f"vs.run_timed(['sh', '-c', {side!r}], {{}}, vs.Path({log!r}), vs.Path('.'))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", bench])
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and len(pids.read_text().split()) == 2):
+        assert time.monotonic() < deadline and proc.poll() is None, "the side never started"
+        time.sleep(0.05)
+    shell, sleeper = (int(p) for p in pids.read_text().split())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while running(shell) or running(sleeper):
+        assert time.monotonic() < deadline, "the side still runs after the bench stopped"
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit waits for a reaper that a container may lack)."""
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
