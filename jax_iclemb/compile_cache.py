@@ -4,8 +4,9 @@ step instead of compiling it again (seconds per shape on a CPU, minutes for a 7B
 `train.compilation_cache`: "" (default) uses `$JAX_COMPILATION_CACHE_DIR` when set, else
 `$XDG_CACHE_HOME/jax_iclemb/xla` (`~/.cache/jax_iclemb/xla`); "none" turns it off; anything else
 is the folder. Entries are keyed by the program, the compile options and the jax/jaxlib versions,
-so one folder serves every run and version. The folder is trusted input (it holds executables):
-do not share it with users you do not trust.
+so one folder serves every run and version. The trainer also keeps its traced step programs in a
+subfolder (`programs_dir`, program_cache.py). The folder is trusted input (it holds executables
+and programs): do not share it with users you do not trust.
 """
 
 from __future__ import annotations
@@ -54,3 +55,12 @@ def enable(setting: str) -> Path | None:
     # A training step compiles for seconds; tiny helper programs are not worth a file.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return path
+
+
+def programs_dir() -> Path | None:
+    """Where program_cache.py keeps traced step programs: beside the compiled ones, or None when
+    the cache is off."""
+    folder = jax.config.jax_compilation_cache_dir
+    if not (jax.config.jax_enable_compilation_cache and folder):
+        return None
+    return Path(folder) / "jax_iclemb_programs"

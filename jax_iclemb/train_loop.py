@@ -18,7 +18,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from jax_iclemb import compile_cache
+from jax_iclemb import compile_cache, program_cache
 from jax_iclemb import config as config_lib
 from jax_iclemb.beir import EvalDataError, load_examples
 from jax_iclemb.beir_eval import evaluate_beir
@@ -61,9 +61,13 @@ class StepCompiler:
     shape (what it is, compiled or loaded from the persistent cache, how long it took)."""
 
     def __init__(
-        self, grad_step: Any, state: TrainState, frozen: dict, note: Callable, workers: int = 1
+        self, grad_step: Any, state: TrainState, frozen: dict, note: Callable, workers: int = 1,
+        context: str | None = None,
     ):
-        self._grad_step, self._note = grad_step, note
+        """`context`: the run config as JSON, the key of its traced programs kept across runs
+        (program_cache.py; None: none kept)."""
+        self._grad_step, self._note, self._context = grad_step, note, context
+        self._programs = compile_cache.programs_dir() if context is not None else None
         self._params, self._frozen, self._step = abstract_like((state.params, frozen, state.step))
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile")
         # shape key -> future of (executable, whether it came from the persistent cache)
@@ -87,13 +91,15 @@ class StepCompiler:
 
     def _compile(self, shape: StepShape, batch: PackedBatch, index: int) -> tuple[Any, bool]:
         t0, hits = time.perf_counter(), compile_cache.hits()
-        compiled = self._grad_step.lower(self._params, self._frozen, batch, self._step).compile()
+        args = (self._params, self._frozen, batch, self._step)
+        lowered, kept = program_cache.lower(self._grad_step, args, self._programs, self._context)
+        compiled = lowered.compile()
         cached = compile_cache.hits() > hits  # counted per thread: other workers' loads apart
         self._note(
             f"step shape {index}: {shape.rows * jax.process_count()} rows x {shape.length} "
             f"tokens, {shape.tiles} attention tiles per row group; "
-            f"{'loaded from the compilation cache' if cached else 'compiled'} in "
-            f"{time.perf_counter() - t0:.1f} s"
+            f"{'loaded from the compilation cache' if cached else 'compiled'}"
+            f"{' (its traced program too)' if kept else ''} in {time.perf_counter() - t0:.1f} s"
         )
         return compiled, cached
 
@@ -181,7 +187,9 @@ class TrainLoop:
         totals = {"real_tokens": 0, "seconds": 0.0, "compile_seconds": 0.0}  # this run's steps
         reason = "finished"
         workers = compile_workers(int(config.train.compile_workers))
-        compiler = StepCompiler(self.grad_step, state, frozen, writer.note, workers)
+        compiler = StepCompiler(
+            self.grad_step, state, frozen, writer.note, workers, program_cache.run_context(config)
+        )
         upcoming: collections.deque = collections.deque()  # (batch, shape, info) of next steps
         ahead = max(1, int(config.train.compile_ahead))
 

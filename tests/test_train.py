@@ -187,7 +187,8 @@ def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tm
     tiles are the rungs of its own batch (recomputed here from the pipeline alone), one compile
     per distinct shape, with two shapes compiling at a time; the same run again, one compile
     worker, loads every executable from the persistent compilation cache (the programs compiled
-    side by side are the serial ones) and gives the same losses."""
+    side by side are the serial ones) and every traced program kept beside them, and gives the
+    same losses."""
     # At most one example per query, 4 queries a step: some steps fit rows of 64 tokens.
     steps = ["--config.train.steps=12", "--config.train.checkpoint_every=100",
              "--config.data.min_pack_len=64", "--config.data.max_examples=1",
@@ -228,6 +229,9 @@ def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tm
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert rerun[-1]["compile_cache_hits"] == rerun[-1]["compiles"] == len(shapes)
+    # ... and each shape's traced program (program_cache.py): no trace of the model at all
+    assert "(its traced program too)" not in first.stderr
+    assert again.stderr.count("(its traced program too)") == len(shapes)
     assert [r["loss"] for r in rerun] == [r["loss"] for r in records]
 
 
