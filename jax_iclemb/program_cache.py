@@ -10,8 +10,9 @@ a later run lowers a call of it (0.03-0.13 s) instead of tracing the model. Both
 same call, so the compilation cache serves it too.
 
 A program is used only under the key it was made with: the package's source, the versions of the
-libraries that trace it, JAX's tracing settings, the whole run config, the backend and devices,
-and the arguments' shapes, dtypes, shardings and tree. Anything else misses and traces as before;
+libraries that trace it, JAX's tracing settings, the run config (but the loop's own keys) and the
+model's description, the backend and devices, and the arguments' shapes, dtypes, shardings and
+tree. Anything else misses and traces as before;
 a file that does not load is traced again and replaced. Single-process runs only: several
 processes trace the same global program, and agreeing on one file is not worth it for them.
 """
@@ -79,14 +80,16 @@ LOOP_ONLY = (
 )
 
 
-def run_context(config: ml_collections.ConfigDict) -> str:
-    """The run config as the programs' key sees it: everything but `LOOP_ONLY`."""
+def run_context(config: ml_collections.ConfigDict, graphdef: Any) -> str:
+    """The run as the programs' key sees it: the config but `LOOP_ONLY`, and the model's
+    description (its modules and settings, such as a pretrained folder's rope_theta, which the
+    config names only by the folder)."""
     tree = config.to_dict()
     for key in LOOP_ONLY:
         *parents, last = key.split(".")
         node = functools.reduce(lambda d, k: d.get(k, {}), parents, tree)
         node.pop(last, None)
-    return json.dumps(tree, sort_keys=True, default=list)
+    return json.dumps([tree, repr(graphdef)], sort_keys=True, default=list)
 
 
 def program_key(args: Any, context: str) -> str:

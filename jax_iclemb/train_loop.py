@@ -64,8 +64,8 @@ class StepCompiler:
         self, grad_step: Any, state: TrainState, frozen: dict, note: Callable, workers: int = 1,
         context: str | None = None,
     ):
-        """`context`: the run config as JSON, the key of its traced programs kept across runs
-        (program_cache.py; None: none kept)."""
+        """`context`: the run's `program_cache.run_context`, under which its traced programs are
+        kept across runs (None: none kept)."""
         self._grad_step, self._note, self._context = grad_step, note, context
         self._programs = compile_cache.programs_dir() if context is not None else None
         self._params, self._frozen, self._step = abstract_like((state.params, frozen, state.step))
@@ -188,7 +188,8 @@ class TrainLoop:
         reason = "finished"
         workers = compile_workers(int(config.train.compile_workers))
         compiler = StepCompiler(
-            self.grad_step, state, frozen, writer.note, workers, program_cache.run_context(config)
+            self.grad_step, state, frozen, writer.note, workers,
+            program_cache.run_context(config, self.graphdef),
         )
         upcoming: collections.deque = collections.deque()  # (batch, shape, info) of next steps
         ahead = max(1, int(config.train.compile_ahead))

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
+from flax import nnx
 from test_gradcache import batch, config, tiny
 
 from jax_iclemb import program_cache
 from jax_iclemb.checkpoint import abstract_like
 from jax_iclemb.config import load_config
+from jax_iclemb.model import LoraConfig, create_model
 from jax_iclemb.train_step import make_grad_fn
 
 
@@ -78,8 +80,11 @@ def test_the_key_holds_the_run_the_shapes_the_code_and_the_tracing_settings(step
 
 
 def test_runs_that_differ_only_in_the_loop_share_their_programs():
-    def context(*overrides):
-        return program_cache.run_context(load_config(REPO / "configs" / "tiny.py", overrides))
+    graphdef = tiny(dropout=0.3)[0]
+
+    def context(*overrides, model=graphdef):
+        config = load_config(REPO / "configs" / "tiny.py", overrides)
+        return program_cache.run_context(config, model)
 
     base = context()
     loop_only = ["--config.train.steps=7", "--config.train.compile_workers=3",
@@ -91,3 +96,11 @@ def test_runs_that_differ_only_in_the_loop_share_their_programs():
                      "--config.loss.temperature=0.1", "--config.train.grad_cache_chunks=2",
                      "--config.model.attention_impl=xla"]:
         assert context(override) != base, override
+    # A model setting the config does not hold (a pretrained folder's, say) is in the key too.
+    graphdef, params, frozen = tiny(dropout=0.3)
+    cfg = nnx.merge(graphdef, params, frozen).config
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.3)
+    same = nnx.graphdef(create_model(cfg, lora))
+    other = nnx.graphdef(create_model(dataclasses.replace(cfg, rms_norm_eps=1e-5), lora))
+    assert context(model=same) == context(model=graphdef)
+    assert context(model=other) != context(model=graphdef)
