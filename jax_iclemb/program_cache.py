@@ -119,8 +119,8 @@ def lower(jitted: Any, args: tuple, folder: Path | None, context: str) -> tuple[
     try:
         exported = export.export(jitted)(*args)
         _write_atomically(path, exported.serialize())
-    except Exception as error:  # a program export cannot keep: lower it as it is
-        log.warning("the step program is not kept across runs (%s)", error)
+    except Exception as error:  # e.g. kernels export refuses (cuDNN, Pallas): lower it as it is
+        log.info("this step program is not kept across runs: %s", error)
         return jitted.lower(*args), False
     return jax.jit(exported.call).lower(*args), False
 

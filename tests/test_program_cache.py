@@ -51,6 +51,18 @@ def test_no_folder_lowers_the_step_itself(step):
     assert not kept and lowered.as_text() == grad.lower(*abstract_like(args)).as_text()
 
 
+def test_a_program_export_refuses_is_lowered_as_it_is(step, tmp_path, monkeypatch):
+    grad, args = step
+
+    def refuse(*_, **__):
+        raise ValueError("custom call with no compatibility guarantee")
+
+    monkeypatch.setattr(program_cache.export, "export", refuse)
+    lowered, kept = program_cache.lower(grad, abstract_like(args), tmp_path, "run")
+    assert not kept and not list(tmp_path.iterdir())
+    assert lowered.as_text() == grad.lower(*abstract_like(args)).as_text()
+
+
 def test_a_damaged_file_is_traced_again_and_replaced(step, tmp_path, caplog):
     grad, args = step
     program_cache.lower(grad, abstract_like(args), tmp_path, "run")
