@@ -20,6 +20,7 @@ import logging
 import math
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 
     cache = compile_cache.enable(config.train.compilation_cache)
     log.info("compiled steps are cached in %s", cache or "(nowhere: cache off)")
+    started = time.perf_counter()
     mesh = parallel.make_mesh(config.train.mesh)
     pipeline = pipeline_from_config(
         config,
@@ -66,6 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         * max(1, parallel.data_parallel_size(mesh) // jax.process_count()),
     )
     tokenizer = pipeline.tokenizer
+    data_ready = time.perf_counter()
     steps = total_steps(config, pipeline)
     updates = max(1, math.ceil(steps / config.optim.accumulate_steps))
 
@@ -103,6 +106,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
             ckpt,
             flops_token=flops_per_token(model_config, lora), graphdef=graphdef,
         )
+        # Where a short run's time outside its steps goes (on a GPU, seconds: docs/benchmarks.md).
+        log.info("set up in %.1f s: data and tokenizer %.1f s, model, optimizer and checkpoints "
+                 "%.1f s", time.perf_counter() - started, data_ready - started,
+                 time.perf_counter() - data_ready)
         # What is built so far lives as long as the run: out of the cyclic GC, whose full
         # collections otherwise rescan it while each step shape traces (a third of the tracing).
         gc.freeze()
@@ -110,7 +117,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
             summary = loop.run(state, frozen, steps)
         finally:
             gc.unfreeze()
+        closing = time.perf_counter()
         ckpt.close()
+        log.info("checkpoints closed in %.1f s", time.perf_counter() - closing)
     return summary
 
 
