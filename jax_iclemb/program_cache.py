@@ -109,7 +109,11 @@ def lower(jitted: Any, args: tuple, folder: Path | None, context: str) -> tuple[
     `folder` None, or several processes: `jitted.lower(*args)` itself."""
     if folder is None or jax.process_count() > 1:
         return jitted.lower(*args), False
-    path = folder / f"{program_key(args, context)}.jaxexport"
+    try:
+        path = folder / f"{program_key(args, context)}.jaxexport"
+    except AttributeError as error:  # a JAX whose private trace settings moved: trace each run
+        log.info("step programs are not kept across runs: %s", error)
+        return jitted.lower(*args), False
     if path.exists():
         try:
             exported = export.deserialize(bytearray(path.read_bytes()))

@@ -51,13 +51,23 @@ def test_no_folder_lowers_the_step_itself(step):
     assert not kept and lowered.as_text() == grad.lower(*abstract_like(args)).as_text()
 
 
-def test_a_program_export_refuses_is_lowered_as_it_is(step, tmp_path, monkeypatch):
+def _refuse(*_, **__):
+    raise ValueError("custom call with no compatibility guarantee")
+
+
+@pytest.mark.parametrize(
+    "breaks",
+    [
+        # a program export refuses (cuDNN, Pallas kernels)
+        lambda mp: mp.setattr(program_cache.export, "export", _refuse),
+        # a JAX whose private trace settings moved: no key, so nothing is kept
+        lambda mp: mp.delattr(program_cache.jax_config, "trace_context"),
+    ],
+    ids=["export-refuses", "no-trace-settings"],
+)
+def test_what_cannot_be_kept_is_lowered_as_it_is(step, tmp_path, monkeypatch, breaks):
     grad, args = step
-
-    def refuse(*_, **__):
-        raise ValueError("custom call with no compatibility guarantee")
-
-    monkeypatch.setattr(program_cache.export, "export", refuse)
+    breaks(monkeypatch)
     lowered, kept = program_cache.lower(grad, abstract_like(args), tmp_path, "run")
     assert not kept and not list(tmp_path.iterdir())
     assert lowered.as_text() == grad.lower(*abstract_like(args)).as_text()
