@@ -28,7 +28,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from jax_iclemb.atomic import write_atomically
 from jax_iclemb.errors import BadValue, MissingPath
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -89,15 +89,6 @@ def check_settings(count: int, shard_size: int, dtype: str) -> None:
         raise BadValue("a store needs at least one row")
 
 
-def _write_atomically(path: Path, write: Any) -> None:
-    """`write(temp path)`, then flush to disk and rename: the name only ever holds a whole file."""
-    temp = path.with_name(f".{path.name}.tmp")
-    write(temp)
-    with open(temp, "rb+") as f:  # the data reaches the disk before the rename does
-        os.fsync(f.fileno())
-    os.replace(temp, path)
-
-
 def write_manifest(folder: str | Path, info: StoreInfo) -> None:
     check_settings(info.count, info.shard_size, info.dtype)
     manifest = {
@@ -105,7 +96,7 @@ def write_manifest(folder: str | Path, info: StoreInfo) -> None:
         "shards": [shard_name(i) for i in range(info.num_shards)],
     }
     text = json.dumps(manifest, indent=2) + "\n"
-    _write_atomically(Path(folder) / MANIFEST, lambda p: p.write_text(text, encoding="utf-8"))
+    write_atomically(Path(folder) / MANIFEST, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def store_info(folder: str | Path) -> StoreInfo:
@@ -160,7 +151,7 @@ def write_shard(
         "id_offsets": offsets,
     }
     path = Path(folder) / shard_name(index)
-    _write_atomically(path, lambda p: save_file(tensors, p))
+    write_atomically(path, lambda p: save_file(tensors, p))
     return path
 
 

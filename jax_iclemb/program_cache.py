@@ -23,8 +23,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import ml_collections
 from jax import export
 from jax._src import config as jax_config  # JAX's own key for reusing a trace
 
+from jax_iclemb.atomic import write_atomically
 from jax_iclemb.data.batch import PackedBatch
 
 log = logging.getLogger(__name__)
@@ -122,21 +121,9 @@ def lower(jitted: Any, args: tuple, folder: Path | None, context: str) -> tuple[
             log.warning("traced the step again: %s did not load (%s)", path, error)
     try:
         exported = export.export(jitted)(*args)
-        _write_atomically(path, exported.serialize())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda temp: temp.write_bytes(exported.serialize()))
     except Exception as error:  # e.g. kernels export refuses (cuDNN, Pallas): lower it as it is
         log.info("this step program is not kept across runs: %s", error)
         return jitted.lower(*args), False
     return jax.jit(exported.call).lower(*args), False
-
-
-def _write_atomically(path: Path, data: bytes | bytearray) -> None:
-    """Whole or not at all: a run stopped mid-write leaves no file a later run would load."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -5,9 +5,10 @@ import), so the train command sets these before that; code that imports jax_icle
 
 `train.gpu_triton_gemm` (default False) is `--xla_gpu_enable_triton_gemm`: on a GPU, XLA's Triton
 matmul emitter makes each step shape's program take ~3× longer to compile than cuBLAS calls do
-(H200, the comparison work: 4-5 s against 11-15 s a shape), for steps ~18% faster at that small
-fp32 model once compiled (docs/benchmarks.md, "On a GPU"). A run of few steps, or of many shapes,
-is its compiles; a long run can set it True. Other backends ignore the flag.
+(H200, the comparison work: 3.7-5.2 s against 10.8-14.8 s a shape). Whether Triton's steps are
+faster once compiled was not settled there (85k against 104k real tokens/s, inside the spread of
+repeated runs; docs/benchmarks.md, "On a GPU again"). A run of few steps, or of many shapes, is its
+compiles; a long run can set it True. Other backends ignore the flag.
 """
 
 from __future__ import annotations
