@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from jax_iclemb.config import default_config
+from jax_iclemb.errors import MissingPath
 from jax_iclemb.model import (
     FROZEN,
     LoraConfig,
@@ -202,7 +203,7 @@ def _rewrite(base_dir, folder, edit):
 def test_missing_and_misshaped_tensors_are_named(base_dir, tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
     missing = _rewrite(base_dir, tmp_path / "missing", lambda t: t.pop(name))
-    with pytest.raises(KeyError, match=r"layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(MissingPath, match=r"layers\.1\.mlp\.up_proj\.weight"):
         load_pretrained(missing)
     bad = _rewrite(base_dir, tmp_path / "bad", lambda t: t.__setitem__(name, torch.zeros(128, 60)))
     with pytest.raises(

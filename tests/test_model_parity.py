@@ -23,6 +23,7 @@ from jax_iclemb.model import (
     lora_state,
     mean_pool,
 )
+from jax_iclemb.model.decoder import abstract_model
 from jax_iclemb.parallel import make_mesh
 
 TOL = 1e-4
@@ -215,3 +216,34 @@ def test_normalised_zero_vectors_have_finite_gradients():
         norm = np.linalg.norm(x[i])
         u = x[i] / norm
         np.testing.assert_allclose(grad[i], (g[i] - (g[i] @ u) * u) / norm, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["random", "pretrained"])
+def test_abstract_model_is_what_creation_and_loading_fill(checkpoints, source):
+    """The trainer compiles its steps for `abstract_model` while the weights are drawn or
+    loaded: every array must come out with exactly those shapes, dtypes and shardings, under
+    the same graph description."""
+    folder = checkpoints / "mistral"
+    _, cfg = load_pretrained(folder, dtype="float32", param_dtype="float32")
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
+    mesh = make_mesh((2, 2, 2))
+    if source == "random":
+        model = create_model(cfg, lora, seed=3, mesh=mesh)
+    else:
+        model, _ = load_pretrained(
+            folder, lora=lora, mesh=mesh, dtype="float32", param_dtype="float32"
+        )
+    graphdef, state = nnx.split(model)
+    expected_graphdef, expected = nnx.split(abstract_model(cfg, lora, mesh))
+    assert graphdef == expected_graphdef
+    got = dict(nnx.to_flat_state(state))
+    want = dict(nnx.to_flat_state(expected))
+    assert got.keys() == want.keys()
+    for path, var in got.items():
+        array, spec = var.get_value(), want[path].get_value()
+        assert isinstance(spec, jax.ShapeDtypeStruct), path
+        assert (array.shape, array.dtype) == (spec.shape, spec.dtype), path
+        assert array.sharding == spec.sharding, path
+    # Sharded for real: the embedding table over the tensor and fsdp axes.
+    table = want[("embed_tokens", "weight")].get_value()
+    assert table.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")

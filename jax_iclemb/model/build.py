@@ -4,7 +4,8 @@ packed batch. Training, inference and export all start here; nothing here knows 
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,12 @@ from flax import nnx
 from jax_iclemb.data.batch import PackedBatch
 from jax_iclemb.model.config import ModelConfig
 from jax_iclemb.model.decoder import Prefix, create_model
-from jax_iclemb.model.hf import load_pretrained
+from jax_iclemb.model.hf import (
+    checkpoint_readers,
+    load_weights,
+    pretrained_config,
+    resolve_folder,
+)
 from jax_iclemb.model.lora import TRAINABLE, LoraConfig
 from jax_iclemb.model.pooling import l2_normalize, last_token_pool, mean_pool
 
@@ -39,6 +45,40 @@ def lora_config(lora: ml_collections.ConfigDict, trainable: str) -> LoraConfig |
     )
 
 
+class ModelSource(NamedTuple):
+    """Where a run's decoder comes from: its settings, and for a pretrained model its local
+    folder (already downloaded) with a reader of each base weight (`hf.checkpoint_readers`:
+    every tensor's name and shape checked); None for a random initialisation from `model.arch`."""
+
+    config: ModelConfig
+    folder: Path | None = None
+    readers: dict | None = None
+
+
+def model_source(model: ml_collections.ConfigDict, vocab_size: int) -> ModelSource:
+    """The `model.*` section's decoder, without its weights: a Hub id is downloaded here, once,
+    and a checkpoint that does not fit the model fails here, before anything is compiled."""
+    if model.hf_path:
+        folder = resolve_folder(model.hf_path, revision=model.revision or None)
+        config = pretrained_config(folder, vocab_size=vocab_size, **model_options(model))
+        return ModelSource(config, folder, checkpoint_readers(folder, config))
+    arch = dict(model.arch.to_dict())
+    arch["vocab_size"] = max(int(arch["vocab_size"]), vocab_size)
+    return ModelSource(ModelConfig.from_hf(arch, **model_options(model)))
+
+
+def instantiate(
+    source: ModelSource, lora: LoraConfig | None, *, seed: int, mesh: jax.sharding.Mesh
+) -> nnx.Module:
+    """The decoder of `source` with fresh adapters: its checkpoint's weights or random ones,
+    every parameter created directly into its shards (`decoder.abstract_model`'s)."""
+    if source.folder is not None:
+        return load_weights(
+            source.folder, source.config, lora=lora, mesh=mesh, seed=seed, readers=source.readers
+        )
+    return create_model(source.config, lora, seed=seed, mesh=mesh)
+
+
 def build_model(
     model: ml_collections.ConfigDict,
     lora: LoraConfig | None,
@@ -49,15 +89,8 @@ def build_model(
 ) -> tuple[nnx.Module, ModelConfig]:
     """The decoder of the `model.*` section (pretrained from `hf_path`, or random from `arch`)
     with fresh adapters, its parameters created directly into their shards."""
-    if model.hf_path:
-        return load_pretrained(
-            model.hf_path, lora=lora, mesh=mesh, vocab_size=vocab_size, seed=seed,
-            revision=model.revision or None, **model_options(model),
-        )
-    arch = dict(model.arch.to_dict())
-    arch["vocab_size"] = max(int(arch["vocab_size"]), vocab_size)
-    model_config = ModelConfig.from_hf(arch, **model_options(model))
-    return create_model(model_config, lora, seed=seed, mesh=mesh), model_config
+    source = model_source(model, vocab_size)
+    return instantiate(source, lora, seed=seed, mesh=mesh), source.config
 
 
 def split_model(model: nnx.Module, trainable: str = "lora") -> tuple[nnx.GraphDef, dict, dict]:

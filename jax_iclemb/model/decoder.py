@@ -311,24 +311,50 @@ class Decoder(nnx.Module):
 # ---- creation ----
 
 
+def _sharding(var: nnx.Variable, mesh: jax.sharding.Mesh) -> NamedSharding:
+    axes = var.get_metadata().get("logical_axes")
+    shape = var.get_value().shape
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh) if axes else PartitionSpec())
+
+
+def _is_variable(x: object) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
     """NamedShardings for a model (or optimizer) state from each variable's `logical_axes`.
 
     Variables without logical axes (RNG state, step counters) are replicated.
     """
-
-    def one(var: nnx.Variable) -> nnx.Variable:
-        axes = var.get_metadata().get("logical_axes")
-        shape = var.get_value().shape
-        spec = logical_to_spec(axes, shape, mesh) if axes else PartitionSpec()
-        return var.replace(NamedSharding(mesh, spec))
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(lambda v: v.replace(_sharding(v, mesh)), state, is_leaf=_is_variable)
 
 
 def model_rngs(key: jax.Array) -> nnx.Rngs:
     """Parameter initialisation only: dropout keys are passed to each call, never stored."""
     return nnx.Rngs(params=key)
+
+
+def abstract_model(
+    cfg: ModelConfig, lora: LoraConfig | None = None, mesh: jax.sharding.Mesh | None = None
+) -> Decoder:
+    """The decoder without arrays: each variable a `jax.ShapeDtypeStruct`, with a mesh sharded
+    by its logical axes (`state_shardings`). What a training step compiles for before any weight
+    is drawn or loaded, and the shapes and shardings `create_model` and `load_pretrained` fill."""
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, lora, rngs=model_rngs(jax.random.key(0))))
+    if mesh is None:
+        return abstract
+    graphdef, state = nnx.split(abstract)
+
+    def sharded(var: nnx.Variable) -> nnx.Variable:
+        value, sharding = var.get_value(), _sharding(var, mesh)
+        return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+
+    return nnx.merge(graphdef, jax.tree.map(sharded, state, is_leaf=_is_variable))
+
+
+def shardings_of(state: nnx.State) -> nnx.State:
+    """The shardings of an abstract state's arrays (`abstract_model`'s)."""
+    return jax.tree.map(lambda v: v.replace(v.get_value().sharding), state, is_leaf=_is_variable)
 
 
 def create_model(
@@ -343,11 +369,9 @@ def create_model(
     key = rngs() if rngs is not None else jax.random.key(seed)
     if mesh is None:
         return Decoder(cfg, lora, rngs=model_rngs(key))
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, lora, rngs=model_rngs(key)))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh)
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, lora, mesh))
 
-    @functools.partial(jax.jit, out_shardings=shardings)
+    @functools.partial(jax.jit, out_shardings=shardings_of(abstract_state))
     def init(k: jax.Array) -> nnx.State:
         return nnx.state(Decoder(cfg, lora, rngs=model_rngs(k)))
 

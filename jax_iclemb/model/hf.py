@@ -32,7 +32,13 @@ from safetensors.numpy import save_file
 
 from jax_iclemb.errors import BadValue, MissingPath, PathExists
 from jax_iclemb.model.config import FAMILIES, ModelConfig
-from jax_iclemb.model.decoder import Decoder, layer_view, model_rngs, state_shardings
+from jax_iclemb.model.decoder import (
+    Decoder,
+    abstract_model,
+    layer_view,
+    model_rngs,
+    shardings_of,
+)
 from jax_iclemb.model.lora import (
     FROZEN,
     TRAINABLE,
@@ -217,7 +223,7 @@ def _lookup(tensors: dict[str, Any], name: str, folder: Path) -> Any:
     for key in (name, "model." + name):
         if key in tensors:
             return tensors[key]
-    raise KeyError(f"checkpoint {folder} lacks tensor {name!r} (also tried 'model.{name}')")
+    raise MissingPath(f"checkpoint {folder} lacks tensor {name!r} (also tried 'model.{name}')")
 
 
 def _with_new_rows(table: Any, vocab_size: int) -> Callable[[tuple], np.ndarray]:
@@ -271,35 +277,37 @@ def load_pretrained(
     further ModelConfig fields (remat, attention, ...).
     """
     folder = resolve_folder(path_or_hub_id, revision=revision, token=token)
-    hf = read_hf_config(folder)
-    cfg = ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype, **options)
+    cfg = pretrained_config(
+        folder, vocab_size=vocab_size, dtype=dtype, param_dtype=param_dtype, **options
+    )
+    return load_weights(folder, cfg, lora=lora, mesh=mesh, seed=seed), cfg
+
+
+def pretrained_config(
+    folder: Path, *, vocab_size: int | None = None, **options: Any
+) -> ModelConfig:
+    """The settings of the model in `folder` (a local folder: `resolve_folder`), with `options`
+    (dtypes, remat, attention, ...) and a `vocab_size` grown to the tokenizer's length."""
+    cfg = ModelConfig.from_hf(read_hf_config(folder), **options)
     if vocab_size is not None and vocab_size != cfg.vocab_size:
         if vocab_size < cfg.vocab_size:
             raise BadValue(
                 f"vocab_size={vocab_size} is smaller than the checkpoint's {cfg.vocab_size}"
             )
         cfg = cfg.replace(vocab_size=vocab_size, base_vocab_size=cfg.vocab_size)
+    return cfg
 
-    key = jax.random.key(seed)
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, lora, rngs=model_rngs(key)))
-    graphdef, abstract_state = nnx.split(abstract)
-    if mesh is not None:
-        shardings = state_shardings(abstract_state, mesh)
-    else:
-        device = SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(
-            lambda v: v.replace(device),
-            abstract_state,
-            is_leaf=lambda x: isinstance(x, nnx.Variable),
-        )
-    flat_shardings = {p: v.get_value() for p, v in nnx.to_flat_state(shardings)}
 
+def checkpoint_readers(folder: Path, cfg: ModelConfig) -> dict[tuple, Callable]:
+    """A reader of each base weight's checkpoint data (index -> array of `cfg.weight_dtype`),
+    by its state path in the Decoder `cfg`: every tensor's name and shape are checked here, and
+    nothing is read yet (safetensors' headers only)."""
+    abstract_state = nnx.state(abstract_model(cfg), FROZEN)
     tensors = read_checkpoint(folder)
-    used = set()
-    base = {}
-    for path, var in nnx.to_flat_state(nnx.filter_state(abstract_state, FROZEN)):
-        shape, readers = var.get_value().shape, []
-        for name, _, want in hf_tensors(path, shape):
+    used, out = set(), {}
+    for path, var in nnx.to_flat_state(abstract_state):
+        readers = []
+        for name, _, want in hf_tensors(path, var.get_value().shape):
             src = _lookup(tensors, name, folder)
             used.update({name, "model." + name})
             reader = lambda index, src=src: src[index]
@@ -311,11 +319,44 @@ def load_pretrained(
                     f"the model expects {tuple(want)}"
                 )
             readers.append(lambda index, r=reader: np.asarray(r(index), dtype=cfg.weight_dtype))
-        read = _stacked_reader(readers) if is_stacked(path) else readers[0]
-        base[path] = var.replace(jax.make_array_from_callback(shape, flat_shardings[path], read))
+        out[path] = _stacked_reader(readers) if is_stacked(path) else readers[0]
     unused = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))
     if unused:
         log.warning("ignoring %d checkpoint tensors not in the model: %s", len(unused), unused[:8])
+    return out
+
+
+def load_weights(
+    folder: Path,
+    cfg: ModelConfig,
+    *,
+    lora: LoraConfig | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    seed: int = 0,
+    readers: dict[tuple, Callable] | None = None,
+) -> Decoder:
+    """The Decoder `cfg` (`pretrained_config(folder)`) with the weights of `folder`, streamed into
+    their shards; LoRA adapters fresh (`load_pretrained`). `readers`: `checkpoint_readers(folder,
+    cfg)`, when the caller checked the checkpoint already."""
+    key = jax.random.key(seed)
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, lora, mesh))
+    if mesh is not None:
+        shardings = shardings_of(abstract_state)
+    else:
+        device = SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(
+            lambda v: v.replace(device),
+            abstract_state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+    flat_shardings = {p: v.get_value() for p, v in nnx.to_flat_state(shardings)}
+    readers = readers or checkpoint_readers(folder, cfg)
+    base = {
+        path: var.replace(jax.make_array_from_callback(
+            var.get_value().shape, flat_shardings[path], readers[path]
+        ))
+        for path, var in nnx.to_flat_state(nnx.filter_state(abstract_state, FROZEN))
+    }
 
     # Adapters and RNG state are initialised fresh; XLA drops the unused base-weight init.
     init = jax.jit(
@@ -324,7 +365,7 @@ def load_pretrained(
     )
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         rest = init(key)
-    return nnx.merge(graphdef, nnx.from_flat_state(base), rest), cfg
+    return nnx.merge(graphdef, nnx.from_flat_state(base), rest)
 
 
 # ---- export ----
