@@ -106,6 +106,7 @@ def attribute(times: collections.Counter, sources: dict[str, str]) -> list[tuple
 def profile(config_path: str, overrides: list[str], step: int, top: int) -> str:
     from jax_iclemb import config as config_lib
     from jax_iclemb import parallel
+    from jax_iclemb.checkpoint import abstract_like
     from jax_iclemb.data.pipeline import pipeline_from_config
     from jax_iclemb.model.build import build_model, lora_config, split_model
     from jax_iclemb.optim import make_optimizer
@@ -129,12 +130,12 @@ def profile(config_path: str, overrides: list[str], step: int, top: int) -> str:
         state = initial_state(params, tx)
         grad_step = jax.jit(make_grad_fn(graphdef, StepConfig.from_config(config)))
         loop = TrainLoop(
-            config, Path(tempfile.mkdtemp()), pipeline, mesh, grad_step, None, None,
+            config, Path(tempfile.mkdtemp()), pipeline, mesh, grad_step, None,
             flops_token=0.0, graphdef=graphdef,
         )
         batch, shape, info = loop.next_batch(step)
-        compiler = StepCompiler(grad_step, state, frozen, note=lambda _: None)
-        executable, compile_s = compiler.get(shape, batch)
+        compiler = StepCompiler(grad_step, abstract_like((state.params, frozen, state.step)))
+        executable, compile_s = compiler.get(shape, batch, feed=lambda: False)
         compiler.close()
         args = (state.params, frozen, batch, state.step)
         times = []

@@ -94,6 +94,18 @@ class Checkpointer:
         self._manager.close()
 
 
+def latest_step(directory: str | Path) -> int | None:
+    """The latest finished checkpoint in `directory`, read without creating or changing anything;
+    None when there is none (or no such folder)."""
+    if not Path(directory).is_dir():
+        return None
+    reader = Checkpointer(directory, every=1, keep=1 << 30, read_only=True)
+    try:
+        return reader.latest_step()
+    finally:
+        reader.close()
+
+
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) describing `tree`: a restore target allocating nothing."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

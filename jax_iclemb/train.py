@@ -32,11 +32,18 @@ from jax_iclemb import checkpoint, compile_cache, distributed, host_memory, para
 from jax_iclemb import config as config_lib
 from jax_iclemb.data.pipeline import TrainPipeline, pipeline_from_config
 from jax_iclemb.errors import PathExists, add_debug_flag, cli
-from jax_iclemb.model.build import build_model, lora_config, split_model
+from jax_iclemb.model.build import instantiate, lora_config, model_source, split_model
+from jax_iclemb.model.decoder import abstract_model
 from jax_iclemb.observe import flops_per_token, wandb_options
 from jax_iclemb.optim import make_optimizer
 from jax_iclemb.train_loop import TrainLoop
-from jax_iclemb.train_step import StepConfig, initial_state, make_grad_fn, make_update
+from jax_iclemb.train_step import (
+    StepConfig,
+    first_step,
+    initial_state,
+    make_grad_fn,
+    make_update,
+)
 
 log = logging.getLogger("jax_iclemb.train")
 
@@ -74,48 +81,57 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 
     with jax.set_mesh(mesh):
         lora = lora_config(config.lora, config.train.trainable)
-        model, model_config = build_model(
-            config.model, lora, seed=config.seed, mesh=mesh, vocab_size=len(tokenizer)
+        source = model_source(config.model, vocab_size=len(tokenizer))
+        # The step's programs compile for the model's shapes while its weights are drawn or
+        # loaded (a 7B checkpoint: a minute either way on a GPU host).
+        graphdef, params_like, frozen_like = split_model(
+            abstract_model(source.config, lora, mesh), config.train.trainable
         )
-        workdir.mkdir(parents=True, exist_ok=True)
-        if is_main:
-            (workdir / "config.json").write_text(config_lib.to_json(config))
-            tokenizer.save_pretrained(workdir / "tokenizer")
-            (workdir / "model_config.json").write_text(json.dumps(model_config.to_hf(), indent=2))
-        graphdef, params, frozen = split_model(model, config.train.trainable)
-        del model
         tx, schedule = make_optimizer(config.optim, updates)
-        state = initial_state(params, tx)
-        ckpt = checkpoint.Checkpointer(
-            workdir / "checkpoints",
-            every=config.train.checkpoint_every,
-            keep=config.train.keep_checkpoints,
-        )
-        start = ckpt.latest_step()
-        if start is not None:
-            state = ckpt.restore(start, like=state)
-            log.info("resumed from step %d", start)
         step_config = StepConfig.from_config(config)
-
         loop = TrainLoop(
             config, workdir, pipeline, mesh,
             jax.jit(make_grad_fn(graphdef, step_config)),
             # The new state reuses the old one's buffers; the gradients have no output of their
             # shape left to go to, so donating them only drew a warning.
             jax.jit(make_update(step_config, tx, schedule), donate_argnums=0),
-            ckpt,
-            flops_token=flops_per_token(model_config, lora), graphdef=graphdef,
+            flops_token=flops_per_token(source.config, lora), graphdef=graphdef,
         )
-        # Where a short run's time outside its steps goes (on a GPU, seconds: docs/benchmarks.md).
-        log.info("set up in %.1f s: data and tokenizer %.1f s, model, optimizer and checkpoints "
-                 "%.1f s", time.perf_counter() - started, data_ready - started,
-                 time.perf_counter() - data_ready)
+        start = checkpoint.latest_step(workdir / "checkpoints")
         # What is built so far lives as long as the run: out of the cyclic GC, whose full
         # collections otherwise rescan it while each step shape traces (a third of the tracing).
         gc.freeze()
+        loop.start_compiling(
+            (params_like, frozen_like, checkpoint.abstract_like(first_step())), start or 0, steps
+        )
         try:
-            summary = loop.run(state, frozen, steps)
+            model = instantiate(source, lora, seed=config.seed, mesh=mesh)
+            workdir.mkdir(parents=True, exist_ok=True)
+            if is_main:
+                (workdir / "config.json").write_text(config_lib.to_json(config))
+                tokenizer.save_pretrained(workdir / "tokenizer")
+                (workdir / "model_config.json").write_text(
+                    json.dumps(source.config.to_hf(), indent=2)
+                )
+            _, params, frozen = split_model(model, config.train.trainable)
+            del model
+            state = initial_state(params, tx)
+            ckpt = checkpoint.Checkpointer(
+                workdir / "checkpoints",
+                every=config.train.checkpoint_every,
+                keep=config.train.keep_checkpoints,
+            )
+            if start is not None:
+                state = ckpt.restore(start, like=state)
+                log.info("resumed from step %d", start)
+            # Where a short run's time outside its steps goes (on a GPU, seconds:
+            # docs/benchmarks.md).
+            log.info("set up in %.1f s: data and tokenizer %.1f s, model, optimizer and "
+                     "checkpoints %.1f s", time.perf_counter() - started, data_ready - started,
+                     time.perf_counter() - data_ready)
+            summary = loop.run(state, frozen, steps, ckpt)
         finally:
+            loop.close()
             gc.unfreeze()
         closing = time.perf_counter()
         ckpt.close()

@@ -7,6 +7,7 @@ import collections
 import concurrent.futures
 import math
 import os
+import queue
 import signal
 import sys
 import time
@@ -47,6 +48,11 @@ class _StopFlag:
 
 
 
+# Steps past the current one whose batches a loop waiting for a compile may build, to find new
+# shapes for idle compile workers (batches are small: token ids and their layout).
+IDLE_LOOKAHEAD = 32
+
+
 def compile_workers(configured: int) -> int:
     """Step shapes compiled at once: `configured`, or for 0 one per 4 host cores (1 to 4)."""
     return configured or min(4, max(1, (os.cpu_count() or 1) // 4))
@@ -57,21 +63,23 @@ class StepCompiler:
     order the steps need them, so that compiling a shape that comes up overlaps the steps before
     it (and, with several workers, the other shapes' compiles: XLA compiles without the GIL).
 
-    `grad_step` is the jitted `make_grad_fn` (params, frozen, batch, step). `note` gets a line per
-    shape (what it is, compiled or loaded from the persistent cache, how long it took)."""
+    `grad_step` is the jitted `make_grad_fn` (params, frozen, batch, step); `arguments` its
+    (params, frozen, step) as abstract arrays with their shardings, so that compiling can start
+    before the weights exist. Each shape leaves a line in `notes` (what it is, compiled or loaded
+    from the persistent cache, how long it took), for the loop to print from its own thread."""
 
     def __init__(
-        self, grad_step: Any, state: TrainState, frozen: dict, note: Callable, workers: int = 1,
-        context: str | None = None,
+        self, grad_step: Any, arguments: tuple, workers: int = 1, context: str | None = None
     ):
         """`context`: the run's `program_cache.run_context`, under which its traced programs are
         kept across runs (None: none kept)."""
-        self._grad_step, self._note, self._context = grad_step, note, context
+        self._grad_step, self._context, self.workers = grad_step, context, workers
         self._programs = compile_cache.programs_dir() if context is not None else None
-        self._params, self._frozen, self._step = abstract_like((state.params, frozen, state.step))
+        self._params, self._frozen, self._step = arguments
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile")
         # shape key -> future of (executable, whether it came from the persistent cache)
         self._futures: dict[tuple[int, int, int], concurrent.futures.Future] = {}
+        self.notes: queue.SimpleQueue[str] = queue.SimpleQueue()
 
     @property
     def count(self) -> int:
@@ -82,6 +90,11 @@ class StepCompiler:
     def cache_hits(self) -> int:
         """Executables loaded from the persistent compilation cache so far."""
         return sum(f.result()[1] for f in self._futures.values() if f.done() and not f.exception())
+
+    @property
+    def idle(self) -> bool:
+        """Whether a worker has nothing to compile."""
+        return sum(not f.done() for f in self._futures.values()) < self.workers
 
     def submit(self, shape: StepShape, batch: PackedBatch) -> None:
         if shape.key not in self._futures:
@@ -95,7 +108,7 @@ class StepCompiler:
         lowered, kept = program_cache.lower(self._grad_step, args, self._programs, self._context)
         compiled = lowered.compile()
         cached = compile_cache.hits() > hits  # counted per thread: other workers' loads apart
-        self._note(
+        self.notes.put(
             f"step shape {index}: {shape.rows * jax.process_count()} rows x {shape.length} "
             f"tokens, {shape.tiles} attention tiles per row group; "
             f"{'loaded from the compilation cache' if cached else 'compiled'}"
@@ -103,15 +116,23 @@ class StepCompiler:
         )
         return compiled, cached
 
-    def get(self, shape: StepShape, batch: PackedBatch) -> tuple[Any, float]:
-        """The executable for `shape` and the seconds spent waiting for it."""
+    def get(
+        self, shape: StepShape, batch: PackedBatch, feed: Callable[[], bool]
+    ) -> tuple[Any, float]:
+        """The executable for `shape` and the seconds spent waiting for it. While waiting, `feed`
+        is called whenever a worker is idle, to submit the shapes of steps further ahead; it
+        returns False when it has none to offer."""
         self.submit(shape, batch)
         future = self._futures[shape.key]
         if future.done():
             return future.result()[0], 0.0
         t0 = time.perf_counter()
-        compiled, _ = future.result()
-        return compiled, time.perf_counter() - t0
+        while not future.done():
+            if self.idle and feed():
+                continue
+            pending = [f for f in self._futures.values() if not f.done()]
+            concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        return future.result()[0], time.perf_counter() - t0
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -123,7 +144,9 @@ class TrainLoop:
     Each step runs at its own shape (`step_shape`: rows, tiles and queries on small ladders), one
     gradient executable per shape; the optimizer update is shape-free (one for the run). The
     batches of the next `train.compile_ahead` steps are built while the device runs the current
-    one, and their new shapes compile on a background thread (`StepCompiler`); JAX's persistent
+    one, and their new shapes compile on background threads (`StepCompiler`); while the loop
+    waits for one and a worker is idle, it looks up to `IDLE_LOOKAHEAD` steps ahead for more.
+    Compiling can start before the model exists (`start_compiling`). JAX's persistent
     compilation cache keeps the executables across runs.
     """
 
@@ -135,14 +158,17 @@ class TrainLoop:
         mesh: jax.sharding.Mesh,
         grad_step: Any,  # the jitted train_step.make_grad_fn
         update: Callable,  # the jitted train_step.make_update
-        ckpt: Checkpointer,
         *,
         flops_token: float,
         graphdef: nnx.GraphDef,
     ):
         self.config, self.workdir, self.pipeline, self.mesh = config, workdir, pipeline, mesh
-        self.grad_step, self.update, self.ckpt = grad_step, update, ckpt
+        self.grad_step, self.update = grad_step, update
         self.flops_token, self.graphdef = flops_token, graphdef
+        self._compiler: StepCompiler | None = None
+        self._upcoming: collections.deque = collections.deque()  # (batch, shape, info) ahead
+        self._start = self._built = self._steps = 0  # the batches of steps before _built exist
+        self._ahead = max(1, int(config.train.compile_ahead))
 
     def next_batch(self, step: int) -> tuple[PackedBatch, StepShape, dict[str, Any]]:
         """Step `step`'s batch on the mesh, at its step shape."""
@@ -172,60 +198,99 @@ class TrainLoop:
         metrics = evaluate_model(model, self.pipeline.tokenizer, self.config, self.mesh)
         writer.write({"step": step, "eval": metrics})
 
-    def run(self, state: TrainState, frozen: dict, steps: int) -> dict[str, Any]:
+    def start_compiling(self, arguments: tuple, start: int, steps: int) -> None:
+        """Build the batches of the first steps from `start` and begin compiling their shapes
+        for `arguments` ((params, frozen, step) as abstract arrays with their shardings): the
+        weights need not exist yet, so that drawing or loading them overlaps the compiles. `run`
+        starts by itself when this was not called."""
+        workers = compile_workers(int(self.config.train.compile_workers))
+        self._compiler = StepCompiler(
+            self.grad_step, arguments, workers,
+            program_cache.run_context(self.config, self.graphdef),
+        )
+        self._start = self._built = start
+        self._steps = steps
+        self._upcoming.clear()
+        # The first steps' shapes are all queued before waiting on any, so that several
+        # workers compile them side by side.
+        self._prepare(start + self._ahead)
+        while self._compiler.idle and self._feed(start):
+            pass
+
+    def _prepare(self, until: int) -> None:
+        """Build the batches of the steps before `until`; queue their new shapes."""
+        for s in range(self._built, min(until, self._steps)):
+            self._upcoming.append(self.next_batch(s))
+            self._compiler.submit(self._upcoming[-1][1], self._upcoming[-1][0])
+        self._built = max(self._built, min(until, self._steps))
+
+    def _feed(self, step: int) -> bool:
+        """One more step's batch (and its shape, if new) for an idle compile worker, at most
+        `IDLE_LOOKAHEAD` steps past `step`; whether there was one. Only in a single process:
+        a batch's shape is agreed in a collective, which every process must reach together,
+        and when a worker is idle differs between processes."""
+        if jax.process_count() > 1 or self._built >= min(self._steps, step + IDLE_LOOKAHEAD):
+            return False
+        self._prepare(self._built + 1)
+        return True
+
+    def close(self) -> None:
+        """Stop compiling: queued shapes are dropped, running compiles finish."""
+        if self._compiler is not None:
+            self._compiler.close()
+            self._compiler = None
+
+    def run(
+        self, state: TrainState, frozen: dict, steps: int, ckpt: Checkpointer
+    ) -> dict[str, Any]:
         config, workdir = self.config, self.workdir
         is_main = jax.process_index() == 0
         start = int(state.step)
+        if self._compiler is None:
+            self.start_compiling(abstract_like((state.params, frozen, state.step)), start, steps)
+        elif (self._start, self._steps) != (start, steps):
+            raise ValueError(
+                f"compiling started for steps {self._start}..{self._steps}, but the state is at "
+                f"step {start} of {steps}"
+            )
+        compiler = self._compiler
         stop = _StopFlag()
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         writer = MetricsWriter(
             workdir, enabled=is_main, total=steps, initial=start, config=config_lib.to_json(config),
             wandb=wandb_options(config.log),
         )
+
+        def print_notes() -> None:
+            while not compiler.notes.empty():
+                writer.note(compiler.notes.get())
+
         peak = peak_flops(jax.devices()[0]) * jax.device_count()
         history: list[float] = []
         totals = {"real_tokens": 0, "seconds": 0.0, "compile_seconds": 0.0}  # this run's steps
         reason = "finished"
-        workers = compile_workers(int(config.train.compile_workers))
-        compiler = StepCompiler(
-            self.grad_step, state, frozen, writer.note, workers,
-            program_cache.run_context(config, self.graphdef),
-        )
-        upcoming: collections.deque = collections.deque()  # (batch, shape, info) of next steps
-        ahead = max(1, int(config.train.compile_ahead))
-
-        built = start  # the batches of the steps before `built` exist
-
-        def prepare(until: int) -> None:
-            """Build the batches of the steps before `until`; queue their new shapes."""
-            nonlocal built
-            for s in range(built, min(until, steps)):
-                upcoming.append(self.next_batch(s))
-                compiler.submit(upcoming[-1][1], upcoming[-1][0])
-            built = max(built, min(until, steps))
-
         try:
-            # The first steps' shapes are all queued before waiting on any, so that several
-            # workers compile them side by side.
-            prepare(start + ahead)
             for step in range(start, steps):
                 t0 = time.perf_counter()
-                prepare(step + 1)
-                batch, shape, info = upcoming.popleft()
-                compiled, compile_seconds = compiler.get(shape, batch)
+                self._prepare(step + 1)
+                batch, shape, info = self._upcoming.popleft()
+                compiled, compile_seconds = compiler.get(
+                    shape, batch, feed=lambda step=step: self._feed(step)
+                )
+                print_notes()
                 # Dispatched, not awaited:
                 (loss, metrics), grads = compiled(state.params, frozen, batch, state.step)
                 state, more = self.update(state, grads)
                 metrics = dict(metrics, loss=loss, **more)
                 # Host work while the device runs this step: the next steps' batches, whose
                 # new shapes compile in the background.
-                prepare(step + 1 + ahead)
+                self._prepare(step + 1 + self._ahead)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 seconds = time.perf_counter() - t0
                 if not all(math.isfinite(v) for v in metrics.values()):
                     raise TrainingError(
                         f"non-finite loss or gradient at step {step + 1} ({metrics}); stopping. "
-                        f"The last good checkpoint (step {self.ckpt.latest_step()}) is kept in "
+                        f"The last good checkpoint (step {ckpt.latest_step()}) is kept in "
                         f"{workdir / 'checkpoints'}."
                     )
                 history.append(metrics["loss"])
@@ -256,23 +321,24 @@ class TrainLoop:
                 if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
                     writer.write(record)
                 writer.advance(record)
-                self.ckpt.save(state)
+                ckpt.save(state)
                 self.maybe_evaluate(state, frozen, writer, steps)
                 # The final save is collective: every process must leave at the same step, even
                 # when only some of them were signalled.
                 if global_max(int(stop.signal is not None)):
                     reason = f"stopped by signal {stop.signal or 'on another process'}"
                     break
-            self.ckpt.save(state, force=True)
+            ckpt.save(state, force=True)
         finally:
-            compiler.close()
-            self.ckpt.wait()
+            self.close()
+            ckpt.wait()
+            print_notes()
             writer.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         if reason != "finished":  # every process says so in its own log
             print(f"{reason}: saved step {int(state.step)} in {workdir}", file=sys.stderr)
-        saved = self.ckpt.latest_step()
+        saved = ckpt.latest_step()
         return {
             "reason": reason,
             "step": int(state.step),

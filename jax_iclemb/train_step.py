@@ -155,5 +155,10 @@ def make_train_step(
     return train_step
 
 
+def first_step() -> jax.Array:
+    """A fresh state's step counter (int32 [])."""
+    return jnp.zeros((), jnp.int32)
+
+
 def initial_state(params: dict, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt=jax.jit(tx.init)(params))
+    return TrainState(step=first_step(), params=params, opt=jax.jit(tx.init)(params))

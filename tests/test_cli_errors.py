@@ -9,10 +9,12 @@ The CLIs run as subprocesses, as a user runs them; failures stop before any trai
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, TINY_OVERRIDES
 
@@ -182,6 +184,49 @@ def template():
 @pytest.mark.parametrize("case", list(BAD_TRAIN))
 def test_train_bad_input_fails_cleanly_and_writes_nothing(case, tmp_path, template):
     train_badly(case, tmp_path / "run", tmp_path, template)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A tiny random Mistral checkpoint as transformers saves it."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("mistral")
+    config = transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128,
+    )
+    transformers.MistralModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["misshaped", "missing"])
+def test_train_from_a_checkpoint_that_does_not_fit_fails_before_compiling(
+    damage, pretrained, tmp_path
+):
+    """Checked from the safetensors headers before the step shapes start compiling: the error
+    comes at once (a 7B's first compile takes minutes) and names the tensor."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(pretrained, folder)
+    name = "layers.1.mlp.up_proj.weight"
+    tensors = load_file(folder / "model.safetensors")
+    if damage == "missing":
+        del tensors[name]
+        needles = ["lacks tensor", name]
+    else:
+        tensors[name] = np.zeros((128, 60), np.float32)
+        needles = [name, "(128, 60)", "(128, 64)"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    cache = tmp_path / "xla"
+    result = cli(
+        "jax_iclemb.train", *train_args(tmp_path / "run", f"--config.model.hf_path={folder}"),
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+    )
+    assert_user_error(result, *needles)
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # nothing compiled
     assert not (tmp_path / "run").exists()
 
 

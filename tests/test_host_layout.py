@@ -62,7 +62,7 @@ def probe(out: Path) -> None:
     result = {}
     for name, mesh in meshes.items():
         loop = TrainLoop(
-            config, out, pipeline, mesh, None, None, None, flops_token=0, graphdef=None
+            config, out, pipeline, mesh, None, None, flops_token=0, graphdef=None
         )
         batch, _, _ = loop.next_batch(0)
         rows = parallel.process_rows(batch.tokens.sharding, batch.tokens.shape)
