@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -341,6 +342,35 @@ def summarise_jax(records: Sequence[dict[str, Any]], warmup: int) -> dict[str, A
     }
 
 
+_LOG_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) jax_iclemb\.\S+: (.*)")
+_SET_UP = re.compile(r"^set up in ([\d.]+) s")
+
+
+def wall_phases(log: str, started: float, ended: float, records: Sequence[dict[str, Any]]
+                ) -> dict[str, float] | None:
+    """Where our side's whole-process wall went, from its log's timestamped lines (local time)
+    and its metrics: start-up before the trainer's first line (interpreter, imports, the
+    backend), its set-up (its own line), the steps (their `step_seconds`), the exit after the
+    final checkpoint closed; "other" is the rest (the loop around the steps). None when the log
+    lacks those lines."""
+    # The progress bar rewrites its line with carriage returns: a log line may follow one.
+    found = (_LOG_LINE.match(x) for x in re.split(r"[\r\n]+", log))
+    lines = [(time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000, m[3])
+             for m in found if m]
+    set_up = [float(m.group(1)) for _, text in lines if (m := _SET_UP.match(text))]
+    closed = [t for t, text in lines if text.startswith("checkpoints closed")]
+    if not (lines and set_up and closed):
+        return None
+    phases = {
+        "start_up": lines[0][0] - started,
+        "set_up": set_up[0],
+        "steps": sum(float(r["step_seconds"]) for r in records),
+        "exit": ended - closed[-1],
+    }
+    phases["other"] = ended - started - sum(phases.values())
+    return phases
+
+
 def summarise_flag(measure: dict[str, Any], warmup: int) -> dict[str, Any]:
     """The reference's real tokens/s over the steps after `warmup`. A step's time is the wall
     from the previous step's end (the first: from train begin) to its end, so it includes the
@@ -571,6 +601,14 @@ def render_report(result: dict[str, Any]) -> str:
         lambda s: _num(result["sides"][s]["time"].get("peak_rss_mb")))
     row("whole-process wall (s)",
         lambda s: _num(result["sides"][s]["time"].get("wall_s"), ".1f"))
+
+    def phases(s: str) -> str:
+        p = result["sides"][s].get("phases")
+        if not p:
+            return "–"
+        return " / ".join(f"{p[k]:.1f}" for k in ("start_up", "set_up", "steps", "other", "exit"))
+
+    row("wall: start-up / set-up / steps / other / exit (s)", phases)
     row("load average (1 min) at start",
         lambda s: _num(result["sides"][s].get("load_before"), ".2f"))
     lines += ["", *task_table(sides, summaries)]
@@ -753,7 +791,7 @@ def run_timed(argv: Sequence[str], env: dict[str, str], log: Path, cwd: Path) ->
     timefile.unlink(missing_ok=True)
     prefix = ["/usr/bin/time", "-v", "-o", str(timefile)] if Path("/usr/bin/time").exists() else []
     load = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     with open(log, "w") as f:
         # In a session of its own, so that a stopped bench stops the whole side (/usr/bin/time
         # and the trainer under it) rather than leaving it to run on into the next side.
@@ -769,7 +807,7 @@ def run_timed(argv: Sequence[str], env: dict[str, str], log: Path, cwd: Path) ->
         tail = log.read_text(errors="replace").splitlines()[-40:]
         raise SystemExit("\n".join([*tail, f"failed (exit {rc}): {shlex.join(argv)}; log {log}"]))
     timing = parse_time_v(timefile.read_text()) if timefile.exists() else {"wall_s": wall}
-    return {"time": timing, "load_before": load}
+    return {"time": timing, "load_before": load, "started": started, "ended": time.time()}
 
 
 def flag_args(args: argparse.Namespace, scratch: Path, tasks: list[dict[str, Any]]) -> list[str]:
@@ -898,9 +936,12 @@ def run_jax(args: argparse.Namespace, scratch: Path, venv: Path, tasks: list[dic
          f"(log {scratch / (name + '.log')})")
     out = run_timed([sys.executable, "-m", "jax_iclemb.train", *argv], dict(os.environ, **env),
                     scratch / f"{name}.log", REPO)
+    records = read_metrics(workdir / "metrics.jsonl")
+    log = (scratch / f"{name}.log").read_text(errors="replace")
     return {
         **out,
-        "raw": read_metrics(workdir / "metrics.jsonl"),
+        "phases": wall_phases(log, out["started"], out["ended"], records),
+        "raw": records,
         "versions": our_versions(),
         "command": _display(
             shell_command(["python", "-m", "jax_iclemb.train", *argv], env), scratch, venv),

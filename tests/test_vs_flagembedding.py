@@ -117,7 +117,9 @@ def test_ratio_and_report(vs, metrics_file):
             "flag": {"summary": reference, "time": {"peak_rss_mb": 1000.0, "wall_s": 60.0},
                      "command": "python -m FlagEmbedding..."},
             "jax": {"summary": ours, "time": {"peak_rss_mb": 900.0, "wall_s": 50.0},
-                    "command": "python -m jax_iclemb.train ..."},
+                    "command": "python -m jax_iclemb.train ...",
+                    "phases": {"start_up": 4.2, "set_up": 1.5, "steps": 40.0, "other": 3.75,
+                               "exit": 0.55}},
         },
     }
     result["ratios"] = {"jax": r}
@@ -130,6 +132,28 @@ def test_ratio_and_report(vs, metrics_file):
     # Per task: a = reference 2 steps at 375 tok/s, ours 1 step at 1200 / 3 s; b is ours only.
     assert "| a | 2 / 1 | 750 / 1,200 | 50% / 80% | 375 / 400 |" in text
     assert "| b | – / 1 | – / 1,000 | – / 80% | – / 500 |" in text
+    phases = "| wall: start-up / set-up / steps / other / exit (s) |"
+    assert f"{phases} – | 4.2 / 1.5 / 40.0 / 3.8 / 0.6 |" in text
+
+
+def test_our_wall_is_split_by_the_logs_timestamps(vs):
+    """Start-up up to the first log line, the logged set-up, the steps' own seconds, the exit
+    after the final checkpoint closed; log lines may follow the progress bar's carriage return."""
+    day = "2026-01-01"
+    started = time.mktime(time.strptime(f"{day} 10:00:00", "%Y-%m-%d %H:%M:%S"))
+    log = (
+        f"{day} 10:00:03,500 jax_iclemb.distributed: single process\n"
+        f"{day} 10:00:03,600 jax_iclemb.train: set up in 1.5 s: data and tokenizer 0.5 s\n"
+        "train:  50%|##   | 1/2 [00:01<00:01]\r"
+        f"{day} 10:00:09,250 jax_iclemb.train: checkpoints closed in 0.0 s\n"
+        "training finished\n"
+    )
+    records = [{"step_seconds": 2.0}, {"step_seconds": 1.5}]
+    phases = vs.wall_phases(log, started, started + 10.0, records)
+    assert phases == pytest.approx(
+        {"start_up": 3.5, "set_up": 1.5, "steps": 3.5, "exit": 0.75, "other": 0.75}
+    )
+    assert vs.wall_phases("no trainer lines", started, started + 10.0, records) is None
 
 
 def test_time_v_parsing(vs):
