@@ -47,7 +47,6 @@ class _StopFlag:
         self.signal = signum
 
 
-
 # Steps past the current one whose batches a loop waiting for a compile may build, to find new
 # shapes for idle compile workers (batches are small: token ids and their layout).
 IDLE_LOOKAHEAD = 32
