@@ -201,7 +201,7 @@ class TrainLoop:
         """Build the batches of the first steps from `start` and begin compiling their shapes
         for `arguments` ((params, frozen, step) as abstract arrays with their shardings): the
         weights need not exist yet, so that drawing or loading them overlaps the compiles. `run`
-        starts by itself when this was not called."""
+        goes on from here."""
         workers = compile_workers(int(self.config.train.compile_workers))
         self._compiler = StepCompiler(
             self.grad_step, arguments, workers,
@@ -245,12 +245,10 @@ class TrainLoop:
         config, workdir = self.config, self.workdir
         is_main = jax.process_index() == 0
         start = int(state.step)
-        if self._compiler is None:
-            self.start_compiling(abstract_like((state.params, frozen, state.step)), start, steps)
-        elif (self._start, self._steps) != (start, steps):
+        if self._compiler is None or (self._start, self._steps) != (start, steps):
             raise ValueError(
-                f"compiling started for steps {self._start}..{self._steps}, but the state is at "
-                f"step {start} of {steps}"
+                f"run(state at step {start}, steps={steps}) needs start_compiling(..., {start}, "
+                f"{steps}) first"
             )
         compiler = self._compiler
         stop = _StopFlag()

@@ -350,7 +350,8 @@ def load_weights(
             is_leaf=lambda x: isinstance(x, nnx.Variable),
         )
     flat_shardings = {p: v.get_value() for p, v in nnx.to_flat_state(shardings)}
-    readers = readers or checkpoint_readers(folder, cfg)
+    if readers is None:
+        readers = checkpoint_readers(folder, cfg)
     base = {
         path: var.replace(jax.make_array_from_callback(
             var.get_value().shape, flat_shardings[path], readers[path]
