@@ -94,7 +94,7 @@ POSITIVE = (
     "data.example_passage_max_len", "data.train_group_size", "data.batch_size",
     "data.max_segments_per_row", "model.attention_block", "lora.rank", "loss.temperature",
     "optim.lr", "optim.accumulate_steps", "train.log_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.grad_cache_chunks",
+    "train.keep_checkpoints", "train.grad_cache_chunks", "train.shape_plan_steps",
 )
 NON_NEGATIVE = (
     "data.max_examples", "data.examples_max_len", "data.pack_len", "data.min_pack_len",
@@ -102,6 +102,7 @@ NON_NEGATIVE = (
     "loss.distill_weight",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.steps", "eval.every",
     "train.compile_ahead", "train.compile_workers", "model.attention_tile_rungs",
+    "train.compile_cost_steps",
 )
 
 
@@ -192,6 +193,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Step shapes compiled at once (0 = one per 4 host cores, 1 to 4): a GPU host's cores compile
     # a cold run's shapes side by side; a small CPU host needs its cores for the steps.
     c.train.compile_workers = 0
+    # Step shapes merge when the compiles they save outweigh the padding they add over the run,
+    # weighed on its first `shape_plan_steps` steps, a compile taken to cost `compile_cost_steps`
+    # mean steps (0: every step at its own ladder shape; jax_iclemb/shape_plan.py). Short runs
+    # compile fewer shapes; long ones keep them all.
+    c.train.compile_cost_steps = 16.0
+    c.train.shape_plan_steps = 64
     # The train command sets glibc's malloc to keep freed memory, so that each CPU step reuses its
     # buffers' pages: faster steps, slower compiles (for long CPU runs; jax_iclemb/host_memory.py).
     c.train.reuse_host_memory = False

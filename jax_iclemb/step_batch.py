@@ -1,11 +1,12 @@
 """A step's packed batch onto the mesh, at a shape from a small ladder.
 
-Each step runs at its own shape (`StepShape`: the row length, the shortest of the pipeline's
+Each step has its own shape (`StepShape`: the row length, the shortest of the pipeline's
 `row_lengths` that holds every sequence; rows on `packing.row_bucket`'s ladder; attention tiles
-by `block_sparse.padded_tiles`; queries padded to the pipeline's maximum), agreed by
-all processes in one collective, and a function of the step's own batches only, so that
-a resumed run computes exactly what an uninterrupted one does. Each field of the batch lands
-where its `PackedBatch` declaration says: rows split over the data axes, the rest replicated.
+by `block_sparse.padded_tiles`; queries padded to the pipeline's maximum), agreed by all
+processes in one collective, and a function of the step's own batches only. It runs at that
+shape or at a larger one of the run's shape plan (shape_plan.py), so that a resumed run computes
+exactly what an uninterrupted one does. Each field of the batch lands where its `PackedBatch`
+declaration says: rows split over the data axes, the rest replicated.
 """
 
 from __future__ import annotations
@@ -108,29 +109,40 @@ def step_shape(
     )
 
 
-def shape_batch(
+def natural_shape(
     packed: Mapping[int, PackedBatch],
     row_lengths: Sequence[int],
     model: ml_collections.ConfigDict,
-    *,
     groups: int,
-    num_queries: int,
-    pad_id: int,
-) -> tuple[PackedBatch, StepShape]:
-    """This process's part of the step at the step shape, with its attention tile lists.
+) -> tuple[dict[int, tuple[PackedBatch, np.ndarray | None]], StepShape]:
+    """This process's packed batches with their attention tile lists, and the step's own shape
+    (`step_shape`; one collective).
 
     `packed`: {row length: this process's batch packed at it}, at least at the shortest of
     `row_lengths` that holds its sequences; with several processes at every longer one too, so
     that each has the length all agree on. `groups`: one row group per data shard and
     gradient-cache chunk, each with its own tile list."""
     with_tiles = {n: (b, attention_tiles(model, b, groups)) for n, b in packed.items()}
-    shape = step_shape(with_tiles, row_lengths, groups, model)
+    return with_tiles, step_shape(with_tiles, row_lengths, groups, model)
+
+
+def pad_to_shape(
+    with_tiles: Mapping[int, tuple[PackedBatch, np.ndarray | None]],
+    shape: StepShape,
+    model: ml_collections.ConfigDict,
+    *,
+    groups: int,
+    num_queries: int,
+    pad_id: int,
+) -> PackedBatch:
+    """This process's part of the step at `shape` (its own shape or a larger one of its row
+    length), with its tile lists."""
     batch, tile_lists = with_tiles[shape.length]
     batch = pad_batch(batch, num_rows=shape.rows, num_queries=num_queries, pad_id=pad_id,
                       groups=groups)
     if tile_lists is not None:
         tile_lists = pad_pairs(tile_lists, shape.tiles, shape.length // model.attention_block)
-    return dataclasses.replace(batch, block_pairs=tile_lists), shape
+    return dataclasses.replace(batch, block_pairs=tile_lists)
 
 
 def device_batch(mesh: jax.sharding.Mesh, batch: PackedBatch) -> PackedBatch:

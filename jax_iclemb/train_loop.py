@@ -30,7 +30,8 @@ from jax_iclemb.embedder import Embedder, options_from_config
 from jax_iclemb.errors import ReportedError
 from jax_iclemb.observe import MetricsWriter, peak_flops, wandb_options
 from jax_iclemb.retrieval import METRICS, MODES
-from jax_iclemb.step_batch import StepShape, device_batch, global_max, shape_batch
+from jax_iclemb.shape_plan import ShapePlan, plan_shapes
+from jax_iclemb.step_batch import StepShape, device_batch, global_max, natural_shape, pad_to_shape
 
 
 class TrainingError(ReportedError):
@@ -140,8 +141,9 @@ class StepCompiler:
 class TrainLoop:
     """Step numbers -> batches -> updates, with logging, checkpoints, signals and NaN checks.
 
-    Each step runs at its own shape (`step_shape`: rows, tiles and queries on small ladders), one
-    gradient executable per shape; the optimizer update is shape-free (one for the run). The
+    Each step runs at its own shape (`step_shape`: rows, tiles and queries on small ladders) or at
+    a larger one that the run's shape plan merges it into (`plan_run`: short runs compile fewer
+    shapes), one gradient executable per shape; the optimizer update is shape-free. The
     batches of the next `train.compile_ahead` steps are built while the device runs the current
     one, and their new shapes compile on background threads (`StepCompiler`); while the loop
     waits for one and a worker is idle, it looks up to `IDLE_LOOKAHEAD` steps ahead for more.
@@ -166,23 +168,65 @@ class TrainLoop:
         self.flops_token, self.graphdef = flops_token, graphdef
         self._compiler: StepCompiler | None = None
         self._upcoming: collections.deque = collections.deque()  # (batch, shape, info) ahead
+        self.plan = ShapePlan()  # every step at its own shape until `plan_run`
+        self._sampled: dict[int, tuple] = {}  # step -> `_own_shape`, kept from the plan's sample
         self._start = self._built = self._steps = 0  # the batches of steps before _built exist
         self._ahead = max(1, int(config.train.compile_ahead))
 
-    def next_batch(self, step: int) -> tuple[PackedBatch, StepShape, dict[str, Any]]:
-        """Step `step`'s batch on the mesh, at its step shape."""
+    def _own_shape(self, step: int) -> tuple[dict, StepShape, dict[str, Any]]:
+        """Step `step`'s packed batches with their tile lists, its own shape and its info."""
+        if step in self._sampled:
+            return self._sampled.pop(step)
         # With several processes, each packs at every row length its sequences fit, so that the
-        # one collective in `shape_batch` can settle on the shortest that fits all of them.
+        # one collective in `natural_shape` can settle on the shortest that fits all of them.
         packed, info = self.pipeline.batches(step, every_length=jax.process_count() > 1)
-        batch, shape = shape_batch(
-            packed,
-            self.pipeline.row_lengths,
-            self.config.model,
+        with_tiles, shape = natural_shape(
+            packed, self.pipeline.row_lengths, self.config.model,
             groups=self.pipeline.row_multiple,  # data shards × gradient-cache chunks
+        )
+        return with_tiles, shape, info
+
+    def next_batch(self, step: int) -> tuple[PackedBatch, StepShape, dict[str, Any]]:
+        """Step `step`'s batch on the mesh, at its shape in the run's `plan`."""
+        with_tiles, own, info = self._own_shape(step)
+        shape = self.plan.cover(own)
+        batch = pad_to_shape(
+            with_tiles, shape, self.config.model,
+            groups=self.pipeline.row_multiple,
             num_queries=self.pipeline.max_local_queries,
             pad_id=self.pipeline.tokenizer.pad_token_id or 0,
         )
         return device_batch(self.mesh, batch), shape, info
+
+    def plan_run(self, start: int, steps: int) -> str | None:
+        """Plan the shapes of a run of `steps` steps on its first `train.shape_plan_steps` (from
+        step 0 whatever `start` is, so that a resumed run plans the same); keeps the sampled
+        batches from `start` on for their steps. Returns a line for the log when the plan merges
+        shapes."""
+        train = self.config.train
+        window, cost = min(steps, int(train.shape_plan_steps)), float(train.compile_cost_steps)
+        self.plan, self._sampled = ShapePlan(), {}
+        if cost <= 0 or window <= 1:
+            return None
+        sample = []
+        for s in range(window):
+            own = self._own_shape(s)
+            sample.append(own[1])
+            if s >= start:
+                self._sampled[s] = own
+        self.plan = plan_shapes(sample, steps, cost)
+        planned = [self.plan.cover(shape) for shape in sample]
+        before, after = ({s.key for s in shapes} for shapes in (sample, planned))
+        if len(after) == len(before):
+            return None
+        real = sum(s.real_tokens for s in sample)
+        slots = [sum(s.rows * s.length for s in shapes) * jax.process_count()
+                 for shapes in (sample, planned)]
+        return (
+            f"step shapes planned on the first {window} steps: their {len(before)} shapes run as "
+            f"{len(after)}, {real / slots[0]:.1%} -> {real / slots[1]:.1%} of the token slots "
+            f"used (train.compile_cost_steps={cost:g}: a compile costs that many steps)"
+        )
 
     def maybe_evaluate(
         self, state: TrainState, frozen: dict, writer: MetricsWriter, steps: int
@@ -210,6 +254,9 @@ class TrainLoop:
         self._start = self._built = start
         self._steps = steps
         self._upcoming.clear()
+        planned = self.plan_run(start, steps)
+        if planned:
+            self._compiler.notes.put(planned)
         # The first steps' shapes are all queued before waiting on any, so that several
         # workers compile them side by side.
         self._prepare(start + self._ahead)

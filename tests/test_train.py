@@ -57,6 +57,10 @@ def run_cli(
     )
 
 
+def metrics(workdir: Path) -> list[dict]:
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(workdir: Path) -> dict[int, float]:
     """step -> loss; a step logged twice (before a crash and after resume) keeps its last value."""
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -182,40 +186,54 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert max(checkpoint_steps(tmp_path)) == max(logged)  # the last finite step, not the NaN one
 
 
-def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tmp_path):
-    """Four tasks of different lengths: each step's row length (128 or 64 tokens), rows and
-    tiles are the rungs of its own batch (recomputed here from the pipeline alone), one compile
-    per distinct shape, with two shapes compiling at a time; the same run again, one compile
-    worker, loads every executable from the persistent compilation cache (the programs compiled
-    side by side are the serial ones) and every traced program kept beside them, and gives the
-    same losses."""
-    # At most one example per query, 4 queries a step: some steps fit rows of 64 tokens.
-    steps = ["--config.train.steps=12", "--config.train.checkpoint_every=100",
-             "--config.data.min_pack_len=64", "--config.data.max_examples=1",
-             "--config.data.batch_size=4"]
-    cache = tmp_path / "xla"
-    first = run_cli(tmp_path / "a", *steps, "--config.train.compile_workers=2",
-                    data=builtin_data_dir(), cache=cache)
-    assert first.returncode == 0, first.stderr[-3000:]
-    records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+# At most one example per query, 4 queries a step of the built-in data's four tasks: some steps
+# fit rows of 64 tokens, others need 128.
+MIXED = ["--config.data.min_pack_len=64", "--config.data.max_examples=1",
+         "--config.data.batch_size=4"]
 
+
+def check_own_shapes(records: list[dict], overrides: list[str]) -> dict[int, tuple]:
+    """Check each record's real tokens and row length against the step's batch, recomputed from
+    the pipeline alone; returns step -> its own ladder shape (rows, row length, tiles)."""
     config = load_config(
         REPO / "configs" / "tiny.py",
-        [*FAST, f"--config.data.path={builtin_data_dir()}", *steps],
+        [*FAST, f"--config.data.path={builtin_data_dir()}", *overrides],
     )
     groups = 2  # 2 devices: one row group per data shard
     pipeline = pipeline_from_config(config, row_multiple=groups)
+    assert pipeline.row_lengths == (128, 64)
+    own = {}
     for r in records:
         batch, info = pipeline.batch(r["step"] - 1)
         length = batch.tokens.shape[1]
         assert r["row_length"] == length == min(pipeline.batches(r["step"] - 1, True)[0])
         tiles = block_pairs(batch.segment_ids, block=64, causal=True, groups=groups)
-        assert r["rows"] == row_bucket(info["rows_used"], groups), r
-        most = most_tiles(r["rows"] // groups, length, block=64, causal=True)
-        assert r["tiles"] == padded_tiles(tiles.shape[1], most, config.model.attention_tile_rungs)
+        rows = row_bucket(info["rows_used"], groups)
+        most = most_tiles(rows // groups, length, block=64, causal=True)
+        own[r["step"]] = (
+            rows, length, padded_tiles(tiles.shape[1], most, config.model.attention_tile_rungs)
+        )
         assert r["real_tokens"] == info["real_tokens"]
         assert r["utilisation"] == r["real_tokens"] / (r["rows"] * length)
-    assert pipeline.row_lengths == (128, 64)
+    return own
+
+
+def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tmp_path):
+    """Four tasks of different lengths, no shape plan: each step's row length (128 or 64
+    tokens), rows and tiles are the rungs of its own batch (recomputed here from the pipeline
+    alone), one compile per distinct shape, with two shapes compiling at a time; the same run
+    again, one compile worker, loads every executable from the persistent compilation cache (the
+    programs compiled side by side are the serial ones) and every traced program kept beside
+    them, and gives the same losses."""
+    steps = ["--config.train.steps=12", "--config.train.checkpoint_every=100", *MIXED,
+             "--config.train.compile_cost_steps=0"]
+    cache = tmp_path / "xla"
+    first = run_cli(tmp_path / "a", *steps, "--config.train.compile_workers=2",
+                    data=builtin_data_dir(), cache=cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = metrics(tmp_path / "a")
+    own = check_own_shapes(records, steps)
+    assert all((r["rows"], r["row_length"], r["tiles"]) == own[r["step"]] for r in records)
     assert len({r["row_length"] for r in records}) > 1
     shapes = {(r["rows"], r["row_length"], r["tiles"]) for r in records}
     assert len({r["dataset"] for r in records}) > 1 and len(shapes) > 1
@@ -223,16 +241,56 @@ def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tm
     assert sum(r["compile_seconds"] > 0 for r in records) <= len(shapes)
     assert records[-1]["compile_cache_hits"] == 0
     assert first.stderr.count("compiled in") == len(shapes)
+    assert "planned" not in first.stderr
 
     again = run_cli(tmp_path / "b", *steps, "--config.train.compile_workers=1",
                     data=builtin_data_dir(), cache=cache)
     assert again.returncode == 0, again.stderr[-3000:]
-    rerun = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    rerun = metrics(tmp_path / "b")
     assert rerun[-1]["compile_cache_hits"] == rerun[-1]["compiles"] == len(shapes)
     # ... and each shape's traced program (program_cache.py): no trace of the model at all
     assert "(its traced program too)" not in first.stderr
     assert again.stderr.count("(its traced program too)") == len(shapes)
     assert [r["loss"] for r in rerun] == [r["loss"] for r in records]
+
+
+def test_a_short_run_merges_its_shapes_and_resumes_exactly(tmp_path):
+    """The default shape plan on the same four tasks: each step runs at a shape that holds its
+    own ladder shape (same row length, at least its rows and tiles), on fewer shapes than the
+    steps' own, each compiled once; a run killed after its checkpoint at step 5 and resumed plans
+    the same shapes from the same first steps and logs the same losses, bit for bit."""
+    steps = ["--config.train.steps=12", *MIXED]
+    whole = run_cli(tmp_path / "whole", *steps, "--config.train.checkpoint_every=100",
+                    data=builtin_data_dir())
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    records = metrics(tmp_path / "whole")
+    own = check_own_shapes(records, steps)
+    for r in records:
+        rows, length, tiles = own[r["step"]]
+        assert r["row_length"] == length and r["rows"] >= rows and r["tiles"] >= tiles, r
+    shapes = {(r["rows"], r["row_length"], r["tiles"]) for r in records}
+    assert len(shapes) < len(set(own.values()))
+    assert records[-1]["compiles"] == len(shapes)
+    assert f"their {len(set(own.values()))} shapes run as {len(shapes)}" in whole.stderr
+
+    work = tmp_path / "resumed"
+    proc = subprocess.Popen(
+        train_cmd(work, *steps, "--config.train.checkpoint_every=5", data=builtin_data_dir()),
+        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while 5 not in checkpoint_steps(work) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 5 in checkpoint_steps(work), "the run never reached its first checkpoint"
+    resumed = run_cli(work, *steps, "--config.train.checkpoint_every=5", data=builtin_data_dir())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stderr
+    shapes_of = lambda logged: [(r["step"], r["rows"], r["row_length"], r["tiles"])
+                                for r in logged]
+    assert shapes_of(metrics(work)) == shapes_of(records)  # planned from the same first steps
+    assert losses(work) == losses(tmp_path / "whole")  # bitwise, every step
 
 
 def test_compile_workers_default_to_one_per_four_host_cores(monkeypatch):

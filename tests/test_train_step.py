@@ -97,9 +97,9 @@ def test_processes_settle_on_the_shortest_row_length_that_fits_them_all(monkeypa
         other = [4, 50, 4, 5, 40, 5, *([3, 12, 3] if other_fits_32 else [-1, -1, -1]), 77]
         monkeypatch.setattr(step_batch, "gather_counts",
                             lambda values, other=other: np.array([list(values), other]))
-        batch, shape = step_batch.shape_batch(
-            packed, (128, 64, 32), model, groups=1, num_queries=4, pad_id=0
-        )
+        with_tiles, shape = step_batch.natural_shape(packed, (128, 64, 32), model, groups=1)
+        batch = step_batch.pad_to_shape(with_tiles, shape, model, groups=1, num_queries=4,
+                                        pad_id=0)
         mine = packed[want]
         assert shape.length == want == batch.tokens.shape[1]
         assert shape.rows == max(mine.num_rows, 5 if want == 64 else 3) == batch.num_rows
@@ -130,11 +130,14 @@ def test_tile_rungs_zero_makes_the_row_count_the_whole_shape():
     shapes = {}
     for rungs in (0, 4):
         config.model.attention_tile_rungs = rungs
-        shapes[rungs] = [
-            step_batch.shape_batch({32: short_texts(seed)}, (32,), config.model, groups=2,
-                                   num_queries=16, pad_id=0)
-            for seed in range(4)
-        ]
+        shapes[rungs] = []
+        for seed in range(4):
+            with_tiles, shape = step_batch.natural_shape(
+                {32: short_texts(seed)}, (32,), config.model, groups=2
+            )
+            batch = step_batch.pad_to_shape(with_tiles, shape, config.model, groups=2,
+                                            num_queries=16, pad_id=0)
+            shapes[rungs].append((batch, shape))
     for (batch, shape), (_, laddered) in zip(shapes[0], shapes[4]):
         assert shape.rows == laddered.rows and shape.tiles == (shape.rows // 2) * 136
         assert batch.block_pairs.shape[1] == shape.tiles

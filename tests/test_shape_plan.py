@@ -1,0 +1,100 @@
+"""The shape plan (jax_iclemb/shape_plan.py) against an exhaustive search: on samples whose tiles
+grow with their rows (as a batch's tile count does), no grouping of the shapes costs less than the
+plan's, counted by a direct formula; every step runs at a shape that holds its own."""
+
+import itertools
+import random
+
+import pytest
+
+from jax_iclemb.shape_plan import ShapePlan, plan_shapes
+from jax_iclemb.step_batch import StepShape
+
+
+def shape(rows: int, length: int = 256, tiles: int | None = None) -> StepShape:
+    return StepShape(rows=rows, length=length, tiles=10 * rows if tiles is None else tiles,
+                     real_tokens=rows * length // 2, rows_used=rows)
+
+
+def cost(steps, mean, repeats, compile_steps, run_at) -> float:
+    """compile_steps per distinct shape the steps run at (`run_at(shape)`) + their token slots,
+    `repeats` times over, in units of a `mean` step's."""
+    at = [run_at(s) for s in steps]
+    return compile_steps * len({s.key for s in at}) + repeats * sum(
+        s.rows * s.length for s in at
+    ) / mean
+
+
+def partitions(items):
+    """Every way to split `items` into groups."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for smaller in partitions(rest):
+        yield [[first], *smaller]
+        for i in range(len(smaller)):
+            yield [*smaller[:i], [first, *smaller[i]], *smaller[i + 1:]]
+
+
+def best_grouping(sample, mean, repeats, compile_steps) -> float:
+    """The cheapest split of each row length's shapes into groups, over every partition, each
+    group run at its largest rows and tiles."""
+    total = 0.0
+    for length in {s.length for s in sample}:
+        steps = [s for s in sample if s.length == length]
+        choices = []
+        for groups in partitions(sorted({s.key for s in steps})):
+            target = {k: (max(g)[0], max(x[2] for x in g)) for g in groups for k in g}
+            choices.append(cost(
+                steps, mean, repeats, compile_steps,
+                lambda s, t=target: shape(t[s.key][0], s.length, t[s.key][1]),
+            ))
+        total += min(choices)
+    return total
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_no_grouping_costs_less_than_the_plan(seed):
+    rng = random.Random(seed)
+    lengths = [256] if seed % 2 else [128, 256]
+    sample = [shape(rng.choice([2, 3, 4, 6, 7, 8, 10, 12]), rng.choice(lengths))
+              for _ in range(rng.randint(8, 40))]
+    run_steps = rng.choice([len(sample), 3 * len(sample), 100])
+    compile_steps = rng.choice([1.0, 4.0, 16.0, 64.0])
+    plan = plan_shapes(sample, run_steps, compile_steps)
+    mean = sum(s.rows * s.length for s in sample) / len(sample)
+    repeats = max(1.0, run_steps / len(sample))
+    planned = cost(sample, mean, repeats, compile_steps, plan.cover)
+    assert planned == pytest.approx(best_grouping(sample, mean, repeats, compile_steps))
+    for s in sample:  # each step runs at a shape that holds its own
+        t = plan.cover(s)
+        assert (t.length, t.real_tokens, t.rows_used) == (s.length, s.real_tokens, s.rows_used)
+        assert t.rows >= s.rows and t.tiles >= s.tiles
+
+
+def test_a_short_run_merges_and_a_long_one_keeps_every_shape():
+    # The built-in comparison work's first 30 steps (rows of 256 tokens, 10 tiles a row).
+    rows = [7, 6, 7, 8, 7, 3, 2, 4, 4, 6, 10, 6, 3, 7, 6, 3, 4, 3, 3, 6, 8, 4, 6, 4, 6, 7, 6,
+            3, 3, 6]
+    sample = [shape(r) for r in rows]
+    short = plan_shapes(sample, run_steps=30, compile_steps=16)
+    assert 1 < len({short.cover(s).key for s in sample}) < len(set(rows))
+    # Ten thousand steps: the padding is paid 333 times over, a compile once.
+    long = plan_shapes(sample, run_steps=10_000, compile_steps=16)
+    assert all(long.cover(s) == s for s in sample)
+    assert all(plan_shapes(sample, 30, 0).cover(s) == s for s in sample)  # 0: planning off
+
+
+def test_a_shape_no_target_holds_runs_as_it_is():
+    plan = ShapePlan(targets=((6, 256, 60), (10, 256, 100)))
+    assert plan.cover(shape(4)).key == (6, 256, 60)
+    assert plan.cover(shape(8)).key == (10, 256, 100)
+    assert plan.cover(shape(12)) == shape(12)  # larger than every target
+    assert plan.cover(shape(4, length=128)) == shape(4, length=128)  # another row length
+    assert plan.cover(shape(5, tiles=70)).key == (10, 256, 100)  # too many tiles for (6, 60)
+
+
+def test_partitions_counts_every_grouping():
+    assert [sum(1 for _ in partitions(list(range(n)))) for n in range(6)] == [1, 1, 2, 5, 15, 52]
+    assert all(sorted(itertools.chain(*p)) == [0, 1, 2] for p in partitions([0, 1, 2]))
