@@ -2,9 +2,10 @@
 
     python bench/profile_step.py --config configs/tiny.py [--step 0] [--config.KEY=VALUE ...]
 
-The step is the trainer's own: `TrainLoop.next_batch` builds step `--step`'s batch at its ladder
-shape and `StepCompiler` compiles its gradient program (the shape-dependent part of a step; the
-optimizer update is a separate, tiny program), exactly as `python -m jax_iclemb.train` does. It runs
+The step is the trainer's own: `TrainLoop.next_batch` builds step `--step`'s batch at its own
+ladder shape (a short run's shape plan may run it at a larger one: docs/training.md) and
+`StepCompiler` compiles its gradient program (the shape-dependent part of a step; the optimizer
+update is a separate, tiny program), as `python -m jax_iclemb.train` does. It runs
 twice untraced, then once under `jax.profiler.trace`; each XLA op's time (summed over the
 runtime's threads) is attributed to the innermost jax_iclemb function behind it through the
 compiled HLO's metadata, split into forward and backward. A diagnostic, not a benchmark: speed is

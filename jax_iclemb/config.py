@@ -102,7 +102,6 @@ NON_NEGATIVE = (
     "loss.distill_weight",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.steps", "eval.every",
     "train.compile_ahead", "train.compile_workers", "model.attention_tile_rungs",
-    "train.compile_cost_steps",
 )
 
 
@@ -194,10 +193,11 @@ def default_config() -> ml_collections.ConfigDict:
     # a cold run's shapes side by side; a small CPU host needs its cores for the steps.
     c.train.compile_workers = 0
     # Step shapes merge when the compiles they save outweigh the padding they add over the run,
-    # weighed on its first `shape_plan_steps` steps, a compile taken to cost `compile_cost_steps`
-    # mean steps (0: every step at its own ladder shape; jax_iclemb/shape_plan.py). Short runs
+    # weighed on its first `shape_plan_steps` steps, a compile taken to cost as much as computing
+    # `compile_cost_tokens` token slots on one device (-1: by platform, 16k on CPUs, 128k on
+    # accelerators; 0: every step at its own ladder shape; jax_iclemb/shape_plan.py). Short runs
     # compile fewer shapes; long ones keep them all.
-    c.train.compile_cost_steps = 16.0
+    c.train.compile_cost_tokens = -1
     c.train.shape_plan_steps = 64
     # The train command sets glibc's malloc to keep freed memory, so that each CPU step reuses its
     # buffers' pages: faster steps, slower compiles (for long CPU runs; jax_iclemb/host_memory.py).
@@ -331,6 +331,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config key {key!r} must be >= 0, got {values[key]!r}")
     if not 0 <= config.optim.end_lr_ratio <= 1:
         raise ConfigError(f"optim.end_lr_ratio must be in [0, 1], got {config.optim.end_lr_ratio}")
+    if config.train.compile_cost_tokens < -1:
+        raise ConfigError(
+            "train.compile_cost_tokens must be -1 (by platform), 0 (no shape plan) or a token "
+            f"count, got {config.train.compile_cost_tokens}"
+        )
     if len(config.train.mesh) != 3:
         raise ConfigError(f"train.mesh must be (data, fsdp, tensor), got {config.train.mesh}")
     for name, size in config.data.batch_size_overrides.items():

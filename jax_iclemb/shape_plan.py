@@ -19,6 +19,20 @@ from jax_iclemb.step_batch import StepShape
 
 Key = tuple[int, int, int]  # `StepShape.key`: (rows, row length, attention tiles)
 
+# What a compile costs, in token slots of step compute on one device, for
+# `train.compile_cost_tokens=-1`. On 2 CPU cores the comparison work of docs/benchmarks.md
+# compiles a shape in 4-6 s and computes a slot in ~0.27 ms: ~16k slots. On an H200 a shape took
+# 3.7-5.2 s against ~10 us a slot (~400k); a third of that leaves room for larger models.
+PLATFORM_COMPILE_COST_TOKENS = {"cpu": 16_384}
+ACCELERATOR_COMPILE_COST_TOKENS = 131_072
+
+
+def compile_cost_tokens(configured: int, platform: str) -> int:
+    """`train.compile_cost_tokens`, with -1 resolved for `platform` (`jax.default_backend()`)."""
+    if configured >= 0:
+        return configured
+    return PLATFORM_COMPILE_COST_TOKENS.get(platform, ACCELERATOR_COMPILE_COST_TOKENS)
+
 
 @dataclasses.dataclass(frozen=True)
 class ShapePlan:
@@ -38,20 +52,19 @@ def _slots(key: Key) -> int:
     return key[0] * key[1]
 
 
-def plan_shapes(sample: Sequence[StepShape], run_steps: int, compile_steps: float) -> ShapePlan:
-    """The targets that minimise `compile_steps` × (number of shapes) + the run's computed token
-    slots, in units of the sample's mean step, with the sample's padding taken `run_steps /
-    len(sample)` times.
+def plan_shapes(sample: Sequence[StepShape], run_steps: int, compile_slots: float) -> ShapePlan:
+    """The targets that minimise `compile_slots` × (number of shapes) + the token slots the run
+    computes, the sample's taken `run_steps / len(sample)` times: a compile is taken to cost as
+    much time as computing `compile_slots` token slots (rows × row length, per process).
 
     `sample`: the own shapes of the run's first steps. Shapes of one row length, sorted by rows
     then tiles, are split into consecutive groups (dynamic programming over the split points),
     each run at its largest rows and tiles; shapes of different row lengths never merge (a batch
-    is packed for its length). `compile_steps` 0 keeps every shape."""
-    if compile_steps <= 0 or not sample:
+    is packed for its length). `compile_slots` 0 keeps every shape."""
+    if compile_slots <= 0 or not sample:
         return ShapePlan()
     counts = collections.Counter(s.key for s in sample)
-    unit = sum(_slots(s.key) for s in sample) / len(sample)
-    weight = max(1.0, run_steps / len(sample)) / unit  # per sampled step, per computed slot
+    repeats = max(1.0, run_steps / len(sample))  # each sampled step stands for this many
     targets = []
     for length in sorted({k[1] for k in counts}):
         keys = sorted(k for k in counts if k[1] == length)  # by rows, then tiles
@@ -61,7 +74,7 @@ def plan_shapes(sample: Sequence[StepShape], run_steps: int, compile_steps: floa
             steps = 0
             for i in range(j, 0, -1):  # the last group is keys[i-1:j]
                 steps += counts[keys[i - 1]]
-                cost = best[i - 1] + compile_steps + weight * steps * _slots(keys[j - 1])
+                cost = best[i - 1] + compile_slots + repeats * steps * _slots(keys[j - 1])
                 if cost < best[j]:
                     best[j], choice[j] = cost, i - 1
         j = len(keys)

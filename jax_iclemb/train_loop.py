@@ -19,7 +19,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from jax_iclemb import compile_cache, program_cache
+from jax_iclemb import compile_cache, parallel, program_cache
 from jax_iclemb import config as config_lib
 from jax_iclemb.beir import EvalDataError, load_examples
 from jax_iclemb.beir_eval import evaluate_beir
@@ -30,7 +30,7 @@ from jax_iclemb.embedder import Embedder, options_from_config
 from jax_iclemb.errors import ReportedError
 from jax_iclemb.observe import MetricsWriter, peak_flops, wandb_options
 from jax_iclemb.retrieval import METRICS, MODES
-from jax_iclemb.shape_plan import ShapePlan, plan_shapes
+from jax_iclemb.shape_plan import ShapePlan, compile_cost_tokens, plan_shapes
 from jax_iclemb.step_batch import StepShape, device_batch, global_max, natural_shape, pad_to_shape
 
 
@@ -204,9 +204,10 @@ class TrainLoop:
         batches from `start` on for their steps. Returns a line for the log when the plan merges
         shapes."""
         train = self.config.train
-        window, cost = min(steps, int(train.shape_plan_steps)), float(train.compile_cost_steps)
+        window = min(steps, int(train.shape_plan_steps))
+        tokens = compile_cost_tokens(int(train.compile_cost_tokens), jax.default_backend())
         self.plan, self._sampled = ShapePlan(), {}
-        if cost <= 0 or window <= 1:
+        if tokens <= 0 or window <= 1:
             return None
         sample = []
         for s in range(window):
@@ -214,7 +215,9 @@ class TrainLoop:
             sample.append(own[1])
             if s >= start:
                 self._sampled[s] = own
-        self.plan = plan_shapes(sample, steps, cost)
+        # A shape's slots are this process's; its devices split the rows between them.
+        devices = max(1, parallel.data_parallel_size(self.mesh) // jax.process_count())
+        self.plan = plan_shapes(sample, steps, tokens * devices)
         planned = [self.plan.cover(shape) for shape in sample]
         before, after = ({s.key for s in shapes} for shapes in (sample, planned))
         if len(after) == len(before):
@@ -225,7 +228,7 @@ class TrainLoop:
         return (
             f"step shapes planned on the first {window} steps: their {len(before)} shapes run as "
             f"{len(after)}, {real / slots[0]:.1%} -> {real / slots[1]:.1%} of the token slots "
-            f"used (train.compile_cost_steps={cost:g}: a compile costs that many steps)"
+            f"used (train.compile_cost_tokens: a compile costs as much as {tokens} token slots)"
         )
 
     def maybe_evaluate(

@@ -93,6 +93,13 @@ def test_range_checks():
     c.model.attention_tile_rungs = 3
     with pytest.raises(ConfigError, match=r"attention_tile_rungs must be 0 or a power of two"):
         validate(c)
+    c = default_config()
+    for tokens in (-1, 0, 20_000):
+        c.train.compile_cost_tokens = tokens
+        validate(c)
+    c.train.compile_cost_tokens = -2
+    with pytest.raises(ConfigError, match=r"compile_cost_tokens must be -1 \(by platform\), 0"):
+        validate(c)
 
 
 def test_a_revision_needs_a_hub_id(tmp_path):

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from jax_iclemb.shape_plan import ShapePlan, plan_shapes
+from jax_iclemb.shape_plan import ShapePlan, compile_cost_tokens, plan_shapes
 from jax_iclemb.step_batch import StepShape
 
 
@@ -16,13 +16,11 @@ def shape(rows: int, length: int = 256, tiles: int | None = None) -> StepShape:
                      real_tokens=rows * length // 2, rows_used=rows)
 
 
-def cost(steps, mean, repeats, compile_steps, run_at) -> float:
-    """compile_steps per distinct shape the steps run at (`run_at(shape)`) + their token slots,
-    `repeats` times over, in units of a `mean` step's."""
+def cost(steps, repeats, compile_slots, run_at) -> float:
+    """compile_slots per distinct shape the steps run at (`run_at(shape)`) + their token slots,
+    `repeats` times over."""
     at = [run_at(s) for s in steps]
-    return compile_steps * len({s.key for s in at}) + repeats * sum(
-        s.rows * s.length for s in at
-    ) / mean
+    return compile_slots * len({s.key for s in at}) + repeats * sum(s.rows * s.length for s in at)
 
 
 def partitions(items):
@@ -37,7 +35,7 @@ def partitions(items):
             yield [*smaller[:i], [first, *smaller[i]], *smaller[i + 1:]]
 
 
-def best_grouping(sample, mean, repeats, compile_steps) -> float:
+def best_grouping(sample, repeats, compile_slots) -> float:
     """The cheapest split of each row length's shapes into groups, over every partition, each
     group run at its largest rows and tiles."""
     total = 0.0
@@ -47,7 +45,7 @@ def best_grouping(sample, mean, repeats, compile_steps) -> float:
         for groups in partitions(sorted({s.key for s in steps})):
             target = {k: (max(g)[0], max(x[2] for x in g)) for g in groups for k in g}
             choices.append(cost(
-                steps, mean, repeats, compile_steps,
+                steps, repeats, compile_slots,
                 lambda s, t=target: shape(t[s.key][0], s.length, t[s.key][1]),
             ))
         total += min(choices)
@@ -61,12 +59,11 @@ def test_no_grouping_costs_less_than_the_plan(seed):
     sample = [shape(rng.choice([2, 3, 4, 6, 7, 8, 10, 12]), rng.choice(lengths))
               for _ in range(rng.randint(8, 40))]
     run_steps = rng.choice([len(sample), 3 * len(sample), 100])
-    compile_steps = rng.choice([1.0, 4.0, 16.0, 64.0])
-    plan = plan_shapes(sample, run_steps, compile_steps)
-    mean = sum(s.rows * s.length for s in sample) / len(sample)
+    compile_slots = rng.choice([256, 1024, 4096, 16384])
+    plan = plan_shapes(sample, run_steps, compile_slots)
     repeats = max(1.0, run_steps / len(sample))
-    planned = cost(sample, mean, repeats, compile_steps, plan.cover)
-    assert planned == pytest.approx(best_grouping(sample, mean, repeats, compile_steps))
+    planned = cost(sample, repeats, compile_slots, plan.cover)
+    assert planned == pytest.approx(best_grouping(sample, repeats, compile_slots))
     for s in sample:  # each step runs at a shape that holds its own
         t = plan.cover(s)
         assert (t.length, t.real_tokens, t.rows_used) == (s.length, s.real_tokens, s.rows_used)
@@ -78,12 +75,18 @@ def test_a_short_run_merges_and_a_long_one_keeps_every_shape():
     rows = [7, 6, 7, 8, 7, 3, 2, 4, 4, 6, 10, 6, 3, 7, 6, 3, 4, 3, 3, 6, 8, 4, 6, 4, 6, 7, 6,
             3, 3, 6]
     sample = [shape(r) for r in rows]
-    short = plan_shapes(sample, run_steps=30, compile_steps=16)
+    short = plan_shapes(sample, run_steps=30, compile_slots=16384)
     assert 1 < len({short.cover(s).key for s in sample}) < len(set(rows))
     # Ten thousand steps: the padding is paid 333 times over, a compile once.
-    long = plan_shapes(sample, run_steps=10_000, compile_steps=16)
+    long = plan_shapes(sample, run_steps=10_000, compile_slots=16384)
     assert all(long.cover(s) == s for s in sample)
     assert all(plan_shapes(sample, 30, 0).cover(s) == s for s in sample)  # 0: planning off
+
+
+def test_the_platform_default_and_a_configured_cost():
+    assert compile_cost_tokens(-1, "cpu") == 16384
+    assert compile_cost_tokens(-1, "gpu") == compile_cost_tokens(-1, "tpu") == 131072
+    assert compile_cost_tokens(0, "gpu") == 0 and compile_cost_tokens(5000, "cpu") == 5000
 
 
 def test_a_shape_no_target_holds_runs_as_it_is():

@@ -226,7 +226,7 @@ def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tm
     programs compiled side by side are the serial ones) and every traced program kept beside
     them, and gives the same losses."""
     steps = ["--config.train.steps=12", "--config.train.checkpoint_every=100", *MIXED,
-             "--config.train.compile_cost_steps=0"]
+             "--config.train.compile_cost_tokens=0"]
     cache = tmp_path / "xla"
     first = run_cli(tmp_path / "a", *steps, "--config.train.compile_workers=2",
                     data=builtin_data_dir(), cache=cache)
