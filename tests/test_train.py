@@ -92,19 +92,26 @@ def test_tiny_run_writes_metrics_and_the_loss_falls(reference_run):
     assert checkpoint_steps(reference_run) == [8]  # the final save
 
 
-def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
+def kill_after_checkpoint(
+    workdir: Path, step: int, *overrides: str, data: Path | None = None
+) -> None:
+    """Start a run, SIGKILL it once its checkpoint of `step` is listed."""
     proc = subprocess.Popen(
-        train_cmd(tmp_path, "--config.train.steps=8", "--config.train.checkpoint_every=3"),
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        train_cmd(workdir, *overrides, data=data), env=env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
-    while 3 not in checkpoint_steps(tmp_path) and time.time() < deadline and proc.poll() is None:
+    while step not in checkpoint_steps(workdir) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 3 in checkpoint_steps(tmp_path), "the run never reached its first checkpoint"
+    assert step in checkpoint_steps(workdir), "the run never reached its first checkpoint"
+
+
+def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
+    kill_after_checkpoint(
+        tmp_path, 3, "--config.train.steps=8", "--config.train.checkpoint_every=3"
+    )
     result = run_cli(tmp_path, "--config.train.steps=8", "--config.train.checkpoint_every=3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(tmp_path) == losses(reference_run)  # bitwise, every step
@@ -274,16 +281,9 @@ def test_a_short_run_merges_its_shapes_and_resumes_exactly(tmp_path):
     assert f"their {len(set(own.values()))} shapes run as {len(shapes)}" in whole.stderr
 
     work = tmp_path / "resumed"
-    proc = subprocess.Popen(
-        train_cmd(work, *steps, "--config.train.checkpoint_every=5", data=builtin_data_dir()),
-        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    kill_after_checkpoint(
+        work, 5, *steps, "--config.train.checkpoint_every=5", data=builtin_data_dir()
     )
-    deadline = time.time() + 300
-    while 5 not in checkpoint_steps(work) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 5 in checkpoint_steps(work), "the run never reached its first checkpoint"
     resumed = run_cli(work, *steps, "--config.train.checkpoint_every=5", data=builtin_data_dir())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stderr
