@@ -132,6 +132,8 @@ def test_ratio_and_report(vs, metrics_file):
     # Per task: a = reference 2 steps at 375 tok/s, ours 1 step at 1200 / 3 s; b is ours only.
     assert "| a | 2 / 1 | 750 / 1,200 | 50% / 80% | 375 / 400 |" in text
     assert "| b | – / 1 | – / 1,000 | – / 80% | – / 500 |" in text
+    # Every step's real tokens over the whole wall: ours 4,200 / 50 s, the reference's 2,600 / 60 s.
+    assert "| real tokens / whole-process wall, every step (ratio) | 43 | 84 (1.94×) |" in text
     phases = "| wall: start-up / set-up / steps / other / exit (s) |"
     assert f"{phases} – | 4.2 / 1.5 / 40.0 / 3.8 / 0.6 |" in text
 
