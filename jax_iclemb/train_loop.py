@@ -207,7 +207,7 @@ class TrainLoop:
         window = min(steps, int(train.shape_plan_steps))
         tokens = compile_cost_tokens(int(train.compile_cost_tokens), jax.default_backend())
         self.plan, self._sampled = ShapePlan(), {}
-        if tokens <= 0 or window <= 1:
+        if tokens <= 0 or window <= 1 or start >= steps:  # off, or nothing left to run
             return None
         sample = []
         for s in range(window):
