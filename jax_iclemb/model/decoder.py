@@ -352,9 +352,12 @@ def abstract_model(
     return nnx.merge(graphdef, jax.tree.map(sharded, state, is_leaf=_is_variable))
 
 
-def shardings_of(state: nnx.State) -> nnx.State:
-    """The shardings of an abstract state's arrays (`abstract_model`'s)."""
-    return jax.tree.map(lambda v: v.replace(v.get_value().sharding), state, is_leaf=_is_variable)
+def shardings_of(state: nnx.State, default: jax.sharding.Sharding | None = None) -> nnx.State:
+    """The shardings of an abstract state's arrays (`abstract_model`'s); `default` for arrays
+    without one (an abstract model without a mesh)."""
+    return jax.tree.map(
+        lambda v: v.replace(v.get_value().sharding or default), state, is_leaf=_is_variable
+    )
 
 
 def create_model(

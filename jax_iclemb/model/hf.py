@@ -340,15 +340,8 @@ def load_weights(
     cfg)`, when the caller checked the checkpoint already."""
     key = jax.random.key(seed)
     graphdef, abstract_state = nnx.split(abstract_model(cfg, lora, mesh))
-    if mesh is not None:
-        shardings = shardings_of(abstract_state)
-    else:
-        device = SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(
-            lambda v: v.replace(device),
-            abstract_state,
-            is_leaf=lambda x: isinstance(x, nnx.Variable),
-        )
+    # Without a mesh, on the default device.
+    shardings = shardings_of(abstract_state, default=SingleDeviceSharding(jax.devices()[0]))
     flat_shardings = {p: v.get_value() for p, v in nnx.to_flat_state(shardings)}
     if readers is None:
         readers = checkpoint_readers(folder, cfg)
