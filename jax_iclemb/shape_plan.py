@@ -47,6 +47,19 @@ class ShapePlan:
                 return dataclasses.replace(shape, rows=rows, tiles=tiles)
         return shape
 
+    def merges(self, sample: Sequence[StepShape], processes: int) -> str | None:
+        """What the plan does to `sample` (shapes, share of the token slots used), or None when
+        it runs every sampled step at its own shape."""
+        planned = [self.cover(s) for s in sample]
+        before, after = ({s.key for s in shapes} for shapes in (sample, planned))
+        if len(after) == len(before):
+            return None
+        real = sum(s.real_tokens for s in sample)  # over all processes; rows are per process
+        used = [real / (processes * sum(_slots(s.key) for s in shapes))
+                for shapes in (sample, planned)]
+        return (f"their {len(before)} shapes run as {len(after)}, {used[0]:.1%} -> {used[1]:.1%} "
+                "of the token slots used")
+
 
 def _slots(key: Key) -> int:
     return key[0] * key[1]

@@ -109,7 +109,7 @@ def step_shape(
     )
 
 
-def natural_shape(
+def own_shape(
     packed: Mapping[int, PackedBatch],
     row_lengths: Sequence[int],
     model: ml_collections.ConfigDict,

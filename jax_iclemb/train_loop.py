@@ -31,7 +31,7 @@ from jax_iclemb.errors import ReportedError
 from jax_iclemb.observe import MetricsWriter, peak_flops, wandb_options
 from jax_iclemb.retrieval import METRICS, MODES
 from jax_iclemb.shape_plan import ShapePlan, compile_cost_tokens, plan_shapes
-from jax_iclemb.step_batch import StepShape, device_batch, global_max, natural_shape, pad_to_shape
+from jax_iclemb.step_batch import StepShape, device_batch, global_max, own_shape, pad_to_shape
 
 
 class TrainingError(ReportedError):
@@ -169,18 +169,18 @@ class TrainLoop:
         self._compiler: StepCompiler | None = None
         self._upcoming: collections.deque = collections.deque()  # (batch, shape, info) ahead
         self.plan = ShapePlan()  # every step at its own shape until `plan_run`
-        self._sampled: dict[int, tuple] = {}  # step -> `_own_shape`, kept from the plan's sample
+        self._sampled: dict[int, tuple] = {}  # step -> `_packed_step`, kept from the plan's sample
         self._start = self._built = self._steps = 0  # the batches of steps before _built exist
         self._ahead = max(1, int(config.train.compile_ahead))
 
-    def _own_shape(self, step: int) -> tuple[dict, StepShape, dict[str, Any]]:
+    def _packed_step(self, step: int) -> tuple[dict, StepShape, dict[str, Any]]:
         """Step `step`'s packed batches with their tile lists, its own shape and its info."""
         if step in self._sampled:
             return self._sampled.pop(step)
         # With several processes, each packs at every row length its sequences fit, so that the
-        # one collective in `natural_shape` can settle on the shortest that fits all of them.
+        # one collective in `own_shape` can settle on the shortest that fits all of them.
         packed, info = self.pipeline.batches(step, every_length=jax.process_count() > 1)
-        with_tiles, shape = natural_shape(
+        with_tiles, shape = own_shape(
             packed, self.pipeline.row_lengths, self.config.model,
             groups=self.pipeline.row_multiple,  # data shards × gradient-cache chunks
         )
@@ -188,7 +188,7 @@ class TrainLoop:
 
     def next_batch(self, step: int) -> tuple[PackedBatch, StepShape, dict[str, Any]]:
         """Step `step`'s batch on the mesh, at its shape in the run's `plan`."""
-        with_tiles, own, info = self._own_shape(step)
+        with_tiles, own, info = self._packed_step(step)
         shape = self.plan.cover(own)
         batch = pad_to_shape(
             with_tiles, shape, self.config.model,
@@ -211,25 +211,18 @@ class TrainLoop:
             return None
         sample = []
         for s in range(window):
-            own = self._own_shape(s)
-            sample.append(own[1])
+            packed = self._packed_step(s)
+            sample.append(packed[1])
             if s >= start:
-                self._sampled[s] = own
+                self._sampled[s] = packed
         # A shape's slots are this process's; its devices split the rows between them.
         devices = max(1, parallel.data_parallel_size(self.mesh) // jax.process_count())
         self.plan = plan_shapes(sample, steps, tokens * devices)
-        planned = [self.plan.cover(shape) for shape in sample]
-        before, after = ({s.key for s in shapes} for shapes in (sample, planned))
-        if len(after) == len(before):
+        merged = self.plan.merges(sample, jax.process_count())
+        if merged is None:
             return None
-        real = sum(s.real_tokens for s in sample)
-        slots = [sum(s.rows * s.length for s in shapes) * jax.process_count()
-                 for shapes in (sample, planned)]
-        return (
-            f"step shapes planned on the first {window} steps: their {len(before)} shapes run as "
-            f"{len(after)}, {real / slots[0]:.1%} -> {real / slots[1]:.1%} of the token slots "
-            f"used (train.compile_cost_tokens: a compile costs as much as {tokens} token slots)"
-        )
+        return (f"step shapes planned on the first {window} steps: {merged} "
+                f"(train.compile_cost_tokens: a compile costs as much as {tokens} token slots)")
 
     def maybe_evaluate(
         self, state: TrainState, frozen: dict, writer: MetricsWriter, steps: int

@@ -98,6 +98,20 @@ def test_a_shape_no_target_holds_runs_as_it_is():
     assert plan.cover(shape(5, tiles=70)).key == (10, 256, 100)  # too many tiles for (6, 60)
 
 
+def test_the_log_line_counts_shapes_and_the_slots_used():
+    plan = ShapePlan(targets=((6, 256, 60),))
+    sample = [shape(4), shape(6), shape(6)]  # real tokens: half of each one's slots
+    # 2,048 real tokens in 16 rows of 256, then in 18 (the 4-row step runs at 6).
+    assert plan.merges(sample, processes=1) == (
+        "their 2 shapes run as 1, 50.0% -> 44.4% of the token slots used"
+    )
+    # Rows are per process, real tokens over all: two processes compute twice the slots.
+    assert plan.merges(sample, processes=2) == (
+        "their 2 shapes run as 1, 25.0% -> 22.2% of the token slots used"
+    )
+    assert ShapePlan().merges(sample, processes=1) is None
+
+
 def test_partitions_counts_every_grouping():
     assert [sum(1 for _ in partitions(list(range(n)))) for n in range(6)] == [1, 1, 2, 5, 15, 52]
     assert all(sorted(itertools.chain(*p)) == [0, 1, 2] for p in partitions([0, 1, 2]))

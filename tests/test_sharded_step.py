@@ -11,7 +11,7 @@ from jax_iclemb.config import default_config
 from jax_iclemb.data.packing import pack_batch
 from jax_iclemb.model import LoraConfig, ModelConfig, create_model
 from jax_iclemb.model.build import split_model
-from jax_iclemb.step_batch import device_batch, natural_shape, pad_to_shape
+from jax_iclemb.step_batch import device_batch, own_shape, pad_to_shape
 from jax_iclemb.train_step import StepConfig, make_loss_fn
 
 ARCH = {
@@ -45,7 +45,7 @@ def loss_and_grads(mesh, batch, impl="xla", tile_rungs=4):
     step_config = StepConfig(temperature=0.05, distill_weight=1.0)
     length = batch.tokens.shape[1]
     groups = parallel.data_parallel_size(mesh)
-    with_tiles, shape = natural_shape({length: batch}, (length,), model_section, groups)
+    with_tiles, shape = own_shape({length: batch}, (length,), model_section, groups)
     batch = pad_to_shape(
         with_tiles, shape, model_section, groups=groups, num_queries=len(batch.query_slot),
         pad_id=0,

@@ -97,7 +97,7 @@ def test_processes_settle_on_the_shortest_row_length_that_fits_them_all(monkeypa
         other = [4, 50, 4, 5, 40, 5, *([3, 12, 3] if other_fits_32 else [-1, -1, -1]), 77]
         monkeypatch.setattr(step_batch, "gather_counts",
                             lambda values, other=other: np.array([list(values), other]))
-        with_tiles, shape = step_batch.natural_shape(packed, (128, 64, 32), model, groups=1)
+        with_tiles, shape = step_batch.own_shape(packed, (128, 64, 32), model, groups=1)
         batch = step_batch.pad_to_shape(with_tiles, shape, model, groups=1, num_queries=4,
                                         pad_id=0)
         mine = packed[want]
@@ -132,7 +132,7 @@ def test_tile_rungs_zero_makes_the_row_count_the_whole_shape():
         config.model.attention_tile_rungs = rungs
         shapes[rungs] = []
         for seed in range(4):
-            with_tiles, shape = step_batch.natural_shape(
+            with_tiles, shape = step_batch.own_shape(
                 {32: short_texts(seed)}, (32,), config.model, groups=2
             )
             batch = step_batch.pad_to_shape(with_tiles, shape, config.model, groups=2,
