@@ -100,6 +100,30 @@ def xla_attention(q, k, v, segment_ids, positions, *prefix, causal, sliding_wind
     return jax.lax.map(one_row, (q, k, v, segment_ids, positions), batch_size=rows_at_once)
 
 
+def attention_at_columns(q, k, v, segment_ids, positions, columns, *, causal, sliding_window):
+    """The attention of the queries at `columns` [R, S] only: q [R,S,H,Dh] (those columns'),
+    k/v [R,L,K,Dh] (every column's) -> [R,S,H,Dh], with `xla_attention`'s mask. Dense over each
+    row's keys: S is a row's few segments, so this is a sliver of the full attention's work.
+    (The decoder's last layer at the pooled tokens.)"""
+    r, s, heads, head_dim = q.shape
+    length, kv_heads = k.shape[1], k.shape[2]
+    window = sliding_window if sliding_window is not None and sliding_window < length else None
+    qg = q.reshape(r, s, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("rskgd,rlkd->rkgsl", qg, k, preferred_element_type=jnp.float32)
+    at = columns.astype(jnp.int32)[:, :, None]  # [R, S, 1]
+    mask = jnp.take_along_axis(segment_ids, at[..., 0], axis=1)[..., None] == segment_ids[:, None]
+    if causal:
+        mask &= jnp.arange(length)[None, None, :] <= at
+    if window is not None:
+        dist = jnp.take_along_axis(positions, at[..., 0], axis=1)[..., None] - positions[:, None]
+        mask &= (dist if causal else jnp.abs(dist)) < window
+    scores = scores * head_dim**-0.5 + jnp.where(mask, 0.0, _MASKED)[:, None, None]
+    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+    out = jnp.einsum("rkgsl,rlkd->rkgsd", weights.astype(v.dtype), v)
+    out = out / weights.sum(-1)[..., None].astype(out.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
+
+
 def _chunk_mask(seg, pos, start, stop, first, end, causal, window):
     """bool [stop - start, end - first]: may query i (of one row's [start, stop)) see key j (of
     [first, end))? Same segment AND (causal: j not after i) AND (window: within it, by position).

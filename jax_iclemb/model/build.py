@@ -22,7 +22,7 @@ from jax_iclemb.model.hf import (
     resolve_folder,
 )
 from jax_iclemb.model.lora import TRAINABLE, LoraConfig
-from jax_iclemb.model.pooling import l2_normalize, last_token_pool, mean_pool
+from jax_iclemb.model.pooling import l2_normalize, mean_pool
 
 # What the optimizer updates (`train.trainable`): the adapters, or every parameter (from scratch).
 TRAINABLE_BY_MODE = {"lora": TRAINABLE, "all": nnx.Param}
@@ -113,13 +113,14 @@ def embed_packed(
     positions = batch.positions
     if prefix is not None:
         positions = positions + jnp.where(batch.segment_ids > 0, prefix.length, 0)
+    last_token = pooling != "mean"
     hidden = model(
         batch.tokens, positions, batch.segment_ids, batch.block_pairs,
-        dropout_key=dropout_key, prefix=prefix,
+        dropout_key=dropout_key, prefix=prefix, pool_at=batch.last_index if last_token else None,
     )
-    if pooling == "mean":
-        pooled = mean_pool(hidden, batch.segment_ids, batch.last_index.shape[1])
+    if last_token:  # hidden [R, S, D]: the decoder computed the last tokens' only
+        pooled = hidden.astype(jnp.float32)
     else:
-        pooled = last_token_pool(hidden, batch.last_index)
+        pooled = mean_pool(hidden, batch.segment_ids, batch.last_index.shape[1])
     pooled = l2_normalize(pooled)
     return pooled.reshape(-1, pooled.shape[-1])

@@ -21,9 +21,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jax_iclemb.model.attention import dot_product_attention
+from jax_iclemb.model.attention import attention_at_columns, dot_product_attention
 from jax_iclemb.model.config import ModelConfig
 from jax_iclemb.model.lora import LAYERS, Linear, LoraConfig, fold_key
+from jax_iclemb.model.pooling import take_columns
 from jax_iclemb.parallel import logical_to_spec
 
 _REMAT_POLICIES = {
@@ -152,33 +153,47 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(
-        self, x, cos, sin, segment_ids, positions, block_pairs, dropout_key=None, prefix=None
+        self, x, cos, sin, segment_ids, positions, block_pairs, dropout_key=None, prefix=None,
+        columns=None,
     ):
-        """-> (output, (keys, values) after the rotation: what a later call's `prefix` holds)."""
+        """-> (output, (keys, values) after the rotation: what a later call's `prefix` holds).
+        With `columns` [R, S], queries and output at those columns only ([R, S, D]); keys and
+        values from every column."""
         cfg = self.cfg
         r, length, _ = x.shape
-        q = self.q_proj(x, dropout_key).reshape(r, length, cfg.num_heads, cfg.head_dim)
+        xq, cq, sq = (x, cos, sin) if columns is None else [
+            take_columns(a, columns) for a in (x, cos, sin)
+        ]
+        q = self.q_proj(xq, dropout_key, columns)
+        q = q.reshape(*xq.shape[:2], cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x, dropout_key).reshape(r, length, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x, dropout_key).reshape(r, length, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
-        q = constrain(apply_rope(q, cos, sin).astype(cfg.compute_dtype), _HEADS)
+        q = constrain(apply_rope(q, cq, sq).astype(cfg.compute_dtype), _HEADS)
         k = constrain(apply_rope(k, cos, sin).astype(cfg.compute_dtype), _KV_HEADS)
         v = constrain(v, _KV_HEADS)
-        out = dot_product_attention(
-            q,
-            k,
-            v,
-            segment_ids,
-            positions,
-            causal=cfg.attention == "causal",
-            sliding_window=cfg.sliding_window,
-            impl=cfg.attention_impl,
-            block_pairs=block_pairs,
-            block=cfg.attention_block,
-            prefix=prefix,
-        )
-        out = self.o_proj(out.reshape(r, length, cfg.num_heads * cfg.head_dim), dropout_key)
+        causal = cfg.attention == "causal"
+        if columns is None:
+            out = dot_product_attention(
+                q,
+                k,
+                v,
+                segment_ids,
+                positions,
+                causal=causal,
+                sliding_window=cfg.sliding_window,
+                impl=cfg.attention_impl,
+                block_pairs=block_pairs,
+                block=cfg.attention_block,
+                prefix=prefix,
+            )
+        else:
+            out = attention_at_columns(
+                q, k, v, segment_ids, positions, columns,
+                causal=causal, sliding_window=cfg.sliding_window,
+            )
+        out = self.o_proj(out.reshape(*xq.shape[:2], -1), dropout_key, columns)
         return out, (k, v)
 
 
@@ -190,9 +205,14 @@ class MLP(nnx.Module):
         self.up_proj = make("up_proj", d, m, ("mlp", "embed"))
         self.down_proj = make("down_proj", m, d, ("embed", "mlp"))
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        h = jax.nn.silu(self.gate_proj(x, dropout_key)) * self.up_proj(x, dropout_key)
-        return self.down_proj(constrain(h, ("batch", "length", "act_mlp")), dropout_key)
+    def __call__(
+        self, x: jax.Array, dropout_key: jax.Array | None = None, columns: jax.Array | None = None
+    ) -> jax.Array:
+        """`columns`: x holds these columns of the layer's rows (their dropout masks)."""
+        h = jax.nn.silu(self.gate_proj(x, dropout_key, columns)) * self.up_proj(
+            x, dropout_key, columns
+        )
+        return self.down_proj(constrain(h, ("batch", "length", "act_mlp")), dropout_key, columns)
 
 
 class Block(nnx.Module):
@@ -204,15 +224,20 @@ class Block(nnx.Module):
         self.dtype = cfg.compute_dtype
 
     def __call__(
-        self, x, cos, sin, segment_ids, positions, block_pairs, dropout_key=None, prefix=None
+        self, x, cos, sin, segment_ids, positions, block_pairs, dropout_key=None, prefix=None,
+        columns=None,
     ):
-        """-> (hidden, (keys, values) of the attention)."""
+        """-> (hidden, (keys, values) of the attention). With `columns` [R, S], the hidden states
+        at those columns only, [R, S, D]: the attention reads every column's keys and values,
+        nothing else is computed elsewhere."""
         h, kv = self.self_attn(
             self.input_layernorm(x), cos, sin, segment_ids, positions, block_pairs, dropout_key,
-            prefix,
+            prefix, columns,
         )
+        if columns is not None:
+            x = take_columns(x, columns)
         x = constrain(x + h.astype(self.dtype), _HIDDEN)
-        h = self.mlp(self.post_attention_layernorm(x), dropout_key)
+        h = self.mlp(self.post_attention_layernorm(x), dropout_key, columns)
         return constrain(x + h.astype(self.dtype), _HIDDEN), kv
 
 
@@ -256,7 +281,12 @@ class Decoder(nnx.Module):
     it; None (inference): no dropout.
     `prefix`: every sequence continues this cached prefix (positions then start after it).
     `keep_kv`: also return every layer's keys and values, [layers, R, L, K, Dh] each: row 0's
-    first P make the `Prefix` of a later call."""
+    first P make the `Prefix` of a later call.
+    `pool_at` [R, S]: return the hidden states at these columns only, [R, S, D] (last-token
+    pooling). Unrolled, without a prefix or `keep_kv`, the last layer then computes its queries,
+    attention output and MLP only there: nothing else reads them (exact; 1 / num_layers of the
+    layers' work saved, less the keys and values). Scanned, the last layer stays in the scan
+    (peeling it off would copy the stacked weights), and the columns are taken after it."""
 
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None = None, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -274,6 +304,7 @@ class Decoder(nnx.Module):
         dropout_key: jax.Array | None = None,
         prefix: Prefix | None = None,
         keep_kv: bool = False,
+        pool_at: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         cfg = self.config
         x = constrain(self.embed_tokens(tokens).astype(cfg.compute_dtype), _HIDDEN)
@@ -283,13 +314,15 @@ class Decoder(nnx.Module):
 
         # Pure in (hidden, one layer's variables, layer index, its prefix keys and values);
         # everything else is loop-invariant. Out: (hidden, the layer's keys and values or None).
-        def layer(x, params, i, kv):
+        def layer(x, params, i, kv, columns=None):
             key = None if dropout_key is None else fold_key(dropout_key, i)
             block = nnx.merge(graphdef, params)
             cached = None if kv is None else (*kv, prefix.length)
-            x, kv = block(x, cos, sin, segment_ids, positions, block_pairs, key, cached)
+            x, kv = block(x, cos, sin, segment_ids, positions, block_pairs, key, cached, columns)
             return x, (kv if keep_kv else None)
 
+        # The last layer at the pooled columns only (see the docstring).
+        pooled_last = pool_at is not None and not cfg.scan_layers and prefix is None and not keep_kv
         if cfg.remat != "none":
             # Inside a scan the body cannot be CSE'd with its recomputation anyway, so the
             # optimisation barriers of `prevent_cse` are only needed unrolled (jax.checkpoint docs).
@@ -301,9 +334,12 @@ class Decoder(nnx.Module):
         else:  # the same layers unrolled: one compiled copy per layer (the reference in tests)
             kvs = []
             for i in range(cfg.num_layers):
-                x, kv = layer(x, _index(stacked, i), i, _index(layer_kv, i))
+                at = pool_at if pooled_last and i == cfg.num_layers - 1 else None
+                x, kv = layer(x, _index(stacked, i), i, _index(layer_kv, i), at)
                 kvs.append(kv)
             kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if keep_kv else None
+        if pool_at is not None and not pooled_last:
+            x = take_columns(x, pool_at)
         hidden = constrain(self.norm(x), _HIDDEN)
         return (hidden, kv) if keep_kv else hidden
 

@@ -61,18 +61,27 @@ def _mix(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def random_words(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def random_words(
+    key: jax.Array, shape: tuple[int, ...], columns: jax.Array | None = None
+) -> jax.Array:
     """Uniform uint32 words, one per entry: a keyed hash of the entry's global position.
 
     Entry (*lead, i, j) gets mix(mix(i · shape[-1] + j + k0) ^ mix(lead index · φ + k1)), where
     (k0, k1) are the threefry key's two words. Two rounds of an integer hash (a dozen integer
     operations an entry) instead of threefry's twenty (about a hundred): on CPU drawing masks
     cost more than the adapters' matmuls. Positions are global, so a sharded array's bits do not
-    depend on how it is sharded; tests/test_lora.py checks the rate and the independence."""
+    depend on how it is sharded; tests/test_lora.py checks the rate and the independence.
+
+    `columns` [*lead, n] (int): the words of an array that holds only these columns i of a
+    larger one (the decoder's last layer at the pooled tokens), the larger array's at them."""
     k0, k1 = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)[:2]
     *lead, n, m = (1, *shape) if len(shape) == 1 else shape
-    within = jax.lax.broadcasted_iota(jnp.uint32, (n, m), 0) * jnp.uint32(m)
-    within = within + jax.lax.broadcasted_iota(jnp.uint32, (n, m), 1)
+    i = (
+        jax.lax.broadcasted_iota(jnp.uint32, (n, m), 0)
+        if columns is None
+        else columns.astype(jnp.uint32)[..., None]
+    )
+    within = i * jnp.uint32(m) + jax.lax.broadcasted_iota(jnp.uint32, (n, m), 1)
     row = jnp.arange(math.prod(lead), dtype=jnp.uint32).reshape(*lead, 1, 1)
     words = _mix(within + k0) ^ _mix(row * jnp.uint32(_GOLDEN) + k1)
     return _mix(words).reshape(shape)
@@ -92,24 +101,31 @@ def fold_key(key: jax.Array, n: int | jax.Array) -> jax.Array:
     return jax.random.wrap_key_data(_mix(words ^ salt), impl=jax.random.key_impl(key))
 
 
-def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.Array, float]:
+def keep_mask(
+    key: jax.Array, shape: tuple[int, ...], rate: float, columns: jax.Array | None = None
+) -> tuple[jax.Array, float]:
     """(bool mask, keep probability): each entry kept independently with probability
     1 - round(rate · 2³²) / 2³² (`random_words` ≥ the threshold)."""
     threshold = min(round(rate * 2**32), 2**32 - 1)
-    return _words_at_least(key, shape, threshold), 1.0 - threshold / 2**32
+    return _words_at_least(key, shape, threshold, columns), 1.0 - threshold / 2**32
 
 
 # Its own jit: a step's program draws a mask for each projection of each layer, mostly of a few
 # shapes, and a nested jit is traced once per shape rather than once per call (a third of the
 # forward pass's tracing otherwise, repeated for every step shape). Same operations, same bits.
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _words_at_least(key: jax.Array, shape: tuple[int, ...], threshold: int) -> jax.Array:
-    return random_words(key, shape) >= jnp.uint32(threshold)
+def _words_at_least(
+    key: jax.Array, shape: tuple[int, ...], threshold: int, columns: jax.Array | None
+) -> jax.Array:
+    return random_words(key, shape, columns) >= jnp.uint32(threshold)
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-    """Inverted dropout: kept entries scaled by 1 / keep probability, so E[output] = x."""
-    keep, p = keep_mask(key, x.shape, rate)
+def dropout(
+    x: jax.Array, rate: float, key: jax.Array, columns: jax.Array | None = None
+) -> jax.Array:
+    """Inverted dropout: kept entries scaled by 1 / keep probability, so E[output] = x.
+    `columns`: x holds these columns of a larger input, whose mask it gets (`random_words`)."""
+    keep, p = keep_mask(key, x.shape, rate, columns)
     return jnp.where(keep, x / p, 0).astype(x.dtype)
 
 
@@ -154,8 +170,12 @@ class Linear(nnx.Module):
             jnp.zeros((out_features, lora.rank), jnp.float32), logical_axes=(axes[0], "lora_rank")
         )
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        """`dropout_key` turns on the adapter's input dropout (training); None: inference."""
+    def __call__(
+        self, x: jax.Array, dropout_key: jax.Array | None = None, columns: jax.Array | None = None
+    ) -> jax.Array:
+        """`dropout_key` turns on the adapter's input dropout (training); None: inference.
+        `columns` [R, S]: x [R, S, in] holds these columns of the layer's [R, L, in] input, and
+        gets that input's dropout mask there."""
         x = x.astype(self.dtype)
         y = dense(x, self.weight[...].astype(self.dtype))
         if self.bias is not None:
@@ -163,7 +183,7 @@ class Linear(nnx.Module):
         if self.lora_a is not None:
             h = x
             if self.dropout_rate and dropout_key is not None:
-                h = dropout(x, self.dropout_rate, fold_key(dropout_key, self.stream))
+                h = dropout(x, self.dropout_rate, fold_key(dropout_key, self.stream), columns)
             a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
             y = y + (self.scale * low_rank(h, a, b)).astype(self.dtype)
         return y

@@ -6,10 +6,15 @@ import jax
 import jax.numpy as jnp
 
 
+def take_columns(a: jax.Array, columns: jax.Array) -> jax.Array:
+    """a [R, L, ...] at columns [R, S] of each row -> [R, S, ...]."""
+    index = columns.astype(jnp.int32).reshape(*columns.shape, *[1] * (a.ndim - 2))
+    return jnp.take_along_axis(a, index, axis=1)
+
+
 def last_token_pool(hidden: jax.Array, last_index: jax.Array) -> jax.Array:
     """hidden [R, L, D], last_index [R, S] (column of segment s+1's last token) -> [R, S, D]."""
-    picked = jnp.take_along_axis(hidden, last_index[:, :, None].astype(jnp.int32), axis=1)
-    return picked.astype(jnp.float32)
+    return take_columns(hidden, last_index).astype(jnp.float32)
 
 
 def mean_pool(hidden: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
