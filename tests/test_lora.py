@@ -18,16 +18,8 @@ from jax_iclemb.model import (
     load_lora_state,
     lora_state,
 )
-from jax_iclemb.model.lora import (
-    LORA_TARGETS,
-    Linear,
-    dense,
-    dropout,
-    fold_key,
-    keep_mask,
-    low_rank,
-    random_words,
-)
+from jax_iclemb.model.hash_random import fold_key, random_words
+from jax_iclemb.model.lora import LORA_TARGETS, Linear, dense, dropout, keep_mask, low_rank
 
 CFG = ModelConfig(
     model_type="mistral",

@@ -12,7 +12,7 @@ from flax import nnx
 from jax_iclemb.data.batch import PackedRows
 from jax_iclemb.model import TRAINABLE, LoraConfig, ModelConfig, create_model, lora_state
 from jax_iclemb.model.build import embed_packed
-from jax_iclemb.model.lora import random_words
+from jax_iclemb.model.hash_random import random_words
 from jax_iclemb.model.pooling import take_columns
 
 CFG = ModelConfig(

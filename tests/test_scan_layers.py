@@ -13,7 +13,7 @@ from jax_iclemb import parallel
 from jax_iclemb.model import TRAINABLE, LoraConfig, ModelConfig, create_model, lora_state
 from jax_iclemb.model.block_sparse import block_pairs
 from jax_iclemb.model.decoder import layer_view, rope_inv_freq, rope_tables, state_shardings
-from jax_iclemb.model.lora import fold_key
+from jax_iclemb.model.hash_random import fold_key
 
 CFG = ModelConfig(
     model_type="qwen3",  # q/k norms and biases: every kind of layer variable is stacked

@@ -72,24 +72,31 @@ def checkpoint_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
 
 
+# Steps of the reference run: enough for the loss to fall clearly whatever the seed (over 8, the
+# step-to-step spread of a task's loss can hide it).
+STEPS = 16
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
-    result = run_cli(workdir, "--config.train.steps=8", "--config.train.checkpoint_every=100")
+    result = run_cli(
+        workdir, f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=100"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
 
 def test_tiny_run_writes_metrics_and_the_loss_falls(reference_run):
     records = [json.loads(x) for x in (reference_run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for key in ("loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "utilisation"):
         assert all(isinstance(r[key], float) for r in records), key
     first, last = [r["loss"] for r in records[:3]], [r["loss"] for r in records[-3:]]
     assert sum(last) < sum(first) - 0.3, (first, last)
-    assert json.loads((reference_run / "config.json").read_text())["train"]["steps"] == 8
+    assert json.loads((reference_run / "config.json").read_text())["train"]["steps"] == STEPS
     assert list((reference_run / "tensorboard").iterdir())
-    assert checkpoint_steps(reference_run) == [8]  # the final save
+    assert checkpoint_steps(reference_run) == [STEPS]  # the final save
 
 
 def kill_after_checkpoint(
@@ -109,15 +116,14 @@ def kill_after_checkpoint(
 
 
 def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
-    kill_after_checkpoint(
-        tmp_path, 3, "--config.train.steps=8", "--config.train.checkpoint_every=3"
-    )
-    result = run_cli(tmp_path, "--config.train.steps=8", "--config.train.checkpoint_every=3")
+    steps = f"--config.train.steps={STEPS}"
+    kill_after_checkpoint(tmp_path, 3, steps, "--config.train.checkpoint_every=3")
+    result = run_cli(tmp_path, steps, "--config.train.checkpoint_every=3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(tmp_path) == losses(reference_run)  # bitwise, every step
     # Each step is listed and plotted once: the killed run's steps after its checkpoint are gone.
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     scalars = tensorboard_scalars(tmp_path / "tensorboard", "train/loss")
     assert scalars == pytest.approx(losses(reference_run), rel=1e-6)  # TensorBoard keeps float32
 

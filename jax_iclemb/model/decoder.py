@@ -23,7 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_iclemb.model.attention import attention_at_columns, dot_product_attention
 from jax_iclemb.model.config import ModelConfig
-from jax_iclemb.model.lora import LAYERS, Linear, LoraConfig, fold_key
+from jax_iclemb.model.hash_random import fold_key, normal
+from jax_iclemb.model.lora import LAYERS, Linear, LoraConfig
 from jax_iclemb.model.pooling import take_columns
 from jax_iclemb.parallel import logical_to_spec
 
@@ -63,7 +64,7 @@ class RMSNorm(nnx.Module):
 class Embed(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         std = 1.0 if cfg.init == "fan_in" else cfg.initializer_range
-        table = std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))
+        table = std * normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))
         self.weight = nnx.Param(table.astype(cfg.weight_dtype), logical_axes=("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

@@ -18,6 +18,7 @@ from flax import nnx
 from flax.nnx.traversals import flatten_mapping
 
 from jax_iclemb.config import LORA_TARGETS
+from jax_iclemb.model.hash_random import fold_key, normal, random_words, uniform
 
 # Optimise only the adapters; `nnx.LoRAParam` subclasses `nnx.Param`, so "frozen" must exclude it.
 TRAINABLE = nnx.LoRAParam
@@ -48,57 +49,6 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
-
-
-_GOLDEN = 0x9E3779B9  # 2³² / φ: consecutive integers times it spread over the words
-
-
-def _mix(x: jax.Array) -> jax.Array:
-    """lowbias32 (C. Wellons, "hash-prospector"): a bijection of uint32 whose output bits each
-    flip with probability ~1/2 when any input bit does."""
-    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
-    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def random_words(
-    key: jax.Array, shape: tuple[int, ...], columns: jax.Array | None = None
-) -> jax.Array:
-    """Uniform uint32 words, one per entry: a keyed hash of the entry's global position.
-
-    Entry (*lead, i, j) gets mix(mix(i · shape[-1] + j + k0) ^ mix(lead index · φ + k1)), where
-    (k0, k1) are the threefry key's two words. Two rounds of an integer hash (a dozen integer
-    operations an entry) instead of threefry's twenty (about a hundred): on CPU drawing masks
-    cost more than the adapters' matmuls. Positions are global, so a sharded array's bits do not
-    depend on how it is sharded; tests/test_lora.py checks the rate and the independence.
-
-    `columns` [*lead, n] (int): the words of an array that holds only these columns i of a
-    larger one (the decoder's last layer at the pooled tokens), the larger array's at them."""
-    k0, k1 = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)[:2]
-    *lead, n, m = (1, *shape) if len(shape) == 1 else shape
-    i = (
-        jax.lax.broadcasted_iota(jnp.uint32, (n, m), 0)
-        if columns is None
-        else columns.astype(jnp.uint32)[..., None]
-    )
-    within = i * jnp.uint32(m) + jax.lax.broadcasted_iota(jnp.uint32, (n, m), 1)
-    row = jnp.arange(math.prod(lead), dtype=jnp.uint32).reshape(*lead, 1, 1)
-    words = _mix(within + k0) ^ _mix(row * jnp.uint32(_GOLDEN) + k1)
-    return _mix(words).reshape(shape)
-
-
-# Jitted like `_words_at_least`: a step's program folds 8 keys a layer, all of one shape, so tracing
-# them once instead of 32 times takes a fifth to a third off tracing a step shape of the 4-layer
-# comparison model (docs/performance.md). Same operations, same bits.
-@jax.jit
-def fold_key(key: jax.Array, n: int | jax.Array) -> jax.Array:
-    """The key of sub-stream `n` of `key` (a layer, a projection): its words rehashed with a salt
-    of n: a few integer operations, where `jax.random.fold_in` runs threefry (about a hundred) in
-    every step shape's program, once per layer and projection."""
-    words = jax.random.key_data(key).astype(jnp.uint32)
-    lanes = jnp.arange(1, words.shape[-1] + 1, dtype=jnp.uint32)
-    salt = _mix(jnp.asarray(n, jnp.uint32) * jnp.uint32(_GOLDEN) + lanes)
-    return jax.random.wrap_key_data(_mix(words ^ salt), impl=jax.random.key_impl(key))
 
 
 def keep_mask(
@@ -147,7 +97,7 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
-        weight = std * jax.random.normal(rngs.params(), (out_features, in_features), jnp.float32)
+        weight = std * normal(rngs.params(), (out_features, in_features))
         self.weight = nnx.Param(weight.astype(param_dtype), logical_axes=axes)
         self.bias = (
             nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[0],))
@@ -164,7 +114,7 @@ class Linear(nnx.Module):
         # PEFT's init: kaiming_uniform(a=√5) on (rank, in) is U(±1/√in); B = 0 so a fresh adapter
         # leaves the layer unchanged.
         bound = 1.0 / math.sqrt(in_features)
-        a = jax.random.uniform(rngs.params(), (lora.rank, in_features), jnp.float32, -bound, bound)
+        a = uniform(rngs.params(), (lora.rank, in_features), -bound, bound)
         self.lora_a = nnx.LoRAParam(a, logical_axes=("lora_rank", axes[1]))
         self.lora_b = nnx.LoRAParam(
             jnp.zeros((out_features, lora.rank), jnp.float32), logical_axes=(axes[0], "lora_rank")
