@@ -8,60 +8,43 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_scan_layers import CFG as SCANNED
+from test_scan_layers import LORA, adapted_model
+from test_scan_layers import packed_rows as scan_rows
 
 from jax_iclemb.data.batch import PackedRows
-from jax_iclemb.model import TRAINABLE, LoraConfig, ModelConfig, create_model, lora_state
+from jax_iclemb.model import TRAINABLE, create_model
 from jax_iclemb.model.build import embed_packed
 from jax_iclemb.model.hash_random import random_words
 from jax_iclemb.model.pooling import take_columns
 
-CFG = ModelConfig(
-    model_type="qwen3",  # q/k norms and biases: every kind of projection and norm
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qkv_bias=True,
-    o_bias=True,
-    qk_norm=True,
-    dtype="float32",
-    param_dtype="float32",
-    scan_layers=False,
-)
-LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.3)
 KEY = jax.random.key(3)
+UNROLLED = SCANNED.replace(scan_layers=False)
 VARIANTS = {
-    "causal": CFG,
-    "sliding window": CFG.replace(sliding_window=5),
-    "bidirectional": CFG.replace(attention="bidirectional"),
-    "remat": CFG.replace(remat="full"),
+    "causal": UNROLLED,
+    "sliding window": UNROLLED.replace(sliding_window=5),
+    "bidirectional": UNROLLED.replace(attention="bidirectional"),
+    "remat": UNROLLED.replace(remat="full"),
 }
-
-
-def packed_rows():
-    """Three rows of 16 tokens: three segments; one segment and padding; padding only. The
-    columns are each segment's last token, 0 for unused slots (as the packer writes them)."""
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, CFG.vocab_size, (3, 16)).astype(np.int32)
-    segments = np.array([[1] * 5 + [2] * 7 + [3] * 4, [1] * 11 + [0] * 5, [0] * 16], np.int32)
-    positions = np.zeros_like(segments)
-    for r in range(3):
-        for s in set(segments[r].tolist()) - {0}:
-            positions[r, segments[r] == s] = np.arange((segments[r] == s).sum())
-    columns = np.array([[4, 11, 15], [10, 0, 0], [0, 0, 0]], np.int32)
-    return tokens, positions, segments, columns
 
 
 @pytest.fixture(scope="module")
 def model():
-    model = create_model(CFG, LORA, seed=1)
-    rng = np.random.default_rng(2)  # non-zero B, so that every adapter changes the output
-    noise = lambda v: 0.2 * rng.standard_normal(v.shape, np.float32)
-    nnx.update(model, jax.tree.map(noise, lora_state(model)))
-    return model
+    return adapted_model()
+
+
+def packed_rows():
+    """test_scan_layers' rows (three segments; one segment and padding) and a row of padding
+    only. The columns are each segment's last token, 0 for unused slots (as the packer writes
+    them)."""
+    tokens, positions, segments = (
+        np.concatenate([a, np.zeros((1, a.shape[1]), a.dtype)]) for a in scan_rows()
+    )
+    columns = np.zeros((3, 3), np.int32)
+    for r in range(3):
+        ends = [int(np.flatnonzero(segments[r] == s)[-1]) for s in range(1, segments[r].max() + 1)]
+        columns[r, : len(ends)] = ends
+    return tokens, positions, segments, columns
 
 
 def pooled_and_grads(model, cfg, *, pooled_last):
@@ -90,7 +73,7 @@ def test_last_layer_at_the_columns_equals_the_full_last_layer(model, variant):
     cfg = VARIANTS[variant]
     got_hidden, got_grads = pooled_and_grads(model, cfg, pooled_last=True)
     want_hidden, want_grads = pooled_and_grads(model, cfg, pooled_last=False)
-    assert got_hidden.shape == (3, 3, CFG.hidden_size)
+    assert got_hidden.shape == (3, 3, SCANNED.hidden_size)
     np.testing.assert_allclose(got_hidden, want_hidden, rtol=0, atol=2e-5)  # fp32 rounding
     leaves, want = jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)
     assert len(leaves) == 14  # A and B of the 7 projections
@@ -101,8 +84,8 @@ def test_last_layer_at_the_columns_equals_the_full_last_layer(model, variant):
 
 
 def test_scanned_layers_pool_the_same_columns(model):
-    got = pooled_and_grads(model, CFG.replace(scan_layers=True), pooled_last=True)
-    want = pooled_and_grads(model, CFG, pooled_last=False)
+    got = pooled_and_grads(model, SCANNED, pooled_last=True)
+    want = pooled_and_grads(model, UNROLLED, pooled_last=False)
     np.testing.assert_allclose(got[0], want[0], rtol=0, atol=2e-5)
 
 
@@ -120,8 +103,11 @@ def test_embed_packed_pools_through_the_pooled_last_layer(model):
     tokens, positions, segments, columns = packed_rows()
     rows = PackedRows(tokens=tokens, positions=positions, segment_ids=segments,
                       last_index=columns, block_pairs=None)
-    got = np.asarray(embed_packed(model, rows, "last_token", KEY))
-    hidden = take_columns(model(tokens, positions, segments, dropout_key=KEY), columns)
-    want = np.asarray(hidden).reshape(-1, CFG.hidden_size)
+    unrolled = nnx.merge(
+        nnx.graphdef(nnx.eval_shape(lambda: create_model(UNROLLED, LORA))), nnx.state(model)
+    )
+    got = np.asarray(embed_packed(unrolled, rows, "last_token", KEY))
+    hidden = take_columns(unrolled(tokens, positions, segments, dropout_key=KEY), columns)
+    want = np.asarray(hidden).reshape(-1, SCANNED.hidden_size)
     want = want / np.linalg.norm(want, axis=-1, keepdims=True)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)

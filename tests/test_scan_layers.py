@@ -46,13 +46,18 @@ def packed_rows():
     return tokens, positions, segments
 
 
-@pytest.fixture(scope="module")
-def model():
+def adapted_model():
+    """CFG with LORA, every adapter's B non-zero, so that each changes the output."""
     model = create_model(CFG, LORA, seed=1)
-    rng = np.random.default_rng(2)  # non-zero B, so that every adapter changes the output
+    rng = np.random.default_rng(2)
     noise = lambda v: 0.2 * rng.standard_normal(v.shape, np.float32)
     nnx.update(model, jax.tree.map(noise, lora_state(model)))
     return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return adapted_model()
 
 
 def reference_hidden(model, tokens, positions, segments, key):
