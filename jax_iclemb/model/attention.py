@@ -108,8 +108,13 @@ def attention_at_columns(q, k, v, segment_ids, positions, columns, *, causal, sl
     r, s, heads, head_dim = q.shape
     length, kv_heads = k.shape[1], k.shape[2]
     window = sliding_window if sliding_window is not None and sliding_window < length else None
-    qg = q.reshape(r, s, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("rskgd,rlkd->rkgsl", qg, k, preferred_element_type=jnp.float32)
+    groups = heads // kv_heads
+    # [R, K, G·S, Dh] against [R, K, L, Dh]: batched matmuls over (row, KV head).
+    qg = q.reshape(r, s, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    qg = qg.reshape(r, kv_heads, groups * s, head_dim)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("rkqd,rkld->rkql", qg, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(r, kv_heads, groups, s, length)
     at = columns.astype(jnp.int32)[:, :, None]  # [R, S, 1]
     mask = jnp.take_along_axis(segment_ids, at[..., 0], axis=1)[..., None] == segment_ids[:, None]
     if causal:
@@ -119,7 +124,9 @@ def attention_at_columns(q, k, v, segment_ids, positions, columns, *, causal, sl
         mask &= (dist if causal else jnp.abs(dist)) < window
     scores = scores * head_dim**-0.5 + jnp.where(mask, 0.0, _MASKED)[:, None, None]
     weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
-    out = jnp.einsum("rkgsl,rlkd->rkgsd", weights.astype(v.dtype), v)
+    out = jnp.einsum(
+        "rkql,rkld->rkqd", weights.astype(v.dtype).reshape(r, kv_heads, groups * s, length), v
+    ).reshape(r, kv_heads, groups, s, head_dim)
     out = out / weights.sum(-1)[..., None].astype(out.dtype)
     return out.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
 
