@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec
 
 from jax_iclemb.config import ATTENTION_IMPLS
 from jax_iclemb.model import block_sparse
+from jax_iclemb.model.pooling import take_columns
 from jax_iclemb.parallel import logical_to_spec
 
 # Queries per chunk of the "xla" path: a row's chunk of scores ([heads, 128, ≤ L] floats) stays in
@@ -115,12 +116,12 @@ def attention_at_columns(q, k, v, segment_ids, positions, columns, *, causal, sl
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("rkqd,rkld->rkql", qg, k, preferred_element_type=jnp.float32)
     scores = scores.reshape(r, kv_heads, groups, s, length)
-    at = columns.astype(jnp.int32)[:, :, None]  # [R, S, 1]
-    mask = jnp.take_along_axis(segment_ids, at[..., 0], axis=1)[..., None] == segment_ids[:, None]
+    # [R, S, L]: may the query at column columns[r, s] see key column l?
+    mask = take_columns(segment_ids, columns)[..., None] == segment_ids[:, None]
     if causal:
-        mask &= jnp.arange(length)[None, None, :] <= at
+        mask &= jnp.arange(length) <= columns[..., None]
     if window is not None:
-        dist = jnp.take_along_axis(positions, at[..., 0], axis=1)[..., None] - positions[:, None]
+        dist = take_columns(positions, columns)[..., None] - positions[:, None]
         mask &= (dist if causal else jnp.abs(dist)) < window
     scores = scores * head_dim**-0.5 + jnp.where(mask, 0.0, _MASKED)[:, None, None]
     weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))

@@ -32,10 +32,8 @@ def random_words(
     """Uniform uint32 words, one per entry: a keyed hash of the entry's global position.
 
     Entry (*lead, i, j) gets mix(mix(i · shape[-1] + j + k0) ^ mix(lead index · φ + k1)), where
-    (k0, k1) are the threefry key's two words. Two rounds of an integer hash (a dozen integer
-    operations an entry) instead of threefry's twenty (about a hundred): on CPU drawing masks
-    cost more than the adapters' matmuls. Positions are global, so a sharded array's bits do not
-    depend on how it is sharded; tests/test_lora.py checks the rate and the independence.
+    (k0, k1) are the threefry key's two words (why a hash, and why global positions: the module
+    docstring).
 
     `columns` [*lead, n] (int): the words of an array that holds only these columns i of a
     larger one (the decoder's last layer at the pooled tokens), the larger array's at them."""
