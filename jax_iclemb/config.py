@@ -95,6 +95,7 @@ POSITIVE = (
     "data.max_segments_per_row", "model.attention_block", "lora.rank", "loss.temperature",
     "optim.lr", "optim.accumulate_steps", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.grad_cache_chunks", "train.shape_plan_steps",
+    "train.cpu_devices",
 )
 NON_NEGATIVE = (
     "data.max_examples", "data.examples_max_len", "data.pack_len", "data.min_pack_len",
@@ -194,9 +195,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.compile_workers = 0
     # Step shapes merge when the compiles they save outweigh the padding they add over the run,
     # weighed on its first `shape_plan_steps` steps, a compile taken to cost as much as computing
-    # `compile_cost_tokens` token slots on one device (-1: by platform, 16k on CPUs, 128k on
-    # accelerators; 0: every step at its own ladder shape; jax_iclemb/shape_plan.py). Short runs
-    # compile fewer shapes; long ones keep them all.
+    # `compile_cost_tokens` token slots on one accelerator, or on the whole CPU host (-1: by
+    # platform, 16k on CPUs, 128k on accelerators; 0: every step at its own ladder shape;
+    # jax_iclemb/shape_plan.py). Short runs compile fewer shapes; long ones keep them all.
     c.train.compile_cost_tokens = -1
     c.train.shape_plan_steps = 64
     # The train command sets glibc's malloc to keep freed memory, so that each CPU step reuses its
@@ -205,6 +206,9 @@ def default_config() -> ml_collections.ConfigDict:
     # XLA's Triton matmuls on GPUs: faster steps, ~3x slower compiles of each step shape
     # (jax_iclemb/xla_flags.py); the train command's default leaves them to cuBLAS.
     c.train.gpu_triton_gemm = False
+    # XLA devices the train command splits a CPU host into (at most one per usable core), the
+    # rows split over them: each runs its share's small ops on its own core (xla_flags.py).
+    c.train.cpu_devices = 2
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0

@@ -213,6 +213,8 @@ def main(argv: Sequence[str], *, command: bool = False) -> int:
     if command:  # before JAX starts its backend, which reads XLA_FLAGS once
         triton = "true" if config.train.gpu_triton_gemm else "false"
         xla_flags.set_default("xla_gpu_enable_triton_gemm", triton)
+        devices = xla_flags.cpu_devices(config.train.cpu_devices)
+        xla_flags.set_default("xla_force_host_platform_device_count", str(devices))
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     if workdir.exists() and not workdir.is_dir():
         raise PathExists(f"--workdir {workdir} exists and is not a folder")

@@ -215,8 +215,11 @@ class TrainLoop:
             sample.append(packed[1])
             if s >= start:
                 self._sampled[s] = packed
-        # A shape's slots are this process's; its devices split the rows between them.
-        devices = max(1, parallel.data_parallel_size(self.mesh) // jax.process_count())
+        # A shape's slots are this process's; its devices split the rows between them, side by
+        # side on accelerators, while a CPU host's devices share its cores.
+        devices = 1 if jax.default_backend() == "cpu" else max(
+            1, parallel.data_parallel_size(self.mesh) // jax.process_count()
+        )
         self.plan = plan_shapes(sample, steps, tokens * devices)
         merged = self.plan.merges(sample, jax.process_count())
         if merged is None:

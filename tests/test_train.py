@@ -41,8 +41,9 @@ def train_cmd(workdir: Path, *overrides: str, data: Path | None = None) -> list[
 
 
 def env() -> dict[str, str]:
+    """The tests' environment without their XLA_FLAGS: the command chooses the CPU devices."""
     e = dict(os.environ)
-    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    e.pop("XLA_FLAGS", None)
     e["JAX_PLATFORMS"] = "cpu"
     return e
 
@@ -84,7 +85,14 @@ def reference_run(tmp_path_factory):
         workdir, f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=100"
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    (workdir / "stderr.txt").write_text(result.stderr)
     return workdir
+
+
+def test_the_command_trains_on_two_cpu_devices_where_it_has_two_cores(reference_run):
+    devices = min(2, len(os.sched_getaffinity(0)))  # train.cpu_devices's default
+    log = (reference_run / "stderr.txt").read_text()
+    assert f"single process: 1 process x {devices} local devices" in log
 
 
 def test_tiny_run_writes_metrics_and_the_loss_falls(reference_run):
