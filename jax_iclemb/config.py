@@ -196,7 +196,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Step shapes merge when the compiles they save outweigh the padding they add over the run,
     # weighed on its first `shape_plan_steps` steps, a compile taken to cost as much as computing
     # `compile_cost_tokens` token slots on one accelerator, or on the whole CPU host (-1: by
-    # platform, 16k on CPUs, 128k on accelerators; 0: every step at its own ladder shape;
+    # platform, 32k on CPUs, 128k on accelerators; 0: every step at its own ladder shape;
     # jax_iclemb/shape_plan.py). Short runs compile fewer shapes; long ones keep them all.
     c.train.compile_cost_tokens = -1
     c.train.shape_plan_steps = 64

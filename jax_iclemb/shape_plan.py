@@ -19,11 +19,12 @@ from jax_iclemb.step_batch import StepShape
 
 Key = tuple[int, int, int]  # `StepShape.key`: (rows, row length, attention tiles)
 
-# What a compile costs, in token slots of step compute on one device, for
-# `train.compile_cost_tokens=-1`. On 2 CPU cores the comparison work of docs/benchmarks.md
-# compiles a shape in 4-6 s and computes a slot in ~0.27 ms: ~16k slots. On an H200 a shape took
-# 3.7-5.2 s against ~10 us a slot (~400k); a third of that leaves room for larger models.
-PLATFORM_COMPILE_COST_TOKENS = {"cpu": 16_384}
+# What a compile costs, in token slots of step compute on one accelerator or CPU host, for
+# `train.compile_cost_tokens=-1`. On 2 CPU cores (two CPU devices) the comparison work of
+# docs/benchmarks.md compiles a shape in 5-6 s and computes a slot in ~0.19 ms: ~30k slots. On an
+# H200 a shape took 3.7-5.2 s against ~10 us a slot (~400k); a third of that leaves room for
+# larger models.
+PLATFORM_COMPILE_COST_TOKENS = {"cpu": 32_768}
 ACCELERATOR_COMPILE_COST_TOKENS = 131_072
 
 

@@ -84,7 +84,7 @@ def test_a_short_run_merges_and_a_long_one_keeps_every_shape():
 
 
 def test_the_platform_default_and_a_configured_cost():
-    assert compile_cost_tokens(-1, "cpu") == 16384
+    assert compile_cost_tokens(-1, "cpu") == 32768
     assert compile_cost_tokens(-1, "gpu") == compile_cost_tokens(-1, "tpu") == 131072
     assert compile_cost_tokens(0, "gpu") == 0 and compile_cost_tokens(5000, "cpu") == 5000
 
