@@ -345,6 +345,13 @@ def summarise_jax(records: Sequence[dict[str, Any]], warmup: int) -> dict[str, A
 
 _LOG_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) jax_iclemb\.\S+: (.*)")
 _SET_UP = re.compile(r"^set up in ([\d.]+) s")
+_DEVICES = re.compile(r"jax_iclemb\.distributed: .* x (\d+) local devices")
+
+
+def logged_devices(log: str) -> int | None:
+    """How many devices our side trained on (`train.cpu_devices` on a CPU), from its log."""
+    found = _DEVICES.search(log)
+    return int(found.group(1)) if found else None
 
 
 def wall_phases(log: str, started: float, ended: float, records: Sequence[dict[str, Any]]
@@ -617,6 +624,8 @@ def render_report(result: dict[str, Any]) -> str:
         return "–" if first is None else f"{first:.3f} → {last:.3f}"
 
     row("loss, first → last step", loss)
+    row("devices (ours: from its log)", lambda s: "–" if s in ("flag", "torch") else
+        _num(result["sides"][s].get("devices")))
     row("peak RSS (MiB, `/usr/bin/time -v`)",
         lambda s: _num(result["sides"][s]["time"].get("peak_rss_mb")))
     row("whole-process wall (s)",
@@ -961,6 +970,7 @@ def run_jax(args: argparse.Namespace, scratch: Path, venv: Path, tasks: list[dic
     return {
         **out,
         "phases": wall_phases(log, out["started"], out["ended"], records),
+        "devices": logged_devices(log),
         "raw": records,
         "versions": our_versions(),
         "command": _display(

@@ -117,7 +117,7 @@ def test_ratio_and_report(vs, metrics_file):
             "flag": {"summary": reference, "time": {"peak_rss_mb": 1000.0, "wall_s": 60.0},
                      "command": "python -m FlagEmbedding..."},
             "jax": {"summary": ours, "time": {"peak_rss_mb": 900.0, "wall_s": 50.0},
-                    "command": "python -m jax_iclemb.train ...",
+                    "command": "python -m jax_iclemb.train ...", "devices": 2,
                     "phases": {"start_up": 4.2, "set_up": 1.5, "steps": 40.0, "other": 3.75,
                                "exit": 0.55}},
         },
@@ -134,6 +134,7 @@ def test_ratio_and_report(vs, metrics_file):
     assert "| b | – / 1 | – / 1,000 | – / 80% | – / 500 |" in text
     # Every step's real tokens over the whole wall: ours 4,200 / 50 s, the reference's 2,600 / 60 s.
     assert "| real tokens / whole-process wall, every step (ratio) | 43 | 84 (1.94×) |" in text
+    assert "| devices (ours: from its log) | – | 2 |" in text
     phases = "| wall: start-up / set-up / steps / other / exit (s) |"
     assert f"{phases} – | 4.2 / 1.5 / 40.0 / 3.8 / 0.6 |" in text
 
@@ -156,6 +157,13 @@ def test_our_wall_is_split_by_the_logs_timestamps(vs):
         {"start_up": 3.5, "set_up": 1.5, "steps": 3.5, "exit": 0.75, "other": 0.75}
     )
     assert vs.wall_phases("no trainer lines", started, started + 10.0, records) is None
+
+
+def test_our_device_count_is_read_from_the_log(vs):
+    line = ("2026-01-01 10:00:03,500 jax_iclemb.distributed: single process: 1 process x 2 local "
+            "devices (this is process 0; 2 devices in all)\n")
+    assert vs.logged_devices("start\n" + line) == 2
+    assert vs.logged_devices("no such line") is None
 
 
 def test_time_v_parsing(vs):
