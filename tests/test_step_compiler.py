@@ -87,11 +87,13 @@ def steps_of(loop: TrainLoop) -> list[int]:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_start_compiling_looks_ahead_only_for_idle_workers(workers):
     """One step ahead (`compile_ahead=1`): one worker compiles the first step's shape and the
-    loop builds nothing more; with two, it builds batches until a second shape is compiling."""
+    loop builds nothing more; with two, it builds batches until a second shape is compiling.
+    Every step at its own shape (no shape plan), so that the next shapes differ."""
     config = load_config(
         REPO / "configs" / "tiny.py",
         [*TINY_OVERRIDES, f"--config.data.path={builtin_data_dir()}",
-         "--config.train.compile_ahead=1", f"--config.train.compile_workers={workers}"],
+         "--config.train.compile_ahead=1", f"--config.train.compile_workers={workers}",
+         "--config.train.compile_cost_tokens=0"],
     )
     pipeline = pipeline_from_config(config)
     mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
