@@ -1,5 +1,5 @@
 """The built-in default: a small random-initialised Mistral-shaped decoder, the real Mistral
-tokenizer, and the project's generated multi-task data. Runs on a 2-core CPU in about two minutes.
+tokenizer, and the project's generated multi-task data. Runs on a 2-core CPU in about a minute.
 
     python -m jax_iclemb.train --config configs/tiny.py
 """
