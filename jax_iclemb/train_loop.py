@@ -35,7 +35,29 @@ from jax_iclemb.step_batch import StepShape, device_batch, global_max, own_shape
 
 
 class TrainingError(ReportedError):
-    """The run cannot go on (a non-finite loss): the message says why and what was kept."""
+    """The run cannot go on (a non-finite loss, out of device memory): the message says why and
+    what was kept."""
+
+
+def out_of_memory_message(
+    error: Exception, step: int, shape: StepShape, saved: int | None, workdir: Path
+) -> str:
+    """What to say when a step runs out of device memory: where, XLA's own line, and what fits."""
+    xla_line = str(error).strip().splitlines()[0][:400]
+    kept = (
+        f"the last checkpoint (step {saved}) is kept in {workdir / 'checkpoints'}"
+        if saved is not None else "no checkpoint was saved"
+    )
+    return (
+        f"the device ran out of memory at step {step} (step shape: {shape.rows} rows x "
+        f"{shape.length} tokens, {shape.tiles} attention tiles per row group); {kept}. XLA "
+        f"said: {xla_line}\n"
+        "To fit: fewer queries a step (data.batch_size), gradient-cache chunks "
+        "(train.grad_cache_chunks), model.remat=full, or shorter rows (data.*_max_len). Where "
+        "the allocator still had room (a CUDA graph or kernel launch out of memory), the GPU "
+        "driver needs memory that JAX holds: XLA_PYTHON_CLIENT_PREALLOCATE=false or a lower "
+        'XLA_PYTHON_CLIENT_MEM_FRACTION (docs/training.md, "On a GPU").'
+    )
 
 
 class _StopFlag:
@@ -321,14 +343,21 @@ class TrainLoop:
                     shape, batch, feed=lambda step=step: self._feed(step)
                 )
                 print_notes()
-                # Dispatched, not awaited:
-                (loss, metrics), grads = compiled(state.params, frozen, batch, state.step)
-                state, more = self.update(state, grads)
-                metrics = dict(metrics, loss=loss, **more)
-                # Host work while the device runs this step: the next steps' batches, whose
-                # new shapes compile in the background.
-                self._prepare(step + 1 + self._ahead)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                try:
+                    # Dispatched, not awaited:
+                    (loss, metrics), grads = compiled(state.params, frozen, batch, state.step)
+                    state, more = self.update(state, grads)
+                    metrics = dict(metrics, loss=loss, **more)
+                    # Host work while the device runs this step: the next steps' batches, whose
+                    # new shapes compile in the background.
+                    self._prepare(step + 1 + self._ahead)
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                except jax.errors.JaxRuntimeError as e:
+                    if "RESOURCE_EXHAUSTED" not in str(e):
+                        raise
+                    raise TrainingError(
+                        out_of_memory_message(e, step + 1, shape, ckpt.latest_step(), workdir)
+                    ) from e
                 seconds = time.perf_counter() - t0
                 if not all(math.isfinite(v) for v in metrics.values()):
                     raise TrainingError(

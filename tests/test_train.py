@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 from conftest import TINY_OVERRIDES
 
@@ -205,6 +206,47 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     logged = losses(tmp_path)
     assert checkpoint_steps(tmp_path), "no checkpoint survived"
     assert max(checkpoint_steps(tmp_path)) == max(logged)  # the last finite step, not the NaN one
+
+
+def test_out_of_device_memory_says_what_to_change_and_the_rerun_resumes(
+    tmp_path, monkeypatch, capsys
+):
+    """Step 3's program fails as XLA reports a GPU out of memory: the command prints one message
+    (where, XLA's line, what fits) without a traceback, keeps steps 1-2, and the same command
+    run again resumes from step 2 and finishes."""
+    from jax_iclemb import train, train_loop
+
+    argv = train_cmd(tmp_path, "--config.train.steps=4", "--config.train.checkpoint_every=1")[3:]
+    real_get, calls = train_loop.StepCompiler.get, []
+
+    def get(self, shape, batch, feed):
+        compiled, seconds = real_get(self, shape, batch, feed)
+
+        def step(*args):
+            calls.append(shape.key)
+            if len(calls) == 3:
+                raise jax.errors.JaxRuntimeError(
+                    "RESOURCE_EXHAUSTED: Failed to launch CUDA kernel: input_scatter_fusion_11: "
+                    "CUDA_ERROR_OUT_OF_MEMORY: out of memory\nmore lines of XLA's report"
+                )
+            return compiled(*args)
+
+        return step, seconds
+
+    monkeypatch.setattr(train_loop.StepCompiler, "get", get)
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: the device ran out of memory at step 3 (step shape: " in err
+    assert "input_scatter_fusion_11" in err and "more lines" not in err
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE=false" in err and "data.batch_size" in err
+    assert "Traceback" not in err
+    assert checkpoint_steps(tmp_path) == [1, 2]
+    assert f"last checkpoint (step 2) is kept in {tmp_path / 'checkpoints'}" in err
+
+    monkeypatch.setattr(train_loop.StepCompiler, "get", real_get)
+    assert train.main(argv) == 0
+    assert max(checkpoint_steps(tmp_path)) == 4
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
 
 
 # At most one example per query, 4 queries a step of the built-in data's four tasks: some steps
