@@ -10,7 +10,8 @@ Deep Contrastive Learning Batch Size under Memory Limited Setup"):
    parameters (a VJP); the chunks' parameter gradients sum to the unchunked gradient (chain rule).
 
 The price is one extra forward per step; peak activation memory follows the chunk, not the batch.
-Both passes give chunk c the same `chunk` index, so per-chunk randomness (dropout) agrees.
+Rows carry their ids (`PackedRows.row_ids`), which number them in their dropout masks, so both
+passes draw the masks of the unchunked step.
 
 Rows are sharded over the data axes in contiguous blocks. Chunk c takes every shard's c-th
 sub-block, so each chunk is spread over all devices and no row moves between devices.
@@ -28,8 +29,8 @@ from jax.sharding import PartitionSpec
 from jax_iclemb.parallel import data_parallel_size, logical_to_spec
 
 Params = Any
-# (params, rows of one chunk [r, ...], chunk index) -> slot embeddings [r * S, D]
-EmbedFn = Callable[[Params, Any, jax.Array], jax.Array]
+# (params, rows of one chunk [r, ...]) -> slot embeddings [r * S, D]
+EmbedFn = Callable[[Params, Any], jax.Array]
 # embeddings of every slot [R * S, D] -> (loss, aux)
 ObjectiveFn = Callable[[jax.Array], tuple[jax.Array, Any]]
 
@@ -82,18 +83,17 @@ def value_and_grad(
     """((loss, aux), d loss / d params) of `objective(embeddings of all rows)`, chunk by chunk.
 
     Equal (up to float rounding) to `jax.value_and_grad` of the composed function when `embed`
-    does not depend on the chunk index. `rows` is a pytree of [R, ...] arrays (`PackedRows`, whose
-    block-sparse tile lists are [groups, ...], a group per chunk and shard); R must split into
-    `chunks` equal chunks on every data shard.
+    gives each row the embeddings it gets among all the rows. `rows` is a pytree of [R, ...]
+    arrays (`PackedRows`, whose block-sparse tile lists are [groups, ...], a group per chunk and
+    shard); R must split into `chunks` equal chunks on every data shard.
     """
     shards = row_shards()
     num_rows = jax.tree.leaves(rows)[0].shape[0]
     check_rows(num_rows, chunks, shards)
     chunked = jax.tree.map(lambda v: to_chunks(v, chunks, shards), rows)
-    index = jnp.arange(chunks)
 
     # Pass 1: embeddings only; nothing here is differentiated, so no activation outlives its chunk.
-    emb = jax.lax.map(lambda xs: embed(params, xs[0], xs[1]), (chunked, index))
+    emb = jax.lax.map(lambda chunk_rows: embed(params, chunk_rows), chunked)
     per_row = emb.reshape(chunks, num_rows // chunks, -1, emb.shape[-1])  # [C, r, S, D]
     flat = from_chunks(per_row, chunks, shards).reshape(-1, emb.shape[-1])
     (loss, aux), emb_grad = jax.value_and_grad(objective, has_aux=True)(flat)
@@ -102,11 +102,11 @@ def value_and_grad(
 
     # Pass 2: recompute each chunk and pull its cached embedding gradient into the parameters.
     def accumulate(total: Params, xs) -> tuple[Params, None]:
-        chunk_rows, chunk_grad, c = xs
-        _, pull = jax.vjp(lambda p: embed(p, chunk_rows, c), params)
+        chunk_rows, chunk_grad = xs
+        _, pull = jax.vjp(lambda p: embed(p, chunk_rows), params)
         (grad,) = pull(chunk_grad)
         return jax.tree.map(jnp.add, total, grad), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(accumulate, zeros, (chunked, emb_grad, index))
+    grads, _ = jax.lax.scan(accumulate, zeros, (chunked, emb_grad))
     return (loss, aux), grads

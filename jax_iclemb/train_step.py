@@ -84,6 +84,13 @@ def make_objective(cfg: StepConfig) -> Callable:
     return objective
 
 
+def numbered(rows: PackedRows) -> PackedRows:
+    """`rows` with ids (their index where they have none), which chunks then carry along."""
+    if rows.row_ids is not None:
+        return rows
+    return dataclasses.replace(rows, row_ids=jnp.arange(rows.num_rows, dtype=jnp.int32))
+
+
 def dropout_key(cfg: StepConfig, step: jax.Array) -> jax.Array:
     """Dropout masks are a function of (seed, step): nothing random lives in the checkpoint."""
     return jax.random.fold_in(jax.random.key(cfg.seed + 1), step)
@@ -101,7 +108,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StepConfig) -> Callable:
 
 def make_grad_fn(graphdef: nnx.GraphDef, cfg: StepConfig) -> Callable:
     """Pure (params, frozen, batch, step) -> ((loss, metrics), grads); with `grad_cache_chunks`
-    > 1 through the gradient cache (chunk c's dropout key is the step's key folded with c)."""
+    > 1 through the gradient cache, whose chunks keep their rows' ids: the same dropout masks."""
     if cfg.grad_cache_chunks == 1:
         return jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
     embed, objective = make_embed_fn(graphdef, cfg), make_objective(cfg)
@@ -109,10 +116,10 @@ def make_grad_fn(graphdef: nnx.GraphDef, cfg: StepConfig) -> Callable:
     def grad_fn(params: dict, frozen: dict, batch: PackedBatch, step: jax.Array):
         key = dropout_key(cfg, step)
         return gradcache.value_and_grad(
-            lambda p, rows, c: embed(p, frozen, rows, jax.random.fold_in(key, c)),
+            lambda p, rows: embed(p, frozen, rows, key),
             lambda emb: objective(emb, batch),
             params,
-            batch.rows(),
+            numbered(batch.rows()),
             cfg.grad_cache_chunks,
         )
 

@@ -19,7 +19,15 @@ from jax_iclemb.model import (
     lora_state,
 )
 from jax_iclemb.model.hash_random import fold_key, random_words
-from jax_iclemb.model.lora import LORA_TARGETS, Linear, dense, dropout, keep_mask, low_rank
+from jax_iclemb.model.lora import (
+    LORA_TARGETS,
+    Dropout,
+    Linear,
+    apply_dropout,
+    dense,
+    keep_mask,
+    low_rank,
+)
 
 CFG = ModelConfig(
     model_type="mistral",
@@ -81,10 +89,11 @@ def test_linear_matches_formula_and_dropout_touches_only_adapter():
     keep, p = keep_mask(fold_key(key, LORA_TARGETS.index("up_proj")), x.shape, 0.5)
     dropped = np.where(keep, x / p, 0)
     want = x @ w.T + b + (8.0 / 4) * (dropped @ a.T @ bb.T)  # the mask is on the adapter input
-    np.testing.assert_allclose(layer(x, key), want, rtol=1e-5, atol=1e-5)
-    assert not np.allclose(layer(x, key), expected, atol=1e-3)
+    np.testing.assert_allclose(layer(x, Dropout(key)), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(layer(x, Dropout(key)), expected, atol=1e-3)
     layer.lora_b[...] = jnp.zeros((12, 4))
-    np.testing.assert_allclose(layer(x, key), x @ w.T + b, rtol=1e-5, atol=1e-5)  # base untouched
+    base = x @ w.T + b  # the base is untouched
+    np.testing.assert_allclose(layer(x, Dropout(key)), base, rtol=1e-5, atol=1e-5)
 
 
 def test_hand_written_backwards_equal_autodiff():
@@ -132,13 +141,23 @@ def test_keep_mask_rate_and_independence(rate):
         corr = np.corrcoef(keep.ravel(), other.ravel())[0, 1]
         assert abs(corr) < 5 / math.sqrt(keep.size)
     x = jnp.ones(shape)
-    np.testing.assert_allclose(float(dropout(x, rate, key).mean()), 1.0, atol=0.01)
+    np.testing.assert_allclose(float(apply_dropout(x, rate, key).mean()), 1.0, atol=0.01)
     # The mask is drawn under its own jit (traced once per shape): the same bits as the words
     # compared to the threshold directly, here and inside a jitted caller.
     words = np.asarray(random_words(key, shape))
     np.testing.assert_array_equal(keep, words >= round(rate * 2**32))
     inside = jax.jit(lambda k: keep_mask(k, shape, rate)[0])(key)
     np.testing.assert_array_equal(np.asarray(inside, np.float64), keep)
+
+
+def test_a_row_id_gives_the_row_that_index_s_words():
+    """`rows`: row r is hashed as row ids[r], so a row keeps its words wherever it is placed."""
+    key, shape = jax.random.key(11), (6, 5, 8)
+    ids = np.array([4, 0, 5, 2, 3, 1])
+    placed = np.asarray(random_words(key, shape, rows=jnp.asarray(ids)))
+    np.testing.assert_array_equal(placed, np.asarray(random_words(key, shape))[ids])
+    keep, _ = keep_mask(key, shape, 0.3, rows=jnp.asarray(ids))
+    np.testing.assert_array_equal(keep, np.asarray(keep_mask(key, shape, 0.3)[0])[ids])
 
 
 def test_random_words_are_uniform_and_do_not_depend_on_sharding():
@@ -186,7 +205,7 @@ def test_fresh_adapter_leaves_outputs_unchanged(models):
     base, adapted = models
     assert not jax.tree.leaves(nnx.state(base, TRAINABLE))  # lora=None: no adapters at all
     # Even with dropout active: B = 0.
-    hidden = adapted(*batch(), dropout_key=jax.random.key(0))
+    hidden = adapted(*batch(), dropout=Dropout(jax.random.key(0)))
     np.testing.assert_allclose(hidden, forward(base, *batch()), atol=1e-6)
 
 

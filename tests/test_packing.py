@@ -180,6 +180,11 @@ def test_pad_batch_in_groups_keeps_rows_slots_and_tiles():
         assert sequence_at(padded, padded.query_slot[i]) == q
         for j, p in enumerate(passages[i]):
             assert sequence_at(padded, padded.passage_slot[i, j]) == p
+    # Rows keep their ids (their dropout masks); the padding rows share -1.
+    np.testing.assert_array_equal(batch.row_ids, np.arange(batch.num_rows))
+    ids = padded.row_ids.reshape(groups, new)
+    np.testing.assert_array_equal(ids[:, :old], batch.row_ids.reshape(groups, old))
+    assert (ids[:, old:] == -1).all()
     want = block_pairs(batch.segment_ids, block=8, causal=True, groups=groups)
     got = block_pairs(padded.segment_ids, block=8, causal=True, groups=groups)
     np.testing.assert_array_equal(got, want)

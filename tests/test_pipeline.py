@@ -8,6 +8,7 @@ import pytest
 
 from jax_iclemb.config import default_config
 from jax_iclemb.data import icl
+from jax_iclemb.data.batch import ROW_IDS_PER_PROCESS
 from jax_iclemb.data.icl import BudgetError
 from jax_iclemb.data.pipeline import DataConfig, TrainPipeline
 from jax_iclemb.data.records import Record
@@ -110,6 +111,9 @@ def test_same_batch_for_any_process_count(tok, datasets):
             parts = [h.batch(s) for h in hosts]
             joined = [q for batch, _ in parts for q in host_view(batch)]
             assert joined == whole[s]  # host slices partition the global batch, in order
+            for p, (batch, _) in enumerate(parts):  # row ids unique over the processes
+                first = p * ROW_IDS_PER_PROCESS
+                np.testing.assert_array_equal(batch.row_ids, first + np.arange(batch.num_rows))
             assert sum(info["num_queries"] for _, info in parts) == 8
             assert {info["dataset"] for _, info in parts} == {ref.plan(s).dataset_name}
     other_seed = TrainPipeline(config(), tok, datasets, seed=8)

@@ -16,6 +16,7 @@ from jax_iclemb.data.batch import PackedRows
 from jax_iclemb.model import TRAINABLE, create_model
 from jax_iclemb.model.build import embed_packed
 from jax_iclemb.model.hash_random import random_words
+from jax_iclemb.model.lora import Dropout
 from jax_iclemb.model.pooling import take_columns
 
 KEY = jax.random.key(3)
@@ -59,9 +60,10 @@ def pooled_and_grads(model, cfg, *, pooled_last):
     def run(params):
         decoder = nnx.merge(graphdef, params, rest)
         if pooled_last:
-            hidden = decoder(tokens, positions, segments, dropout_key=KEY, pool_at=columns)
+            hidden = decoder(tokens, positions, segments, dropout=Dropout(KEY), pool_at=columns)
         else:
-            hidden = take_columns(decoder(tokens, positions, segments, dropout_key=KEY), columns)
+            full = decoder(tokens, positions, segments, dropout=Dropout(KEY))
+            hidden = take_columns(full, columns)
         return jnp.sum(hidden * probe), hidden
 
     (_, hidden), grads = jax.value_and_grad(run, has_aux=True)(params)
@@ -107,7 +109,7 @@ def test_embed_packed_pools_through_the_pooled_last_layer(model):
         nnx.graphdef(nnx.eval_shape(lambda: create_model(UNROLLED, LORA))), nnx.state(model)
     )
     got = np.asarray(embed_packed(unrolled, rows, "last_token", KEY))
-    hidden = take_columns(unrolled(tokens, positions, segments, dropout_key=KEY), columns)
+    hidden = take_columns(unrolled(tokens, positions, segments, dropout=Dropout(KEY)), columns)
     want = np.asarray(hidden).reshape(-1, SCANNED.hidden_size)
     want = want / np.linalg.norm(want, axis=-1, keepdims=True)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)

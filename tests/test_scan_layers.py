@@ -14,6 +14,7 @@ from jax_iclemb.model import TRAINABLE, LoraConfig, ModelConfig, create_model, l
 from jax_iclemb.model.block_sparse import block_pairs
 from jax_iclemb.model.decoder import layer_view, rope_inv_freq, rope_tables, state_shardings
 from jax_iclemb.model.hash_random import fold_key
+from jax_iclemb.model.lora import Dropout
 
 CFG = ModelConfig(
     model_type="qwen3",  # q/k norms and biases: every kind of layer variable is stacked
@@ -67,7 +68,7 @@ def reference_hidden(model, tokens, positions, segments, key):
     cos, sin = rope_tables(positions, rope_inv_freq(CFG))
     for i in range(CFG.num_layers):
         block = layer_view(model.layers, i)
-        x, _ = block(x, cos, sin, segments, positions, None, fold_key(key, i))
+        x, _ = block(x, cos, sin, segments, positions, None, Dropout(fold_key(key, i)))
     return model.norm(x)
 
 
@@ -80,7 +81,7 @@ def hidden_and_grads(model, cfg, rows, pairs=None):
 
     @jax.jit
     def run(params):
-        hidden = nnx.merge(graphdef, params, rest)(*rows, pairs, dropout_key=KEY)
+        hidden = nnx.merge(graphdef, params, rest)(*rows, pairs, dropout=Dropout(KEY))
         return jnp.sum(hidden * probe), hidden
 
     (_, hidden), grads = jax.value_and_grad(run, has_aux=True)(params)
@@ -108,7 +109,7 @@ def test_scanned_equals_unrolled_with_dropout(model, remat):
 def test_scanned_equals_the_layer_by_layer_reference(model):
     rows = packed_rows()
     real = rows[2] > 0
-    got = np.asarray(model(*rows, dropout_key=KEY))[real]
+    got = np.asarray(model(*rows, dropout=Dropout(KEY)))[real]
     want = np.asarray(reference_hidden(model, *rows, KEY))[real]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert not np.allclose(got, np.asarray(model(*rows))[real], atol=1e-3)  # dropout was on

@@ -2,6 +2,8 @@
 global batch, for each mesh layout the configs use: pure data, data x fsdp, fsdp x tensor; with
 the dense attention and with block-sparse attention (one tile list per data shard)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ ARCH = {
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
 
 
-def random_batch(rng: np.random.Generator, num_queries=8, group=3, pack_len=32):
+def random_batch(rng: np.random.Generator, num_queries=8, group=3, pack_len=32, row_multiple=8):
     def seq(n):
         return [*rng.integers(3, 96, n - 1).tolist(), 2]
 
@@ -33,11 +35,11 @@ def random_batch(rng: np.random.Generator, num_queries=8, group=3, pack_len=32):
         queries, passages, group_size=group, pack_len=pack_len, max_segments=4,
         teacher_scores=rng.normal(size=(num_queries, group)),
         has_teacher=np.ones(num_queries, bool), in_batch_negatives=True,
-        query_label=np.array([0, 0, 1, -1, 2, 2, -1, 3]), row_multiple=8,
+        query_label=np.array([0, 0, 1, -1, 2, 2, -1, 3]), row_multiple=row_multiple,
     )
 
 
-def loss_and_grads(mesh, batch, impl="xla", tile_rungs=4):
+def loss_and_grads(mesh, batch, impl="xla", tile_rungs=4, dropout=0.0, extra_rows=0):
     model_section = default_config().model
     model_section.attention_impl, model_section.attention_block = impl, 8
     model_section.attention_tile_rungs = tile_rungs
@@ -46,6 +48,8 @@ def loss_and_grads(mesh, batch, impl="xla", tile_rungs=4):
     length = batch.tokens.shape[1]
     groups = parallel.data_parallel_size(mesh)
     with_tiles, shape = own_shape({length: batch}, (length,), model_section, groups)
+    # A larger planned shape: each data shard pads its own block of rows.
+    shape = dataclasses.replace(shape, rows=shape.rows + extra_rows)
     batch = pad_to_shape(
         with_tiles, shape, model_section, groups=groups, num_queries=len(batch.query_slot),
         pad_id=0,
@@ -54,7 +58,7 @@ def loss_and_grads(mesh, batch, impl="xla", tile_rungs=4):
         ARCH, dtype="float32", param_dtype="float32", attention_impl=impl, attention_block=8
     )
     with jax.set_mesh(mesh):
-        model = create_model(cfg, LORA, seed=3, mesh=mesh)
+        model = create_model(cfg, dataclasses.replace(LORA, dropout=dropout), seed=3, mesh=mesh)
         graphdef, params, frozen = split_model(model)
         # Non-zero B matrices, so that every adapter receives a gradient.
         rng = np.random.default_rng(0)
@@ -63,7 +67,7 @@ def loss_and_grads(mesh, batch, impl="xla", tile_rungs=4):
             params,
         )
         fn = jax.jit(jax.value_and_grad(make_loss_fn(graphdef, step_config), has_aux=True))
-        (loss, _), grads = fn(params, frozen, device_batch(mesh, batch), 0)
+        (loss, _), grads = fn(params, frozen, device_batch(mesh, batch), 5)
         return float(loss), jax.tree.map(np.asarray, grads)
 
 
@@ -96,6 +100,23 @@ def test_rows_of_another_length_change_nothing(single_device_result):
     assert batch.tokens.shape[1] == 64
     mesh = parallel.make_mesh((2, 4, 1))
     assert_same_step(loss_and_grads(mesh, batch, "block_sparse"), single_device_result)
+
+
+def test_dropout_masks_follow_the_rows_not_their_places():
+    """With LoRA dropout, 2 data shards that each pad their own block of rows (real rows then sit
+    at other global positions) give the single device's step, whose rows are padded at the end:
+    each row's masks come from its id (`PackedRows.row_ids`), not from where it lands."""
+    single = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    sharded = parallel.make_mesh((2, 1, 1), devices=jax.devices()[:2])
+    one, two = (
+        loss_and_grads(mesh, random_batch(np.random.default_rng(1), row_multiple=shards),
+                       "block_sparse", dropout=0.3, extra_rows=2)
+        for mesh, shards in ((single, 1), (sharded, 2))
+    )
+    assert_same_step(two, one)
+    no_dropout = loss_and_grads(single, random_batch(np.random.default_rng(1), row_multiple=1),
+                                "block_sparse", extra_rows=2)
+    assert abs(no_dropout[0] - one[0]) > 1e-4  # the masks were on
 
 
 def assert_same_step(result, reference):

@@ -20,6 +20,8 @@ import numpy as np
 
 Array = Any  # np.ndarray on the host, jax.Array on the devices
 SLOTS = {"layout": "slots"}  # flat slot indices r * S + s
+# Process p numbers its rows from p · 2²⁰ (`PackedRows.row_ids`): no process packs that many.
+ROW_IDS_PER_PROCESS = 1 << 20
 
 
 @jax.tree_util.register_dataclass
@@ -34,6 +36,10 @@ class PackedRows:
     # int32 [groups, P, 3]: the block-sparse attention's tile list of each contiguous row group
     # (`model.block_sparse.block_pairs`); None: the dense mask.
     block_pairs: Array | None = None
+    # int32 [R]: each row's id, which numbers it in its LoRA dropout masks, so that a row gets the
+    # same masks wherever padding, data shards or gradient-cache chunks place it; None: its index.
+    # Rows added as padding share the id -1 (nothing reads their outputs).
+    row_ids: Array | None = None
 
     @property
     def num_rows(self) -> int:

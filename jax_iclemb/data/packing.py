@@ -133,11 +133,13 @@ def pack_batch(
     passage_label: np.ndarray | None = None,
     row_multiple: int = 1,
     pad_id: int = 0,
+    first_row_id: int = 0,
 ) -> PackedBatch:
     """Pack queries and their passage groups (positive first, up to `group_size` each).
 
     `query_label` [B] and `passage_label` [B, G] (int, -1 = none): a passage labelled like a query
-    is not one of its negatives. Without `passage_label`, positives carry their query's label."""
+    is not one of its negatives. Without `passage_label`, positives carry their query's label.
+    The rows' ids (`PackedRows.row_ids`) count from `first_row_id`."""
     num_queries = len(queries)
     if len(passages) != num_queries:
         raise ValueError(f"{num_queries} queries but {len(passages)} passage groups")
@@ -171,6 +173,7 @@ def pack_batch(
     passage_label = np.asarray(passage_label, dtype=np.int32).reshape(num_queries, group_size)
     return PackedBatch(
         **arrays,
+        row_ids=first_row_id + np.arange(len(arrays["tokens"]), dtype=np.int32),
         query_slot=slot[:num_queries],
         passage_slot=passage_slot,
         passage_mask=passage_mask,
@@ -219,6 +222,7 @@ def pad_batch(
         segment_ids=grow_rows(batch.segment_ids),
         positions=grow_rows(batch.positions),
         last_index=grow_rows(batch.last_index),
+        row_ids=None if batch.row_ids is None else grow_rows(batch.row_ids, -1),
         query_slot=grow(move(batch.query_slot)),
         passage_slot=grow(move(batch.passage_slot)),
         passage_mask=grow(batch.passage_mask, False),

@@ -17,7 +17,7 @@ import numpy as np
 import transformers
 
 from jax_iclemb.data import icl, sampling
-from jax_iclemb.data.batch import PackedBatch
+from jax_iclemb.data.batch import ROW_IDS_PER_PROCESS, PackedBatch
 from jax_iclemb.data.packing import pack_batch, row_lengths
 from jax_iclemb.data.records import Dataset, Record, task_kind
 from jax_iclemb.data.sources import open_datasets
@@ -412,6 +412,8 @@ class TrainPipeline:
             passage_label=passage_labels,
             row_multiple=self.row_multiple,
             pad_id=self.tokenizer.pad_token_id or 0,
+            # Ids unique over the processes: each numbers its rows from its own block.
+            first_row_id=self.process_index * ROW_IDS_PER_PROCESS,
         )
 
     def examples(self, step: int) -> list[dict[str, Any]]:

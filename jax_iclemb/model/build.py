@@ -21,7 +21,7 @@ from jax_iclemb.model.hf import (
     pretrained_config,
     resolve_folder,
 )
-from jax_iclemb.model.lora import TRAINABLE, LoraConfig
+from jax_iclemb.model.lora import TRAINABLE, Dropout, LoraConfig
 from jax_iclemb.model.pooling import l2_normalize, mean_pool
 
 # What the optimizer updates (`train.trainable`): the adapters, or every parameter (from scratch).
@@ -114,9 +114,10 @@ def embed_packed(
     if prefix is not None:
         positions = positions + jnp.where(batch.segment_ids > 0, prefix.length, 0)
     last_token = pooling != "mean"
+    dropout = None if dropout_key is None else Dropout(dropout_key, batch.row_ids)
     hidden = model(
         batch.tokens, positions, batch.segment_ids, batch.block_pairs,
-        dropout_key=dropout_key, prefix=prefix, pool_at=batch.last_index if last_token else None,
+        dropout=dropout, prefix=prefix, pool_at=batch.last_index if last_token else None,
     )
     if last_token:  # hidden [R, S, D]: the decoder computed the last tokens' only
         pooled = hidden.astype(jnp.float32)

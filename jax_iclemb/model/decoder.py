@@ -23,8 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_iclemb.model.attention import attention_at_columns, dot_product_attention
 from jax_iclemb.model.config import ModelConfig
-from jax_iclemb.model.hash_random import fold_key, normal
-from jax_iclemb.model.lora import LAYERS, Linear, LoraConfig
+from jax_iclemb.model.hash_random import normal
+from jax_iclemb.model.lora import LAYERS, Dropout, Linear, LoraConfig
 from jax_iclemb.model.pooling import take_columns
 from jax_iclemb.parallel import logical_to_spec
 
@@ -154,7 +154,7 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(
-        self, x, cos, sin, segment_ids, positions, block_pairs, dropout_key=None, prefix=None,
+        self, x, cos, sin, segment_ids, positions, block_pairs, dropout=None, prefix=None,
         columns=None,
     ):
         """-> (output, (keys, values) after the rotation: what a later call's `prefix` holds).
@@ -165,10 +165,10 @@ class Attention(nnx.Module):
         xq, cq, sq = (x, cos, sin) if columns is None else [
             take_columns(a, columns) for a in (x, cos, sin)
         ]
-        q = self.q_proj(xq, dropout_key, columns)
+        q = self.q_proj(xq, dropout, columns)
         q = q.reshape(*xq.shape[:2], cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x, dropout_key).reshape(r, length, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x, dropout_key).reshape(r, length, cfg.num_kv_heads, cfg.head_dim)
+        k = self.k_proj(x, dropout).reshape(r, length, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x, dropout).reshape(r, length, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         q = constrain(apply_rope(q, cq, sq).astype(cfg.compute_dtype), _HEADS)
@@ -194,7 +194,7 @@ class Attention(nnx.Module):
                 q, k, v, segment_ids, positions, columns,
                 causal=causal, sliding_window=cfg.sliding_window,
             )
-        out = self.o_proj(out.reshape(*xq.shape[:2], -1), dropout_key, columns)
+        out = self.o_proj(out.reshape(*xq.shape[:2], -1), dropout, columns)
         return out, (k, v)
 
 
@@ -207,13 +207,11 @@ class MLP(nnx.Module):
         self.down_proj = make("down_proj", m, d, ("embed", "mlp"))
 
     def __call__(
-        self, x: jax.Array, dropout_key: jax.Array | None = None, columns: jax.Array | None = None
+        self, x: jax.Array, dropout: Dropout | None = None, columns: jax.Array | None = None
     ) -> jax.Array:
         """`columns`: x holds these columns of the layer's rows (their dropout masks)."""
-        h = jax.nn.silu(self.gate_proj(x, dropout_key, columns)) * self.up_proj(
-            x, dropout_key, columns
-        )
-        return self.down_proj(constrain(h, ("batch", "length", "act_mlp")), dropout_key, columns)
+        h = jax.nn.silu(self.gate_proj(x, dropout, columns)) * self.up_proj(x, dropout, columns)
+        return self.down_proj(constrain(h, ("batch", "length", "act_mlp")), dropout, columns)
 
 
 class Block(nnx.Module):
@@ -225,20 +223,20 @@ class Block(nnx.Module):
         self.dtype = cfg.compute_dtype
 
     def __call__(
-        self, x, cos, sin, segment_ids, positions, block_pairs, dropout_key=None, prefix=None,
+        self, x, cos, sin, segment_ids, positions, block_pairs, dropout=None, prefix=None,
         columns=None,
     ):
         """-> (hidden, (keys, values) of the attention). With `columns` [R, S], the hidden states
         at those columns only, [R, S, D]: the attention reads every column's keys and values,
         nothing else is computed elsewhere."""
         h, kv = self.self_attn(
-            self.input_layernorm(x), cos, sin, segment_ids, positions, block_pairs, dropout_key,
+            self.input_layernorm(x), cos, sin, segment_ids, positions, block_pairs, dropout,
             prefix, columns,
         )
         if columns is not None:
             x = take_columns(x, columns)
         x = constrain(x + h.astype(self.dtype), _HIDDEN)
-        h = self.mlp(self.post_attention_layernorm(x), dropout_key, columns)
+        h = self.mlp(self.post_attention_layernorm(x), dropout, columns)
         return constrain(x + h.astype(self.dtype), _HIDDEN), kv
 
 
@@ -278,8 +276,8 @@ class Decoder(nnx.Module):
     """tokens, positions, segment_ids [R, L] -> final-norm hidden states [R, L, D] (float32).
 
     `block_pairs`: the step's tile list for `attention_impl="block_sparse"` (else unused).
-    `dropout_key`: turns on LoRA dropout (training), one key per layer and projection folded from
-    it; None (inference): no dropout.
+    `dropout`: turns on LoRA dropout (training), its key folded per layer and projection, its
+    row ids numbering the rows in the masks; None (inference): no dropout.
     `prefix`: every sequence continues this cached prefix (positions then start after it).
     `keep_kv`: also return every layer's keys and values, [layers, R, L, K, Dh] each: row 0's
     first P make the `Prefix` of a later call.
@@ -302,7 +300,7 @@ class Decoder(nnx.Module):
         positions: jax.Array,
         segment_ids: jax.Array,
         block_pairs: jax.Array | None = None,
-        dropout_key: jax.Array | None = None,
+        dropout: Dropout | None = None,
         prefix: Prefix | None = None,
         keep_kv: bool = False,
         pool_at: jax.Array | None = None,
@@ -316,10 +314,10 @@ class Decoder(nnx.Module):
         # Pure in (hidden, one layer's variables, layer index, its prefix keys and values);
         # everything else is loop-invariant. Out: (hidden, the layer's keys and values or None).
         def layer(x, params, i, kv, columns=None):
-            key = None if dropout_key is None else fold_key(dropout_key, i)
+            draw = None if dropout is None else dropout.fold(i)
             block = nnx.merge(graphdef, params)
             cached = None if kv is None else (*kv, prefix.length)
-            x, kv = block(x, cos, sin, segment_ids, positions, block_pairs, key, cached, columns)
+            x, kv = block(x, cos, sin, segment_ids, positions, block_pairs, draw, cached, columns)
             return x, (kv if keep_kv else None)
 
         # The last layer at the pooled columns only (see the docstring).

@@ -1,6 +1,7 @@
 """Random numbers from a keyed integer hash: LoRA dropout masks and fresh weights.
 
-An entry's 32 bits are a keyed hash of its global position (`random_words`): two rounds of
+An entry's 32 bits are a keyed hash of its global position, or of its row's id and its place in
+the row (`random_words`): two rounds of
 lowbias32, a dozen integer operations an entry where threefry (`jax.random`) takes about a
 hundred. That is cheaper to run (drawing dropout masks took more than the adapters' matmuls on a
 CPU) and to compile (a fresh model's initialisation: docs/performance.md), and a sharded array's
@@ -27,7 +28,10 @@ def _mix(x: jax.Array) -> jax.Array:
 
 
 def random_words(
-    key: jax.Array, shape: tuple[int, ...], columns: jax.Array | None = None
+    key: jax.Array,
+    shape: tuple[int, ...],
+    columns: jax.Array | None = None,
+    rows: jax.Array | None = None,
 ) -> jax.Array:
     """Uniform uint32 words, one per entry: a keyed hash of the entry's global position.
 
@@ -36,7 +40,9 @@ def random_words(
     docstring).
 
     `columns` [*lead, n] (int): the words of an array that holds only these columns i of a
-    larger one (the decoder's last layer at the pooled tokens), the larger array's at them."""
+    larger one (the decoder's last layer at the pooled tokens), the larger array's at them.
+    `rows` [*lead] (int): the lead index to hash for each leading entry instead of its own (a
+    packed row's id, which stays with the row wherever a step places it)."""
     k0, k1 = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)[:2]
     *lead, n, m = (1, *shape) if len(shape) == 1 else shape
     i = (
@@ -45,7 +51,8 @@ def random_words(
         else columns.astype(jnp.uint32)[..., None]
     )
     within = i * jnp.uint32(m) + jax.lax.broadcasted_iota(jnp.uint32, (n, m), 1)
-    row = jnp.arange(math.prod(lead), dtype=jnp.uint32).reshape(*lead, 1, 1)
+    row = jnp.arange(math.prod(lead), dtype=jnp.uint32) if rows is None else rows
+    row = row.astype(jnp.uint32).reshape(*lead, 1, 1)
     words = _mix(within + k0) ^ _mix(row * jnp.uint32(_GOLDEN) + k1)
     return _mix(words).reshape(shape)
 

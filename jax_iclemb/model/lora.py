@@ -2,7 +2,7 @@
 
 Layouts follow Hugging Face and PEFT so that import/export is a rename: the base weight is
 (out, in), `lora_a` is PEFT's lora_A.weight (rank, in), `lora_b` is lora_B.weight (out, rank), and
-y = x Wᵀ + b + (alpha / rank) · dropout(x) Aᵀ Bᵀ.
+y = x Wᵀ + b + (alpha / rank) · dropout(x) Aᵀ Bᵀ (`apply_dropout`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +52,30 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+class Dropout(NamedTuple):
+    """Where a forward pass's LoRA dropout masks come from: a key, folded per layer and
+    projection, and each row's id (`PackedRows.row_ids`; None: its index), which numbers the row
+    in its masks, so that a row keeps its masks wherever the step places it."""
+
+    key: jax.Array
+    row_ids: jax.Array | None = None
+
+    def fold(self, n: int | jax.Array) -> Dropout:
+        """The masks of sub-stream `n` (a layer, a projection)."""
+        return Dropout(fold_key(self.key, n), self.row_ids)
+
+
 def keep_mask(
-    key: jax.Array, shape: tuple[int, ...], rate: float, columns: jax.Array | None = None
+    key: jax.Array,
+    shape: tuple[int, ...],
+    rate: float,
+    columns: jax.Array | None = None,
+    rows: jax.Array | None = None,
 ) -> tuple[jax.Array, float]:
     """(bool mask, keep probability): each entry kept independently with probability
     1 - round(rate · 2³²) / 2³² (`random_words` ≥ the threshold)."""
     threshold = min(round(rate * 2**32), 2**32 - 1)
-    return _words_at_least(key, shape, threshold, columns), 1.0 - threshold / 2**32
+    return _words_at_least(key, shape, threshold, columns, rows), 1.0 - threshold / 2**32
 
 
 # Its own jit: a step's program draws a mask for each projection of each layer, mostly of a few
@@ -65,17 +83,26 @@ def keep_mask(
 # forward pass's tracing otherwise, repeated for every step shape). Same operations, same bits.
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _words_at_least(
-    key: jax.Array, shape: tuple[int, ...], threshold: int, columns: jax.Array | None
+    key: jax.Array,
+    shape: tuple[int, ...],
+    threshold: int,
+    columns: jax.Array | None,
+    rows: jax.Array | None,
 ) -> jax.Array:
-    return random_words(key, shape, columns) >= jnp.uint32(threshold)
+    return random_words(key, shape, columns, rows) >= jnp.uint32(threshold)
 
 
-def dropout(
-    x: jax.Array, rate: float, key: jax.Array, columns: jax.Array | None = None
+def apply_dropout(
+    x: jax.Array,
+    rate: float,
+    key: jax.Array,
+    columns: jax.Array | None = None,
+    rows: jax.Array | None = None,
 ) -> jax.Array:
     """Inverted dropout: kept entries scaled by 1 / keep probability, so E[output] = x.
-    `columns`: x holds these columns of a larger input, whose mask it gets (`random_words`)."""
-    keep, p = keep_mask(key, x.shape, rate, columns)
+    `columns`: x holds these columns of a larger input, whose mask it gets; `rows`: the ids its
+    rows are numbered by in the mask (`random_words`)."""
+    keep, p = keep_mask(key, x.shape, rate, columns, rows)
     return jnp.where(keep, x / p, 0).astype(x.dtype)
 
 
@@ -121,9 +148,9 @@ class Linear(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, dropout_key: jax.Array | None = None, columns: jax.Array | None = None
+        self, x: jax.Array, dropout: Dropout | None = None, columns: jax.Array | None = None
     ) -> jax.Array:
-        """`dropout_key` turns on the adapter's input dropout (training); None: inference.
+        """`dropout` turns on the adapter's input dropout (training); None: inference.
         `columns` [R, S]: x [R, S, in] holds these columns of the layer's [R, L, in] input, and
         gets that input's dropout mask there."""
         x = x.astype(self.dtype)
@@ -132,8 +159,9 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
             h = x
-            if self.dropout_rate and dropout_key is not None:
-                h = dropout(x, self.dropout_rate, fold_key(dropout_key, self.stream), columns)
+            if self.dropout_rate and dropout is not None:
+                draw = dropout.fold(self.stream)
+                h = apply_dropout(x, self.dropout_rate, draw.key, columns, draw.row_ids)
             a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
             y = y + (self.scale * low_rank(h, a, b)).astype(self.dtype)
         return y
