@@ -6,7 +6,9 @@ any other platform they are skipped, saying so. On a GPU machine:
 `JAX_ICLEMB_TEST_PLATFORM=gpu pytest -m accelerator`.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,8 +28,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One compilation cache for the session (training CLIs in subprocesses too), never the user's.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax_iclemb_xla_"))
+# One compilation cache for the session (training CLIs in subprocesses too), never the user's;
+# removed when the process that made it (pytest, or xdist's controller) exits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax_iclemb_xla_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "tests" / "data"  # reference-format records, see tests/data/README.md
