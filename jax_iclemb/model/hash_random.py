@@ -2,10 +2,10 @@
 
 An entry's 32 bits are a keyed hash of its global position, or of its row's id and its place in
 the row (`random_words`): two rounds of lowbias32, a dozen integer operations an entry where
-threefry (`jax.random`) takes about a hundred. That is cheaper to run (drawing dropout masks took more than the adapters' matmuls on a
-CPU) and to compile (a fresh model's initialisation: docs/performance.md), and a sharded array's
-values do not depend on how it is sharded. tests/test_lora.py checks the bits; tests/
-test_hash_random.py the distributions.
+threefry (`jax.random`) takes about a hundred. That is cheaper to run (drawing dropout masks took
+more than the adapters' matmuls on a CPU) and to compile (a fresh model's initialisation:
+docs/performance.md), and a sharded array's values do not depend on how it is sharded.
+tests/test_lora.py checks the bits; tests/test_hash_random.py the distributions.
 """
 
 from __future__ import annotations
