@@ -624,8 +624,7 @@ def render_report(result: dict[str, Any]) -> str:
         return "–" if first is None else f"{first:.3f} → {last:.3f}"
 
     row("loss, first → last step", loss)
-    row("devices (ours: from its log)", lambda s: "–" if s in ("flag", "torch") else
-        _num(result["sides"][s].get("devices")))
+    row("devices (ours: from its log)", lambda s: _num(result["sides"][s].get("devices")))
     row("peak RSS (MiB, `/usr/bin/time -v`)",
         lambda s: _num(result["sides"][s]["time"].get("peak_rss_mb")))
     row("whole-process wall (s)",

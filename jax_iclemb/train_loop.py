@@ -353,11 +353,11 @@ class TrainLoop:
                     self._prepare(step + 1 + self._ahead)
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 except jax.errors.JaxRuntimeError as e:
-                    if "RESOURCE_EXHAUSTED" not in str(e):
-                        raise
-                    raise TrainingError(
-                        out_of_memory_message(e, step + 1, shape, ckpt.latest_step(), workdir)
-                    ) from e
+                    if "RESOURCE_EXHAUSTED" in str(e):
+                        raise TrainingError(
+                            out_of_memory_message(e, step + 1, shape, ckpt.latest_step(), workdir)
+                        ) from e
+                    raise
                 seconds = time.perf_counter() - t0
                 if not all(math.isfinite(v) for v in metrics.values()):
                     raise TrainingError(

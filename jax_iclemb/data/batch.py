@@ -38,7 +38,7 @@ class PackedRows:
     block_pairs: Array | None = None
     # int32 [R]: each row's id, which numbers it in its LoRA dropout masks, so that a row gets the
     # same masks wherever padding, data shards or gradient-cache chunks place it; None: its index.
-    # Rows added as padding share the id -1 (nothing reads their outputs).
+    # Rows that `pad_batch` adds share the id -1 (nothing reads their outputs).
     row_ids: Array | None = None
 
     @property
