@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from jax_iclemb.step_batch import StepShape
 
-Key = tuple[int, int, int]  # `StepShape.key`: (rows, row length, attention tiles)
+Key = tuple[int, int, int, int]  # `StepShape.key`: (rows, row length, tiles, segment slots)
 
 # What a compile costs, in token slots of step compute on one accelerator or CPU host, for
 # `train.compile_cost_tokens=-1`. On 2 CPU cores (two CPU devices) the comparison work of
@@ -38,14 +38,16 @@ def compile_cost_tokens(configured: int, platform: str) -> int:
 @dataclasses.dataclass(frozen=True)
 class ShapePlan:
     """The shapes steps run at: a step runs at the cheapest target that holds its own shape
-    (same row length, at least its rows and tiles), or at its own shape when none does."""
+    (same row length, at least its rows, tiles and segment slots), or at its own shape when none
+    does."""
 
     targets: tuple[Key, ...] = ()  # cheapest first
 
     def cover(self, shape: StepShape) -> StepShape:
-        for rows, length, tiles in self.targets:
-            if length == shape.length and rows >= shape.rows and tiles >= shape.tiles:
-                return dataclasses.replace(shape, rows=rows, tiles=tiles)
+        for rows, length, tiles, segments in self.targets:
+            if (length == shape.length and rows >= shape.rows and tiles >= shape.tiles
+                    and segments >= shape.segments):
+                return dataclasses.replace(shape, rows=rows, tiles=tiles, segments=segments)
         return shape
 
     def merges(self, sample: Sequence[StepShape], processes: int) -> str | None:
@@ -71,17 +73,19 @@ def plan_shapes(sample: Sequence[StepShape], run_steps: int, compile_slots: floa
     computes, the sample's taken `run_steps / len(sample)` times: a compile is taken to cost as
     much time as computing `compile_slots` token slots (rows × row length, per process).
 
-    `sample`: the own shapes of the run's first steps. Shapes of one row length, sorted by rows
-    then tiles, are split into consecutive groups (dynamic programming over the split points),
-    each run at its largest rows and tiles; shapes of different row lengths never merge (a batch
-    is packed for its length). `compile_slots` 0 keeps every shape."""
+    `sample`: the own shapes of the run's first steps. Shapes of one row length, sorted by rows,
+    tiles and segment slots, are split into consecutive groups (dynamic programming over the
+    split points), each run at its largest rows, tiles and segment slots; shapes of different row
+    lengths never merge (a batch is packed for its length). Segment slots are not counted as
+    cost: only the last layer computes at them, a few columns of each row. `compile_slots` 0
+    keeps every shape."""
     if compile_slots <= 0 or not sample:
         return ShapePlan()
     counts = collections.Counter(s.key for s in sample)
     repeats = max(1.0, run_steps / len(sample))  # each sampled step stands for this many
     targets = []
     for length in sorted({k[1] for k in counts}):
-        keys = sorted(k for k in counts if k[1] == length)  # by rows, then tiles
+        keys = sorted(k for k in counts if k[1] == length)  # by rows, tiles, segment slots
         # best[j]: the cheapest grouping of keys[:j]; choice[j]: where its last group starts.
         best, choice = [0.0] + [float("inf")] * len(keys), [0] * (len(keys) + 1)
         for j in range(1, len(keys) + 1):
@@ -94,6 +98,7 @@ def plan_shapes(sample: Sequence[StepShape], run_steps: int, compile_slots: floa
         j = len(keys)
         while j:
             group = keys[choice[j]:j]
-            targets.append((group[-1][0], length, max(k[2] for k in group)))
+            targets.append((group[-1][0], length, max(k[2] for k in group),
+                            max(k[3] for k in group)))
             j = choice[j]
     return ShapePlan(tuple(sorted(targets, key=lambda k: (_slots(k), k[2]))))

@@ -2,7 +2,8 @@
 
 Each step has its own shape (`StepShape`: the row length, the shortest of the pipeline's
 `row_lengths` that holds every sequence; rows on `packing.row_bucket`'s ladder; attention tiles
-by `block_sparse.padded_tiles`; queries padded to the pipeline's maximum), agreed by all
+by `block_sparse.padded_tiles`; segment slots per row by `packing.segment_bucket`; queries
+padded to the pipeline's maximum), agreed by all
 processes in one collective, and a function of the step's own batches only. It runs at that
 shape or at a larger one of the run's shape plan (shape_plan.py), so that a resumed run computes
 exactly what an uninterrupted one does. Each field of the batch lands where its `PackedBatch`
@@ -21,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from jax_iclemb import parallel
 from jax_iclemb.data.batch import ROW_FIELDS, SLOTS, PackedBatch
-from jax_iclemb.data.packing import pad_batch
+from jax_iclemb.data.packing import pad_batch, segment_bucket
 from jax_iclemb.model.block_sparse import block_pairs, most_tiles, pad_pairs, padded_tiles
 
 
@@ -59,12 +60,18 @@ class StepShape:
     rows: int  # packed rows per process
     length: int  # tokens per row
     tiles: int  # block-sparse tiles per row group (0: dense attention)
+    segments: int  # segment slots per row: where the last layer computes (`segment_bucket`)
     real_tokens: int  # over all processes
     rows_used: int  # rows holding a token, over all processes (before the ladder)
 
     @property
-    def key(self) -> tuple[int, int, int]:
-        return self.rows, self.length, self.tiles
+    def key(self) -> tuple[int, int, int, int]:
+        return self.rows, self.length, self.tiles, self.segments
+
+    def describe(self, processes: int = 1) -> str:
+        """The shape for a log line; `processes`: count the rows of that many."""
+        return (f"{self.rows * processes} rows x {self.length} tokens, {self.tiles} attention "
+                f"tiles per row group, {self.segments} segment slots per row")
 
 
 def step_shape(
@@ -75,26 +82,27 @@ def step_shape(
 ) -> StepShape:
     """The step's shape: its row length, the shortest of `row_lengths` at which every process
     packed its part (`packed`: {row length: (batch, tile lists)}); rows per group as packed there
-    (already on `row_bucket`'s ladder) and tile lists padded by `padded_tiles`
-    (`model.attention_tile_rungs`), both the largest over processes. One collective."""
+    (already on `row_bucket`'s ladder), tile lists padded by `padded_tiles`
+    (`model.attention_tile_rungs`) and the segment slots of `segment_bucket`, each the largest
+    over processes. One collective."""
     counts = []
     for length in row_lengths:
         batch, tile_lists = packed.get(length, (None, None))
         if batch is None:
-            counts += [-1, -1, -1]  # not packed at this length: too short for a sequence
+            counts += [-1, -1, -1, -1]  # not packed at this length: too short for a sequence
             continue
         tiles = 0 if tile_lists is None else tile_lists.shape[1]
         used = int((batch.segment_ids > 0).any(axis=1).sum())
-        counts += [batch.num_rows // groups, tiles, used]
+        counts += [batch.num_rows // groups, tiles, used, int(batch.segment_ids.max(initial=0))]
     real = int((next(iter(packed.values()))[0].segment_ids > 0).sum())  # any length: the same
     gathered = gather_counts([*counts, real])
-    per_length = gathered[:, :-1].reshape(len(gathered), len(row_lengths), 3)
+    per_length = gathered[:, :-1].reshape(len(gathered), len(row_lengths), 4)
     everywhere = np.flatnonzero((per_length[:, :, 0] >= 0).all(axis=0))
     if not everywhere.size:
         raise ValueError(f"no row length of {list(row_lengths)} holds every process's sequences")
     i = int(everywhere[-1])  # row_lengths is longest first
     length = row_lengths[i]
-    per_group, count, _ = (int(x) for x in per_length[:, i].max(axis=0))
+    per_group, count, _, held = (int(x) for x in per_length[:, i].max(axis=0))
     tiles = 0
     if packed[length][1] is not None:
         most = most_tiles(per_group, length, block=model.attention_block,
@@ -104,6 +112,7 @@ def step_shape(
         rows=per_group * groups,
         length=length,
         tiles=tiles,
+        segments=segment_bucket(held, packed[length][0].max_segments),
         real_tokens=int(gathered[:, -1].sum()),
         rows_used=int(per_length[:, i, 2].sum()),
     )
@@ -138,8 +147,8 @@ def pad_to_shape(
     """This process's part of the step at `shape` (its own shape or a larger one of its row
     length), with its tile lists."""
     batch, tile_lists = with_tiles[shape.length]
-    batch = pad_batch(batch, num_rows=shape.rows, num_queries=num_queries, pad_id=pad_id,
-                      groups=groups)
+    batch = pad_batch(batch, num_rows=shape.rows, num_queries=num_queries,
+                      num_segments=shape.segments, pad_id=pad_id, groups=groups)
     if tile_lists is not None:
         tile_lists = pad_pairs(tile_lists, shape.tiles, shape.length // model.attention_block)
     return dataclasses.replace(batch, block_pairs=tile_lists)

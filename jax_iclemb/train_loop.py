@@ -49,8 +49,8 @@ def out_of_memory_message(
         if saved is not None else "no checkpoint was saved"
     )
     return (
-        f"the device ran out of memory at step {step} (step shape: {shape.rows} rows x "
-        f"{shape.length} tokens, {shape.tiles} attention tiles per row group); {kept}. XLA "
+        f"the device ran out of memory at step {step} (step shape: {shape.describe()}); "
+        f"{kept}. XLA "
         f"said: {xla_line}\n"
         "To fit: fewer queries a step (data.batch_size), gradient-cache chunks "
         "(train.grad_cache_chunks), model.remat=full, or shorter rows (data.*_max_len). Where "
@@ -131,8 +131,7 @@ class StepCompiler:
         compiled = lowered.compile()
         cached = compile_cache.hits() > hits  # counted per thread: other workers' loads apart
         self.notes.put(
-            f"step shape {index}: {shape.rows * jax.process_count()} rows x {shape.length} "
-            f"tokens, {shape.tiles} attention tiles per row group; "
+            f"step shape {index}: {shape.describe(jax.process_count())}; "
             f"{'loaded from the compilation cache' if cached else 'compiled'}"
             f"{' (its traced program too)' if kept else ''} in {time.perf_counter() - t0:.1f} s"
         )
@@ -383,6 +382,7 @@ class TrainLoop:
                     "row_length": shape.length,
                     "row_padding": 1 - shape.rows_used / rows,
                     "tiles": shape.tiles,
+                    "segments": shape.segments,
                     "step_seconds": seconds,  # wall time of the step, compiles included
                     "compile_seconds": compile_seconds,  # of which waiting for its executable
                     "compiles": compiler.count,  # step shapes so far (some still compiling)

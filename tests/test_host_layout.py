@@ -58,19 +58,19 @@ def probe(out: Path) -> None:
         row_multiple=2,  # one row group per local data shard
     )
     local, _ = pipeline.batch(0)
-    segments = local.max_segments
     result = {}
     for name, mesh in meshes.items():
         loop = TrainLoop(
             config, out, pipeline, mesh, None, None, flops_token=0, graphdef=None
         )
         batch, _, _ = loop.next_batch(0)
+        segments = batch.max_segments  # the step's segment slots (packing.segment_bucket)
         rows = parallel.process_rows(batch.tokens.sharding, batch.tokens.shape)
         # What this host packed (padded as next_batch pads it), fingerprinted on its own rows,
         # gathered over hosts in process order, as the per-query arrays are.
         padded = pad_batch(
             local, num_rows=len(rows), num_queries=pipeline.max_local_queries,
-            pad_id=pipeline.tokenizer.pad_token_id or 0, groups=2,
+            num_segments=segments, pad_id=pipeline.tokenizer.pad_token_id or 0, groups=2,
         )
         expected = {
             slot: multihost_utils.process_allgather(

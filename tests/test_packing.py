@@ -14,6 +14,7 @@ from jax_iclemb.data.packing import (
     pad_batch,
     row_bucket,
     row_lengths,
+    segment_bucket,
 )
 from jax_iclemb.model.block_sparse import block_pairs
 
@@ -154,9 +155,11 @@ def sequence_at(batch, slot: int) -> list[int]:
     return batch.tokens[row][batch.segment_ids[row] == segment + 1].tolist()
 
 
-def test_pad_batch_in_groups_keeps_rows_slots_and_tiles():
+@pytest.mark.parametrize("segments", [None, "held", 8])
+def test_pad_batch_in_groups_keeps_rows_slots_and_tiles(segments):
     """Padding rows go to the end of each row group: every query and passage slot still points at
-    its tokens, and each group's block-sparse tile list is unchanged."""
+    its tokens and its last one, whatever the segment slots per row (as packed, as many as a row
+    holds, more), and each group's block-sparse tile list is unchanged."""
     rng = np.random.default_rng(0)
     queries = [rng.integers(3, 50, size=int(n)).tolist() for n in rng.integers(5, 30, size=6)]
     passages = [
@@ -169,7 +172,11 @@ def test_pad_batch_in_groups_keeps_rows_slots_and_tiles():
         in_batch_negatives=True, row_multiple=2,
     )  # fmt: skip
     groups, old = 2, batch.num_rows // 2
-    padded = pad_batch(batch, num_rows=batch.num_rows + 6, num_queries=8, groups=groups)
+    held = int(batch.segment_ids.max())
+    segments = held if segments == "held" else segments
+    padded = pad_batch(batch, num_rows=batch.num_rows + 6, num_queries=8, groups=groups,
+                       num_segments=segments)
+    assert padded.max_segments == (segments or batch.max_segments)
     new = padded.num_rows // groups
     for g in range(groups):
         np.testing.assert_array_equal(
@@ -180,6 +187,11 @@ def test_pad_batch_in_groups_keeps_rows_slots_and_tiles():
         assert sequence_at(padded, padded.query_slot[i]) == q
         for j, p in enumerate(passages[i]):
             assert sequence_at(padded, padded.passage_slot[i, j]) == p
+    for slot in [*padded.query_slot[:6], *padded.passage_slot[:6].ravel()]:
+        row, segment = divmod(int(slot), padded.max_segments)
+        ids = padded.segment_ids[row]
+        last = padded.last_index[row, segment]
+        assert ids[last] == segment + 1 and (last + 1 == len(ids) or ids[last + 1] != segment + 1)
     # Rows keep their ids (their dropout masks); the padding rows share -1.
     np.testing.assert_array_equal(batch.row_ids, np.arange(batch.num_rows))
     ids = padded.row_ids.reshape(groups, new)
@@ -190,6 +202,16 @@ def test_pad_batch_in_groups_keeps_rows_slots_and_tiles():
     np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="row groups"):
         pad_batch(batch, num_rows=batch.num_rows + 3, num_queries=8, groups=groups)
+    with pytest.raises(ValueError, match=f"{held} sequences a row"):
+        pad_batch(batch, num_rows=batch.num_rows, num_queries=8, num_segments=held - 1)
+
+
+@pytest.mark.parametrize("count, cap, want", [
+    (0, 128, 1), (1, 128, 1), (2, 128, 2), (3, 128, 4), (21, 128, 32), (32, 128, 32),
+    (33, 128, 64), (100, 128, 128), (21, 24, 24),
+])
+def test_segment_bucket_is_the_next_power_of_two_up_to_the_cap(count, cap, want):
+    assert segment_bucket(count, cap) == want
 
 
 def test_pad_batch_adds_empty_rows_and_padding_queries():

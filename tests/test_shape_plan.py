@@ -11,9 +11,9 @@ from jax_iclemb.shape_plan import ShapePlan, compile_cost_tokens, plan_shapes
 from jax_iclemb.step_batch import StepShape
 
 
-def shape(rows: int, length: int = 256, tiles: int | None = None) -> StepShape:
+def shape(rows: int, length: int = 256, tiles: int | None = None, segments: int = 16) -> StepShape:
     return StepShape(rows=rows, length=length, tiles=10 * rows if tiles is None else tiles,
-                     real_tokens=rows * length // 2, rows_used=rows)
+                     segments=segments, real_tokens=rows * length // 2, rows_used=rows)
 
 
 def cost(steps, repeats, compile_slots, run_at) -> float:
@@ -37,16 +37,17 @@ def partitions(items):
 
 def best_grouping(sample, repeats, compile_slots) -> float:
     """The cheapest split of each row length's shapes into groups, over every partition, each
-    group run at its largest rows and tiles."""
+    group run at its largest rows, tiles and segment slots."""
     total = 0.0
     for length in {s.length for s in sample}:
         steps = [s for s in sample if s.length == length]
         choices = []
         for groups in partitions(sorted({s.key for s in steps})):
-            target = {k: (max(g)[0], max(x[2] for x in g)) for g in groups for k in g}
+            target = {k: (max(g)[0], max(x[2] for x in g), max(x[3] for x in g))
+                      for g in groups for k in g}
             choices.append(cost(
                 steps, repeats, compile_slots,
-                lambda s, t=target: shape(t[s.key][0], s.length, t[s.key][1]),
+                lambda s, t=target: shape(t[s.key][0], s.length, *t[s.key][1:]),
             ))
         total += min(choices)
     return total
@@ -56,8 +57,10 @@ def best_grouping(sample, repeats, compile_slots) -> float:
 def test_no_grouping_costs_less_than_the_plan(seed):
     rng = random.Random(seed)
     lengths = [256] if seed % 2 else [128, 256]
-    sample = [shape(rng.choice([2, 3, 4, 6, 7, 8, 10, 12]), rng.choice(lengths))
-              for _ in range(rng.randint(8, 40))]
+    # Segment slots follow the rows loosely (not monotonically), as a row's fill varies; one
+    # value per row count keeps the exhaustive search small.
+    sample = [shape(r, rng.choice(lengths), segments=8 << (r % 3))
+              for r in rng.choices([2, 3, 4, 6, 7, 8, 10, 12], k=rng.randint(8, 40))]
     run_steps = rng.choice([len(sample), 3 * len(sample), 100])
     compile_slots = rng.choice([256, 1024, 4096, 16384])
     plan = plan_shapes(sample, run_steps, compile_slots)
@@ -67,7 +70,7 @@ def test_no_grouping_costs_less_than_the_plan(seed):
     for s in sample:  # each step runs at a shape that holds its own
         t = plan.cover(s)
         assert (t.length, t.real_tokens, t.rows_used) == (s.length, s.real_tokens, s.rows_used)
-        assert t.rows >= s.rows and t.tiles >= s.tiles
+        assert t.rows >= s.rows and t.tiles >= s.tiles and t.segments >= s.segments
 
 
 def test_a_short_run_merges_and_a_long_one_keeps_every_shape():
@@ -90,16 +93,17 @@ def test_the_platform_default_and_a_configured_cost():
 
 
 def test_a_shape_no_target_holds_runs_as_it_is():
-    plan = ShapePlan(targets=((6, 256, 60), (10, 256, 100)))
-    assert plan.cover(shape(4)).key == (6, 256, 60)
-    assert plan.cover(shape(8)).key == (10, 256, 100)
+    plan = ShapePlan(targets=((6, 256, 60, 16), (10, 256, 100, 32)))
+    assert plan.cover(shape(4)).key == (6, 256, 60, 16)
+    assert plan.cover(shape(8)).key == (10, 256, 100, 32)
     assert plan.cover(shape(12)) == shape(12)  # larger than every target
     assert plan.cover(shape(4, length=128)) == shape(4, length=128)  # another row length
-    assert plan.cover(shape(5, tiles=70)).key == (10, 256, 100)  # too many tiles for (6, 60)
+    assert plan.cover(shape(5, tiles=70)).key == (10, 256, 100, 32)  # too many tiles for (6, 60)
+    assert plan.cover(shape(5, segments=32)).key == (10, 256, 100, 32)  # too many segments
 
 
 def test_the_log_line_counts_shapes_and_the_slots_used():
-    plan = ShapePlan(targets=((6, 256, 60),))
+    plan = ShapePlan(targets=((6, 256, 60, 16),))
     sample = [shape(4), shape(6), shape(6)]  # real tokens: half of each one's slots
     # 2,048 real tokens in 16 rows of 256, then in 18 (the 4-row step runs at 6).
     assert plan.merges(sample, processes=1) == (
@@ -110,6 +114,13 @@ def test_the_log_line_counts_shapes_and_the_slots_used():
         "their 2 shapes run as 1, 25.0% -> 22.2% of the token slots used"
     )
     assert ShapePlan().merges(sample, processes=1) is None
+
+
+def test_shapes_that_differ_in_segment_slots_alone_merge_at_the_most():
+    # Only the last layer computes at the segment slots: no padding counted, a compile saved.
+    sample = [shape(4, segments=8), shape(4, segments=32), shape(4, segments=16)]
+    plan = plan_shapes(sample, run_steps=10_000, compile_slots=1)
+    assert {plan.cover(s).key for s in sample} == {(4, 256, 40, 32)}
 
 
 def test_partitions_counts_every_grouping():

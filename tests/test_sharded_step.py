@@ -39,7 +39,9 @@ def random_batch(rng: np.random.Generator, num_queries=8, group=3, pack_len=32, 
     )
 
 
-def loss_and_grads(mesh, batch, impl="xla", tile_rungs=4, dropout=0.0, extra_rows=0):
+def loss_and_grads(
+    mesh, batch, impl="xla", tile_rungs=4, dropout=0.0, extra_rows=0, segments=None
+):
     model_section = default_config().model
     model_section.attention_impl, model_section.attention_block = impl, 8
     model_section.attention_tile_rungs = tile_rungs
@@ -49,7 +51,8 @@ def loss_and_grads(mesh, batch, impl="xla", tile_rungs=4, dropout=0.0, extra_row
     groups = parallel.data_parallel_size(mesh)
     with_tiles, shape = own_shape({length: batch}, (length,), model_section, groups)
     # A larger planned shape: each data shard pads its own block of rows.
-    shape = dataclasses.replace(shape, rows=shape.rows + extra_rows)
+    shape = dataclasses.replace(shape, rows=shape.rows + extra_rows,
+                                segments=segments or shape.segments)
     batch = pad_to_shape(
         with_tiles, shape, model_section, groups=groups, num_queries=len(batch.query_slot),
         pad_id=0,
@@ -100,6 +103,16 @@ def test_rows_of_another_length_change_nothing(single_device_result):
     assert batch.tokens.shape[1] == 64
     mesh = parallel.make_mesh((2, 4, 1))
     assert_same_step(loss_and_grads(mesh, batch, "block_sparse"), single_device_result)
+
+
+def test_more_segment_slots_change_nothing(single_device_result):
+    """Each row given 16 segment slots instead of its step's own (`segment_bucket`: 4 here), so
+    the pooled last layer computes at 12 more columns a row, all padding: the same loss and
+    gradients."""
+    batch = random_batch(np.random.default_rng(1))
+    mesh = parallel.make_mesh((2, 4, 1))
+    result = loss_and_grads(mesh, batch, "block_sparse", segments=16)
+    assert_same_step(result, single_device_result)
 
 
 def test_dropout_masks_follow_the_rows_not_their_places():

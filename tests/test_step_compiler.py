@@ -48,7 +48,8 @@ class HeldCompiles:
 
 
 def shape(rows: int) -> StepShape:
-    return StepShape(rows=rows, length=64, tiles=0, real_tokens=rows * 64, rows_used=rows)
+    return StepShape(rows=rows, length=64, tiles=0, segments=8, real_tokens=rows * 64,
+                     rows_used=rows)
 
 
 ARGS = (jnp.zeros(2), jnp.zeros(2), jnp.zeros((), jnp.int32))

@@ -15,7 +15,7 @@ from conftest import TINY_OVERRIDES
 
 from jax_iclemb.config import load_config
 from jax_iclemb.data.builtin import builtin_data_dir
-from jax_iclemb.data.packing import row_bucket
+from jax_iclemb.data.packing import row_bucket, segment_bucket
 from jax_iclemb.data.pipeline import pipeline_from_config
 from jax_iclemb.model.block_sparse import block_pairs, most_tiles, padded_tiles
 from jax_iclemb.train_loop import compile_workers
@@ -257,7 +257,8 @@ MIXED = ["--config.data.min_pack_len=64", "--config.data.max_examples=1",
 
 def check_own_shapes(records: list[dict], overrides: list[str]) -> dict[int, tuple]:
     """Check each record's real tokens and row length against the step's batch, recomputed from
-    the pipeline alone; returns step -> its own ladder shape (rows, row length, tiles)."""
+    the pipeline alone; returns step -> its own ladder shape (rows, row length, tiles, segment
+    slots)."""
     config = load_config(
         REPO / "configs" / "tiny.py",
         [*FAST, f"--config.data.path={builtin_data_dir()}", *overrides],
@@ -274,7 +275,8 @@ def check_own_shapes(records: list[dict], overrides: list[str]) -> dict[int, tup
         rows = row_bucket(info["rows_used"], groups)
         most = most_tiles(rows // groups, length, block=64, causal=True)
         own[r["step"]] = (
-            rows, length, padded_tiles(tiles.shape[1], most, config.model.attention_tile_rungs)
+            rows, length, padded_tiles(tiles.shape[1], most, config.model.attention_tile_rungs),
+            segment_bucket(int(batch.segment_ids.max()), config.data.max_segments_per_row),
         )
         assert r["real_tokens"] == info["real_tokens"]
         assert r["utilisation"] == r["real_tokens"] / (r["rows"] * length)
@@ -283,11 +285,11 @@ def check_own_shapes(records: list[dict], overrides: list[str]) -> dict[int, tup
 
 def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tmp_path):
     """Four tasks of different lengths, no shape plan: each step's row length (128 or 64
-    tokens), rows and tiles are the rungs of its own batch (recomputed here from the pipeline
-    alone), one compile per distinct shape, with two shapes compiling at a time; the same run
-    again, one compile worker, loads every executable from the persistent compilation cache (the
-    programs compiled side by side are the serial ones) and every traced program kept beside
-    them, and gives the same losses."""
+    tokens), rows, tiles and segment slots are the rungs of its own batch (recomputed here from
+    the pipeline alone), one compile per distinct shape, with two shapes compiling at a time;
+    the same run again, one compile worker, loads every executable from the persistent
+    compilation cache (the programs compiled side by side are the serial ones) and every traced
+    program kept beside them, and gives the same losses."""
     steps = ["--config.train.steps=12", "--config.train.checkpoint_every=100", *MIXED,
              "--config.train.compile_cost_tokens=0"]
     cache = tmp_path / "xla"
@@ -296,9 +298,11 @@ def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tm
     assert first.returncode == 0, first.stderr[-3000:]
     records = metrics(tmp_path / "a")
     own = check_own_shapes(records, steps)
-    assert all((r["rows"], r["row_length"], r["tiles"]) == own[r["step"]] for r in records)
+    key = lambda r: (r["rows"], r["row_length"], r["tiles"], r["segments"])
+    assert all(key(r) == own[r["step"]] for r in records)
     assert len({r["row_length"] for r in records}) > 1
-    shapes = {(r["rows"], r["row_length"], r["tiles"]) for r in records}
+    assert len({r["segments"] for r in records}) > 1  # the segment slots follow the rows
+    shapes = {key(r) for r in records}
     assert len({r["dataset"] for r in records}) > 1 and len(shapes) > 1
     assert records[-1]["compiles"] == len(shapes)  # one executable per shape, no more
     assert sum(r["compile_seconds"] > 0 for r in records) <= len(shapes)
@@ -319,9 +323,10 @@ def test_every_step_runs_at_its_own_ladder_shape_and_a_rerun_compiles_nothing(tm
 
 def test_a_short_run_merges_its_shapes_and_resumes_exactly(tmp_path):
     """The default shape plan on the same four tasks: each step runs at a shape that holds its
-    own ladder shape (same row length, at least its rows and tiles), on fewer shapes than the
-    steps' own, each compiled once; a run killed after its checkpoint at step 5 and resumed plans
-    the same shapes from the same first steps and logs the same losses, bit for bit."""
+    own ladder shape (same row length, at least its rows, tiles and segment slots), on fewer
+    shapes than the steps' own, each compiled once; a run killed after its checkpoint at step 5
+    and resumed plans the same shapes from the same first steps and logs the same losses, bit
+    for bit."""
     steps = ["--config.train.steps=12", *MIXED]
     whole = run_cli(tmp_path / "whole", *steps, "--config.train.checkpoint_every=100",
                     data=builtin_data_dir())
@@ -329,9 +334,10 @@ def test_a_short_run_merges_its_shapes_and_resumes_exactly(tmp_path):
     records = metrics(tmp_path / "whole")
     own = check_own_shapes(records, steps)
     for r in records:
-        rows, length, tiles = own[r["step"]]
+        rows, length, tiles, segments = own[r["step"]]
         assert r["row_length"] == length and r["rows"] >= rows and r["tiles"] >= tiles, r
-    shapes = {(r["rows"], r["row_length"], r["tiles"]) for r in records}
+        assert r["segments"] >= segments, r
+    shapes = {(r["rows"], r["row_length"], r["tiles"], r["segments"]) for r in records}
     assert len(shapes) < len(set(own.values()))
     assert records[-1]["compiles"] == len(shapes)
     assert f"their {len(set(own.values()))} shapes run as {len(shapes)}" in whole.stderr

@@ -6,7 +6,7 @@ from test_sharded_step import ARCH, random_batch
 
 from jax_iclemb import parallel, step_batch
 from jax_iclemb.config import default_config
-from jax_iclemb.data.packing import ladder, pack_batch, row_bucket
+from jax_iclemb.data.packing import ladder, pack_batch, row_bucket, segment_bucket
 from jax_iclemb.model import LoraConfig, ModelConfig, create_model
 from jax_iclemb.model.block_sparse import most_tiles, padded_tiles
 from jax_iclemb.model.build import split_model
@@ -45,18 +45,21 @@ def test_same_label_passages_against_a_loop():
 
 
 def test_step_shape_is_the_largest_rung_over_processes(monkeypatch):
-    """Two processes: rows per group and tiles are the larger of the two (tiles on the tile
-    ladder), real tokens and used rows their sums; one exchange of (rows, tiles, used rows) per
-    row length and the real tokens."""
+    """Two processes: rows per group, tiles and segment slots are the larger of the two (tiles on
+    the tile ladder, segment slots on theirs, up to the packer's limit), real tokens and used rows
+    their sums; one exchange of (rows, tiles, used rows, sequences in the fullest row) per row
+    length and the real tokens."""
     batch = random_batch(np.random.default_rng(0))  # 8 rows in 8 row groups
     config = default_config()
     config.model.attention_block = 8
     tiles = step_batch.attention_tiles(config.model, batch, 2)
     used = int((batch.segment_ids > 0).any(axis=1).sum())
-    local = [batch.num_rows // 2, tiles.shape[1], used]
+    held = int(batch.segment_ids.max())
+    local = [batch.num_rows // 2, tiles.shape[1], used, held]
     # The other process: more rows, and 100 tiles, whose rung (112) is more than its 11 rows
-    # of 4 blocks can need (11 x 10): capped there.
-    other = [local[0] + 3, 100, 2, 100]
+    # of 4 blocks can need (11 x 10): capped there; rows of 3 sequences at most (this one's
+    # hold up to 4, the packer's limit).
+    other = [local[0] + 3, 100, 2, 3, 100]
     calls = []
 
     def gather(values):
@@ -65,12 +68,13 @@ def test_step_shape_is_the_largest_rung_over_processes(monkeypatch):
 
     monkeypatch.setattr(step_batch, "gather_counts", gather)
     shape = step_batch.step_shape({32: (batch, tiles)}, (32,), groups=2, model=config.model)
-    assert len(calls) == 1 and calls[0][:3] == local
+    assert len(calls) == 1 and calls[0][:4] == local
     assert shape.rows == 2 * other[0] and shape.length == batch.tokens.shape[1] == 32
     assert ladder(100, config.model.attention_tile_rungs) == 112
     assert shape.tiles == most_tiles(other[0], 32, block=8, causal=True) == 110
     assert shape.real_tokens == int((batch.segment_ids > 0).sum()) + 100
     assert shape.rows_used == used + 2
+    assert shape.segments == segment_bucket(max(held, 3), batch.max_segments) == 4
     assert row_bucket(shape.rows // 2) >= shape.rows // 2
 
 
@@ -94,7 +98,7 @@ def test_processes_settle_on_the_shortest_row_length_that_fits_them_all(monkeypa
     model = config.model
     assert packed[32].num_rows > packed[64].num_rows
     for other_fits_32, want in ((False, 64), (True, 32)):
-        other = [4, 50, 4, 5, 40, 5, *([3, 12, 3] if other_fits_32 else [-1, -1, -1]), 77]
+        other = [4, 50, 4, 2, 5, 40, 5, 2, *([3, 12, 3, 5] if other_fits_32 else [-1] * 4), 77]
         monkeypatch.setattr(step_batch, "gather_counts",
                             lambda values, other=other: np.array([list(values), other]))
         with_tiles, shape = step_batch.own_shape(packed, (128, 64, 32), model, groups=1)
@@ -107,6 +111,9 @@ def test_processes_settle_on_the_shortest_row_length_that_fits_them_all(monkeypa
         most = most_tiles(shape.rows, want, block=8, causal=True)
         assert shape.tiles == padded_tiles(tiles, most, 4) == batch.block_pairs.shape[1]
         assert shape.real_tokens == int((mine.segment_ids > 0).sum()) + 77
+        # Segment slots: the fullest row over both processes, rounded up to a power of two.
+        held = max(int(mine.segment_ids.max()), 5 if want == 32 else 2)
+        assert shape.segments == segment_bucket(held, 8) == batch.max_segments
         np.testing.assert_array_equal(batch.tokens[: mine.num_rows], mine.tokens)
 
 

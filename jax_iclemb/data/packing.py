@@ -40,6 +40,14 @@ def row_bucket(num_rows: int, multiple: int = 1) -> int:
     return -(-ladder(num_rows, ROW_RUNGS) // multiple) * multiple
 
 
+def segment_bucket(count: int, cap: int) -> int:
+    """A step's segment slots per row (`PackedRows.last_index`'s width): the power of two at least
+    `count`, the most sequences one of its rows holds, and at most `cap`, the packer's limit
+    (`data.max_segments_per_row`). The decoder's last layer computes at these slots only, so they
+    follow what the rows hold rather than the limit; powers of two keep the shapes few."""
+    return min(1 << max(count - 1, 0).bit_length(), cap)
+
+
 def row_lengths(pack_len: int, shortest: int, unit: int = 1) -> tuple[int, ...]:
     """The row lengths a step may pack into, longest first: `pack_len`, then its halves while a
     half is a whole multiple of `unit` (the attention's block) and at least `shortest`.
@@ -186,22 +194,34 @@ def pack_batch(
 
 
 def pad_batch(
-    batch: PackedBatch, *, num_rows: int, num_queries: int, pad_id: int = 0, groups: int = 1
+    batch: PackedBatch,
+    *,
+    num_rows: int,
+    num_queries: int,
+    num_segments: int | None = None,
+    pad_id: int = 0,
+    groups: int = 1,
 ) -> PackedBatch:
     """Append empty rows (all padding) and padding queries (no valid passage, so no loss) up to
-    the given counts: fixed shapes across steps and hosts, hence few compiles.
+    the given counts, and give each row `num_segments` segment slots (None: as many as it has),
+    at least as many as a row holds: fixed shapes across steps and hosts, hence few compiles.
 
     Rows are `groups` contiguous groups (data shards × gradient-cache chunks); each group gets its
     share of the new rows at its end, so a row keeps its index within its group (and the
     block-sparse tile lists, which index rows within their group, stay valid)."""
     extra_queries = num_queries - len(batch.query_slot)
     uneven = batch.num_rows % groups or num_rows % groups
-    if num_rows < batch.num_rows or extra_queries < 0 or uneven:
+    segments = batch.max_segments if num_segments is None else num_segments
+    held = int(batch.segment_ids.max(initial=0))
+    if num_rows < batch.num_rows or extra_queries < 0 or uneven or segments < held:
         raise ValueError(
-            f"cannot pad {batch.num_rows} rows / {len(batch.query_slot)} queries to "
-            f"{num_rows} / {num_queries} in {groups} row groups"
+            f"cannot pad {batch.num_rows} rows / {len(batch.query_slot)} queries / {held} "
+            f"sequences a row to {num_rows} / {num_queries} / {segments} in {groups} row groups"
         )
     old, new = batch.num_rows // groups, num_rows // groups
+    last_index = np.zeros((batch.num_rows, segments), batch.last_index.dtype)
+    width = min(segments, batch.max_segments)
+    last_index[:, :width] = batch.last_index[:, :width]
 
     def grow_rows(a: np.ndarray, fill: int = 0) -> np.ndarray:
         out = np.full((groups, new, *a.shape[1:]), fill, dtype=a.dtype)
@@ -211,17 +231,17 @@ def pad_batch(
     def grow(a: np.ndarray, fill: int | bool | float = 0) -> np.ndarray:
         return np.concatenate([a, np.full((extra_queries, *a.shape[1:]), fill, dtype=a.dtype)])
 
-    def move(slot: np.ndarray) -> np.ndarray:  # flat slot row * S + segment, in the new rows
+    def move(slot: np.ndarray) -> np.ndarray:  # flat slot row * S + segment, in the new layout
         row, segment = np.divmod(slot, batch.max_segments)
         group, index = np.divmod(row, old)
-        return ((group * new + index) * batch.max_segments + segment).astype(slot.dtype)
+        return ((group * new + index) * segments + segment).astype(slot.dtype)
 
     return dataclasses.replace(
         batch,
         tokens=grow_rows(batch.tokens, pad_id),
         segment_ids=grow_rows(batch.segment_ids),
         positions=grow_rows(batch.positions),
-        last_index=grow_rows(batch.last_index),
+        last_index=grow_rows(last_index),
         row_ids=None if batch.row_ids is None else grow_rows(batch.row_ids, -1),
         query_slot=grow(move(batch.query_slot)),
         passage_slot=grow(move(batch.passage_slot)),
