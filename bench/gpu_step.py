@@ -53,7 +53,7 @@ from jax_iclemb import compile_cache, parallel
 from jax_iclemb.checkpoint import TrainState
 from jax_iclemb.config import default_config, validate
 from jax_iclemb.data.batch import PackedBatch
-from jax_iclemb.data.packing import pad_batch
+from jax_iclemb.data.packing import pad_batch, segment_bucket
 from jax_iclemb.data.pipeline import pipeline_from_config
 from jax_iclemb.model import TRAINABLE, ModelConfig, create_model, state_shardings
 from jax_iclemb.model.block_sparse import pad_pairs
@@ -128,7 +128,11 @@ def make_batches(config: Any, count: int, chunk_rows: int, data_shards: int):
     rows, chunks = chunk_layout(max(b.num_rows for b, _ in made), chunk_rows, data_shards)
     pad_id = pipeline.tokenizer.pad_token_id or 0
     queries = pipeline.max_local_queries
-    batches = [pad_batch(b, num_rows=rows, num_queries=queries, pad_id=pad_id) for b, _ in made]
+    # The trainer's segment slots: what the fullest row holds, on segment_bucket's ladder.
+    held = max(int(b.segment_ids.max()) for b, _ in made)
+    segments = segment_bucket(held, made[0][0].max_segments)
+    batches = [pad_batch(b, num_rows=rows, num_queries=queries, num_segments=segments,
+                         pad_id=pad_id) for b, _ in made]
     return batches, [info for _, info in made], chunks, len(pipeline.tokenizer)
 
 

@@ -3,11 +3,11 @@
 Each step has its own shape (`StepShape`: the row length, the shortest of the pipeline's
 `row_lengths` that holds every sequence; rows on `packing.row_bucket`'s ladder; attention tiles
 by `block_sparse.padded_tiles`; segment slots per row by `packing.segment_bucket`; queries
-padded to the pipeline's maximum), agreed by all
-processes in one collective, and a function of the step's own batches only. It runs at that
-shape or at a larger one of the run's shape plan (shape_plan.py), so that a resumed run computes
-exactly what an uninterrupted one does. Each field of the batch lands where its `PackedBatch`
-declaration says: rows split over the data axes, the rest replicated.
+padded to the pipeline's maximum), agreed by all processes in one collective, and a function of
+the step's own batches only. It runs at that shape or at a larger one of the run's shape plan
+(shape_plan.py), so that a resumed run computes exactly what an uninterrupted one does. Each
+field of the batch lands where its `PackedBatch` declaration says: rows split over the data
+axes, the rest replicated.
 """
 
 from __future__ import annotations
