@@ -129,8 +129,7 @@ def make_batches(config: Any, count: int, chunk_rows: int, data_shards: int):
     pad_id = pipeline.tokenizer.pad_token_id or 0
     queries = pipeline.max_local_queries
     # The trainer's segment slots: what the fullest row holds, on segment_bucket's ladder.
-    held = max(int(b.segment_ids.max()) for b, _ in made)
-    segments = segment_bucket(held, made[0][0].max_segments)
+    segments = segment_bucket(max(b.segments_held for b, _ in made), made[0][0].max_segments)
     batches = [pad_batch(b, num_rows=rows, num_queries=queries, num_segments=segments,
                          pad_id=pad_id) for b, _ in made]
     return batches, [info for _, info in made], chunks, len(pipeline.tokenizer)

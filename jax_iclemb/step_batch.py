@@ -85,15 +85,15 @@ def step_shape(
     (already on `row_bucket`'s ladder), tile lists padded by `padded_tiles`
     (`model.attention_tile_rungs`) and the segment slots of `segment_bucket`, each the largest
     over processes. One collective."""
-    counts = []
+    counts = []  # per row length: rows per group, tiles, used rows, sequences in the fullest row
     for length in row_lengths:
         batch, tile_lists = packed.get(length, (None, None))
         if batch is None:
-            counts += [-1, -1, -1, -1]  # not packed at this length: too short for a sequence
+            counts += [-1] * 4  # not packed at this length: too short for a sequence
             continue
         tiles = 0 if tile_lists is None else tile_lists.shape[1]
         used = int((batch.segment_ids > 0).any(axis=1).sum())
-        counts += [batch.num_rows // groups, tiles, used, int(batch.segment_ids.max(initial=0))]
+        counts += [batch.num_rows // groups, tiles, used, batch.segments_held]
     real = int((next(iter(packed.values()))[0].segment_ids > 0).sum())  # any length: the same
     gathered = gather_counts([*counts, real])
     per_length = gathered[:, :-1].reshape(len(gathered), len(row_lengths), 4)

@@ -50,8 +50,7 @@ def out_of_memory_message(
     )
     return (
         f"the device ran out of memory at step {step} (step shape: {shape.describe()}); "
-        f"{kept}. XLA "
-        f"said: {xla_line}\n"
+        f"{kept}. XLA said: {xla_line}\n"
         "To fit: fewer queries a step (data.batch_size), gradient-cache chunks "
         "(train.grad_cache_chunks), model.remat=full, or shorter rows (data.*_max_len). Where "
         "the allocator still had room (a CUDA graph or kernel launch out of memory), the GPU "

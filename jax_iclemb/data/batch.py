@@ -49,6 +49,11 @@ class PackedRows:
     def max_segments(self) -> int:
         return int(self.last_index.shape[1])
 
+    @property
+    def segments_held(self) -> int:
+        """The most sequences one row holds (its largest segment id); at most `max_segments`."""
+        return int(self.segment_ids.max(initial=0))
+
 
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(PackedRows))
 

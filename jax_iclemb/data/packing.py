@@ -212,10 +212,10 @@ def pad_batch(
     extra_queries = num_queries - len(batch.query_slot)
     uneven = batch.num_rows % groups or num_rows % groups
     segments = batch.max_segments if num_segments is None else num_segments
-    held = int(batch.segment_ids.max(initial=0))
-    if num_rows < batch.num_rows or extra_queries < 0 or uneven or segments < held:
+    if num_rows < batch.num_rows or extra_queries < 0 or uneven or segments < batch.segments_held:
         raise ValueError(
-            f"cannot pad {batch.num_rows} rows / {len(batch.query_slot)} queries / {held} "
+            f"cannot pad {batch.num_rows} rows / {len(batch.query_slot)} queries / "
+            f"{batch.segments_held} "
             f"sequences a row to {num_rows} / {num_queries} / {segments} in {groups} row groups"
         )
     old, new = batch.num_rows // groups, num_rows // groups
