@@ -2,10 +2,11 @@
 
     python bench/profile_step.py --config configs/tiny.py [--step 0] [--config.KEY=VALUE ...]
 
-The step is the trainer's own: `TrainLoop.next_batch` builds step `--step`'s batch at its own
-ladder shape (a short run's shape plan may run it at a larger one: docs/training.md) and
-`StepCompiler` compiles its gradient program (the shape-dependent part of a step; the optimizer
-update is a separate, tiny program), as `python -m jax_iclemb.train` does. It runs
+The step is the trainer's own: the process takes the train command's options (CPU devices, XLA
+flags, malloc: `train.set_process_options`), `TrainLoop.next_batch` builds step `--step`'s batch
+at its own ladder shape (a short run's shape plan may run it at a larger one: docs/training.md)
+and `StepCompiler` compiles its gradient program (the shape-dependent part of a step; the
+optimizer update is a separate, tiny program), as `python -m jax_iclemb.train` does. It runs
 twice untraced, then once under `jax.profiler.trace`; each XLA op's time (summed over the
 runtime's threads) is attributed to the innermost jax_iclemb function behind it through the
 compiled HLO's metadata, split into forward and backward. A diagnostic, not a benchmark: speed is
@@ -111,10 +112,12 @@ def profile(config_path: str, overrides: list[str], step: int, top: int) -> str:
     from jax_iclemb.data.pipeline import pipeline_from_config
     from jax_iclemb.model.build import build_model, lora_config, split_model
     from jax_iclemb.optim import make_optimizer
+    from jax_iclemb.train import set_process_options
     from jax_iclemb.train_loop import StepCompiler, TrainLoop
     from jax_iclemb.train_step import StepConfig, initial_state, make_grad_fn
 
     config = config_lib.load_config(config_path, overrides)
+    set_process_options(config)  # the train command's devices, XLA flags and malloc
     mesh = parallel.make_mesh(config.train.mesh)
     pipeline = pipeline_from_config(
         config,

@@ -200,21 +200,30 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
+def set_process_options(config: ml_collections.ConfigDict) -> None:
+    """The process-wide options the train command takes from the config, set before JAX starts
+    its threads and its backend (which reads XLA_FLAGS once): glibc malloc for
+    `train.reuse_host_memory`, and the XLA flags of `xla_flags` (`train.gpu_triton_gemm`,
+    `train.cpu_devices`). Also for tools that run the trainer's step in their own process
+    (bench/profile_step.py)."""
+    if config.train.reuse_host_memory:
+        applied = host_memory.keep_freed_memory()
+        log.info("train.reuse_host_memory: glibc malloc set by %s", ", ".join(applied) or
+                 "nothing (not glibc, or the environment already chose)")
+    triton = "true" if config.train.gpu_triton_gemm else "false"
+    xla_flags.set_default("xla_gpu_enable_triton_gemm", triton)
+    devices = xla_flags.cpu_devices(config.train.cpu_devices)
+    xla_flags.set_default("xla_force_host_platform_device_count", str(devices))
+
+
 @cli
 def main(argv: Sequence[str], *, command: bool = False) -> int:
     """The job; `command`: run as the process's command (`script`), which may then also set
     process-wide options the config asks for."""
     args, overrides = parse_args(argv)
     config = config_lib.load_config(args.config, overrides)
-    if command and config.train.reuse_host_memory:
-        applied = host_memory.keep_freed_memory()  # before JAX starts its threads
-        log.info("train.reuse_host_memory: glibc malloc set by %s", ", ".join(applied) or
-                 "nothing (not glibc, or the environment already chose)")
-    if command:  # before JAX starts its backend, which reads XLA_FLAGS once
-        triton = "true" if config.train.gpu_triton_gemm else "false"
-        xla_flags.set_default("xla_gpu_enable_triton_gemm", triton)
-        devices = xla_flags.cpu_devices(config.train.cpu_devices)
-        xla_flags.set_default("xla_force_host_platform_device_count", str(devices))
+    if command:
+        set_process_options(config)
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     if workdir.exists() and not workdir.is_dir():
         raise PathExists(f"--workdir {workdir} exists and is not a folder")
