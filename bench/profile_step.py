@@ -157,7 +157,8 @@ def profile(config_path: str, overrides: list[str], step: int, top: int) -> str:
     for op, ns in op_times.items():
         kinds[re.sub(r"\.\d+$", "", op)] += ns
     lines = [
-        f"Step {step} ({info['dataset']}): {shape.describe()}, {shape.real_tokens} real tokens "
+        f"Step {step} ({info['dataset']}) on {jax.device_count()} {jax.default_backend()} "
+        f"device(s): {shape.describe()}, {shape.real_tokens} real tokens "
         f"({shape.real_tokens / (shape.rows * shape.length):.1%} of the slots). Compile "
         f"{compile_s:.1f} s; step {min(times):.3f} s (best of 2); traced op time "
         f"{total / 1e9:.2f} s summed over threads.",

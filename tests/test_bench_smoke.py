@@ -51,6 +51,24 @@ def test_gpu_step_reports_a_failed_and_an_overrunning_attention(tmp_path):
     assert "| xla | compile not done in 1 s: killed | – |" in table
 
 
+def test_profile_step_profiles_the_trainers_step_on_its_devices():
+    """Without XLA_FLAGS the profiler splits the CPU as the train command does (two devices,
+    cores permitting), and attributes the traced op time to the model's functions."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, "bench/profile_step.py", "--config", "configs/tiny.py", "--step", "1",
+         "--config.model.arch.num_hidden_layers=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    devices = min(2, len(os.sched_getaffinity(0)))
+    assert f"on {devices} cpu device(s):" in result.stdout
+    shares = [float(line.split("%")[0].strip("| ")) for line in result.stdout.splitlines()
+              if line.startswith("| ") and "%" in line]
+    assert shares and all(0 < s <= 100 for s in shares)
+    assert "lora.py" in result.stdout  # the projections' matmuls, found behind their ops
+
+
 def test_pipeline_scale_quick_reports_each_size():
     out = run_bench("bench/pipeline_scale.py", "--quick").stdout
     assert "1,000" in out or "1000" in out
