@@ -215,8 +215,8 @@ def pad_batch(
     if num_rows < batch.num_rows or extra_queries < 0 or uneven or segments < batch.segments_held:
         raise ValueError(
             f"cannot pad {batch.num_rows} rows / {len(batch.query_slot)} queries / "
-            f"{batch.segments_held} "
-            f"sequences a row to {num_rows} / {num_queries} / {segments} in {groups} row groups"
+            f"{batch.segments_held} sequences a row to {num_rows} / {num_queries} / {segments} "
+            f"in {groups} row groups"
         )
     old, new = batch.num_rows // groups, num_rows // groups
     last_index = np.zeros((batch.num_rows, segments), batch.last_index.dtype)
