@@ -98,8 +98,8 @@ class StepCompiler:
         self._programs = compile_cache.programs_dir() if context is not None else None
         self._params, self._frozen, self._step = arguments
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile")
-        # shape key -> future of (executable, whether it came from the persistent cache)
-        self._futures: dict[tuple[int, int, int], concurrent.futures.Future] = {}
+        # StepShape.key -> future of (executable, whether it came from the persistent cache)
+        self._futures: dict[tuple[int, ...], concurrent.futures.Future] = {}
         self.notes: queue.SimpleQueue[str] = queue.SimpleQueue()
 
     @property
